@@ -1,0 +1,237 @@
+"""Typed, validated training configuration (YAML files in ``configs/``).
+
+A config is a tree of dataclasses. :func:`load_config` reads YAML, applies ``--set key=value``
+overrides (dotted keys, values parsed as YAML), and validates: an unknown key, a wrong type or
+an out-of-range value raises :class:`ConfigError` naming the key, e.g.
+``fam.lam: must be >= 0, got -1.0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .io import InputError
+
+
+class ConfigError(InputError):
+    """An invalid configuration value; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training data come from."""
+
+    root: str = "data/synthetic"  # a data set in the layout of skullrec.dataset
+    train_split: str = "train"
+    eval_splits: list[str] = field(default_factory=lambda: ["eval_set1", "eval_set2"])
+    max_train_cases: int | None = None  # use only the first N training cases (None: all)
+    max_eval_cases: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """The convolutional autoencoder (see skullrec.model)."""
+
+    size: int = 64  # input edge length; must be divisible by 2**len(strides)
+    channels: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 8])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2, 2])
+    latent_size: int = 8
+    norm: Literal["group", "instance", "batch"] = "group"
+
+
+@dataclass
+class FamConfig:
+    """Relative-flatness regulariser lam * kappa(w) of the named Linear layers (see skullrec.flatness)."""
+
+    lam: float = 0.0
+    layers: list[str] = field(default_factory=lambda: ["decodeL"])
+    samples: int = 1  # Hutchinson probes per estimate
+    gradient: Literal["full", "detached"] = "full"
+    norm: Literal["squared", "frobenius"] = "squared"
+    trace: Literal["signed", "abs", "relu"] = "abs"
+    estimator: str = "autograd"  # how v^T H v is computed (fast estimators: see skullrec.flatness)
+    every: int = 1  # add the regulariser every k-th step (amortisation)
+
+
+@dataclass
+class SamConfig:
+    """SAM / ASAM (see skullrec.sam)."""
+
+    rho: float = 0.05
+    adaptive: bool = False  # True: ASAM
+    eta: float = 0.01  # ASAM's scale offset
+    start_epoch: int = 1  # "late SAM": plain steps before this epoch
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpoints."""
+
+    method: Literal["baseline", "fam", "sam", "asam"] = "baseline"
+    epochs: int = 200
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    val_every: int = 10  # validate (DSC on each eval split) every N epochs; 0: never
+    checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
+    deterministic: bool = True
+    num_threads: int | None = None  # torch CPU threads (None: torch's default)
+    amp: Literal["none", "bf16"] = "none"
+
+
+@dataclass
+class Config:
+    """The whole configuration of one training run."""
+
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fam: FamConfig = field(default_factory=FamConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _check_type(f"{prefix}{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types alone cannot express; returns ``cfg``."""
+    checks = [
+        ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("model.size", cfg.model.size % (2 ** len(cfg.model.strides)) == 0, "must be divisible by 2**len(strides)"),
+        ("model.channels", len(cfg.model.channels) == len(cfg.model.strides), "needs one entry per stride"),
+        ("model.latent_size", cfg.model.latent_size >= 1, "must be >= 1"),
+        ("fam.lam", cfg.fam.lam >= 0, f"must be >= 0, got {cfg.fam.lam}"),
+        ("fam.samples", cfg.fam.samples >= 1, "must be >= 1"),
+        ("fam.every", cfg.fam.every >= 1, "must be >= 1"),
+        ("fam.layers", len(cfg.fam.layers) >= 1, "name at least one Linear layer"),
+        ("sam.rho", cfg.sam.rho > 0, "must be > 0"),
+        ("sam.start_epoch", cfg.sam.start_epoch >= 1, "must be >= 1"),
+        ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
+        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.val_every", cfg.train.val_every >= 0, "must be >= 0"),
+        ("train.checkpoint_epochs", all(e >= 1 for e in cfg.train.checkpoint_epochs), "epochs must be >= 1"),
+        ("data.max_train_cases", cfg.data.max_train_cases is None or cfg.data.max_train_cases >= 1, "must be >= 1"),
+    ]
+    for key, ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+    if cfg.train.method == "fam" and cfg.fam.lam == 0:
+        raise ConfigError("fam.lam: method 'fam' needs lam > 0 (use method 'baseline' for lam = 0)")
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain mapping."""
+    return validate(_from_dict(Config, values or {}))
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (value parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides and validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    apply_overrides(values, overrides or [])
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what a run directory stores)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
