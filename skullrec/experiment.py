@@ -1,0 +1,392 @@
+"""The paper's skull experiment as one resumable command: train a sweep, evaluate, tabulate, plot.
+
+``skullrec experiment --config configs/paper_skull.yaml`` trains every (method, seed) run of the
+sweep (baseline, FAM at several lambdas, SAM, ASAM), reads the checkpoints of the chosen epochs
+(the paper reads 100 and 200), reconstructs both defect sets, and writes into one results folder:
+
+- ``table2.md`` / ``table2.csv``: DSC, HD, HD95 per method, set and checkpoint, mean ± 95 % CI over
+  seeds (t-interval of the per-seed means), with a collapse flag;
+- ``per_case.csv``: every case of every run, set and checkpoint;
+- ``fig1_training_loss.png``: training Dice-loss curves per method (mean over seeds);
+- ``fig2_boxplots.png``: DSC, HD, HD95 per method and set at the last checkpoint (cases pooled over seeds);
+- ``collapse.csv``: per run, the mean pairwise DSC between reconstructions of *different* cases
+  (near 1 means the model outputs one "universal" skull whatever the input).
+
+Runs are trained in subprocesses (``python -m skullrec train``) so several can share one GPU
+(``--jobs``); a finished run (its final checkpoint exists) is reused, an unfinished one resumed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io as _io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .config import ConfigError, _from_dict, apply_overrides, dump_config, load_config
+from .io import InputError, atomic_write_bytes, atomic_write_text
+
+
+@dataclass
+class MethodSpec:
+    """One arm of the sweep: a label and config overrides for the training config."""
+
+    name: str
+    method: str = "baseline"
+    lam: float = 0.0
+    set: list[str] = field(default_factory=list)  # extra --set overrides for this arm
+
+
+@dataclass
+class ExperimentConfig:
+    """A sweep over methods and seeds on one data set."""
+
+    name: str = "experiment"
+    out: str = "results/experiment"
+    base_config: str = "configs/baseline.yaml"  # training config every run starts from
+    data_root: str = "data/synthetic"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 200
+    checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
+    max_train_cases: int | None = None
+    max_eval_cases: int | None = None
+    eval_splits: list[str] = field(default_factory=lambda: ["eval_set1", "eval_set2"])
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="baseline")])
+    set: list[str] = field(default_factory=list)  # overrides applied to every run
+    hd95: str = "max"
+    target: str = "skull"
+    collapse_threshold: float = 0.95  # flag runs whose mean pairwise reconstruction DSC exceeds this
+    synth_if_missing: dict[str, Any] | None = None  # e.g. {n_train: 100, n_eval: 20, seed: 0}
+
+
+def load_experiment(path: Path, overrides: list[str], scale: float | None) -> ExperimentConfig:
+    """Read and validate an experiment YAML; ``scale`` shrinks epochs and case counts."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such experiment config")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    apply_overrides(values, overrides)
+    try:
+        cfg: ExperimentConfig = _from_dict(ExperimentConfig, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not cfg.methods or not cfg.seeds:
+        raise ConfigError(f"{path}: methods and seeds must not be empty")
+    if len({m.name for m in cfg.methods}) != len(cfg.methods):
+        raise ConfigError(f"{path}: methods: names must be unique")
+    if cfg.hd95 not in ("max", "pooled") or cfg.target not in ("skull", "implant"):
+        raise ConfigError(f"{path}: hd95 must be max|pooled and target skull|implant")
+    if any(e > cfg.epochs or e < 1 for e in cfg.checkpoint_epochs):
+        raise ConfigError(f"{path}: checkpoint_epochs must lie in 1..epochs")
+    if scale is not None:
+        if not 0 < scale <= 1:
+            raise ConfigError(f"--scale: must be in (0, 1], got {scale}")
+        old = cfg.epochs
+        cfg.epochs = max(1, round(old * scale))
+        cfg.checkpoint_epochs = sorted({max(1, round(e * cfg.epochs / old)) for e in cfg.checkpoint_epochs})
+        if cfg.max_train_cases is not None:
+            cfg.max_train_cases = max(2, round(cfg.max_train_cases * scale))
+    return cfg
+
+
+def run_overrides(exp: ExperimentConfig, spec: MethodSpec, seed: int) -> list[str]:
+    """The ``--set`` overrides that turn the base training config into one run of the sweep."""
+    sets = [
+        f"name={spec.name}_seed{seed}",
+        f"seed={seed}",
+        f"data.root={exp.data_root}",
+        f"data.eval_splits={json.dumps(exp.eval_splits)}",
+        f"train.method={spec.method}",
+        f"train.epochs={exp.epochs}",
+        f"train.checkpoint_epochs={json.dumps(exp.checkpoint_epochs)}",
+        f"fam.lam={spec.lam}",
+    ]
+    if exp.max_train_cases is not None:
+        sets.append(f"data.max_train_cases={exp.max_train_cases}")
+    if exp.max_eval_cases is not None:
+        sets.append(f"data.max_eval_cases={exp.max_eval_cases}")
+    return sets + list(exp.set) + list(spec.set)
+
+
+def _run_dir(out: Path, spec: MethodSpec, seed: int) -> Path:
+    return out / "runs" / f"{spec.name}_seed{seed}"
+
+
+def _train_run(cfg_path: Path, run_dir: Path, device: str, log_path: Path) -> tuple[Path, int, float]:
+    """Train (or resume) one run in a subprocess; returns (run_dir, exit code, seconds)."""
+    from .trainer import checkpoint_path, run_finished
+
+    if run_finished(run_dir):
+        return run_dir, 0, 0.0
+    cmd = [sys.executable, "-m", "skullrec", "train", "--config", str(cfg_path), "--device", device]
+    cmd += ["--resume", str(run_dir)] if (run_dir / "config.yaml").is_file() else ["--run-dir", str(run_dir)]
+    t0 = time.perf_counter()
+    with open(log_path, "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return run_dir, rc, time.perf_counter() - t0
+
+
+def train_sweep(exp: ExperimentConfig, out: Path, device: str, jobs: int) -> dict[tuple[str, int], Path]:
+    """Train every (method, seed) run not yet finished; returns the run folders."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for spec in exp.methods:
+        for seed in exp.seeds:
+            overrides = run_overrides(exp, spec, seed)
+            cfg = load_config(exp.base_config, overrides)  # validates every run before any training starts
+            cfg_path = out / "configs" / f"{spec.name}_seed{seed}.yaml"
+            atomic_write_text(cfg_path, dump_config(cfg))
+            tasks.append(((spec.name, seed), cfg_path, _run_dir(out, spec, seed)))
+    runs: dict[tuple[str, int], Path] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {
+            pool.submit(_train_run, cfg_path, run_dir, device, out / "runs" / f"{key[0]}_seed{key[1]}.log"): key
+            for key, cfg_path, run_dir in tasks
+        }
+        for fut in concurrent.futures.as_completed(futures):
+            key = futures[fut]
+            run_dir, rc, secs = fut.result()
+            if rc != 0:
+                log = out / "runs" / f"{key[0]}_seed{key[1]}.log"
+                tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
+                raise InputError(f"run {key[0]} seed {key[1]} failed (exit {rc}): {' '.join(tail)}; see {log}")
+            console.print(f"[green]done[/] {key[0]} seed {key[1]}" + (f" ({secs:.0f} s)" if secs else " (reused)"))
+            runs[key] = run_dir
+    return runs
+
+
+def _pairwise_dsc(recon: np.ndarray) -> float:
+    """Mean Dice between reconstructions of different cases (collapse check)."""
+    flat = recon.reshape(len(recon), -1).astype(np.float32)
+    inter = flat @ flat.T
+    sizes = flat.sum(1)
+    denom = sizes[:, None] + sizes[None, :]
+    dsc = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+    iu = np.triu_indices(len(recon), k=1)
+    return float(dsc[iu].mean()) if len(iu[0]) else float("nan")
+
+
+def evaluate_runs(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], device: str) -> tuple[list[dict], list[dict]]:
+    """Reconstruct every eval split with every run's chosen checkpoints; per-case rows and collapse rows."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .dataset import load_split
+    from .evaluate import evaluate_arrays
+    from .trainer import checkpoint_path
+
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    splits = {s: load_split(exp.data_root, s, exp.max_eval_cases) for s in exp.eval_splits}
+    rows: list[dict] = []
+    collapse: list[dict] = []
+    for (method, seed), run_dir in sorted(runs.items()):
+        for epoch in exp.checkpoint_epochs:
+            model, _, _ = load_checkpoint(checkpoint_path(run_dir, epoch), device=dev)
+            model.eval()
+            for split_name, split in splits.items():
+                recon = _reconstruct(model, split.defective, dev)
+                truth = split.complete if exp.target == "skull" else split.implant
+                pred = recon if exp.target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
+                spacings = [tuple(np.linalg.norm(a[:3, :3], axis=0)) for a in split.affines]
+                case_rows = evaluate_arrays(pred, truth, spacings, defective=split.defective, hd95=exp.hd95)
+                for cid, r in zip(split.ids, case_rows):
+                    rows.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name, "case": cid, **r})
+                collapse.append({
+                    "method": method, "seed": seed, "epoch": epoch, "set": split_name,
+                    "pairwise_dsc": _pairwise_dsc(recon),
+                    "truth_pairwise_dsc": _pairwise_dsc(split.complete),
+                })
+    return rows, collapse
+
+
+def _reconstruct(model: Any, defective: np.ndarray, device: Any, batch: int = 8) -> np.ndarray:
+    """Binary reconstructions (logits > 0) of a stack of prepared defective skulls (N, S, S, S)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(defective), batch):
+            x = torch.as_tensor(defective[i : i + batch], dtype=torch.float32, device=device).unsqueeze(1)
+            out.append((model(x) > 0).squeeze(1).to("cpu", torch.uint8).numpy())
+    return np.concatenate(out)
+
+
+def _t975(n: int) -> float:
+    """Two-sided 95 % Student-t quantile for n - 1 degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+METRICS = (("dsc", "DSC"), ("hd_mm", "HD (mm)"), ("hd95_mm", "HD95 (mm)"))
+
+
+def table2(rows: list[dict], collapse: list[dict], exp: ExperimentConfig) -> list[dict]:
+    """Aggregate per-case rows into Table 2: per method, set, epoch: mean ± 95 % CI over seeds."""
+    methods = [m.name for m in exp.methods]
+    flags = {}
+    for c in collapse:
+        flags.setdefault((c["method"], c["epoch"], c["set"]), []).append(c["pairwise_dsc"])
+    table = []
+    for method in methods:
+        for split in exp.eval_splits:
+            for epoch in exp.checkpoint_epochs:
+                sel = [r for r in rows if r["method"] == method and r["set"] == split and r["epoch"] == epoch]
+                if not sel:
+                    continue
+                entry: dict[str, Any] = {"method": method, "set": split, "epoch": epoch}
+                seeds = sorted({r["seed"] for r in sel})
+                for key, _ in METRICS:
+                    per_seed = np.array([np.mean([r[key] for r in sel if r["seed"] == s]) for s in seeds])
+                    mean = float(per_seed.mean())
+                    ci = _t975(len(per_seed)) * float(per_seed.std(ddof=1)) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else float("nan")
+                    entry[key] = mean
+                    entry[f"{key}_ci95"] = ci
+                entry["seeds"] = len(seeds)
+                entry["cases"] = len(sel) // max(1, len(seeds))
+                entry["failed"] = int(sum(bool(r.get("failed")) for r in sel))
+                pw = flags.get((method, epoch, split), [float("nan")])
+                entry["pairwise_dsc"] = float(np.mean(pw))
+                entry["collapsed"] = bool(entry["pairwise_dsc"] > exp.collapse_threshold)
+                table.append(entry)
+    return table
+
+
+def _fmt(mean: float, ci: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+
+
+def table2_markdown(table: list[dict], exp: ExperimentConfig) -> str:
+    """Table 2 as markdown."""
+    lines = [
+        f"DSC / HD / HD95 ({exp.target}; HD95 definition: {exp.hd95}) — mean ± 95 % CI over seeds "
+        f"(t-interval of per-seed means); `collapsed` = mean pairwise DSC of reconstructions of different cases "
+        f"> {exp.collapse_threshold}",
+        "",
+        "| method | set | epoch | DSC | HD (mm) | HD95 (mm) | seeds × cases | failed | pairwise DSC | collapsed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in table:
+        lines.append(
+            f"| {e['method']} | {e['set']} | {e['epoch']} | {_fmt(e['dsc'], e['dsc_ci95'], 3)} | "
+            f"{_fmt(e['hd_mm'], e['hd_mm_ci95'], 1)} | {_fmt(e['hd95_mm'], e['hd95_mm_ci95'], 1)} | "
+            f"{e['seeds']} × {e['cases']} | {e['failed']} | {e['pairwise_dsc']:.3f} | {'YES' if e['collapsed'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = _io.StringIO()
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list[dict], out: Path) -> list[Path]:
+    """Figure 1 (training Dice-loss curves per method) and Figure 2 (boxplots per method and set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .trainer import read_metrics
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for spec in exp.methods:
+        curves = [read_metrics(runs[(spec.name, s)]) for s in exp.seeds if (spec.name, s) in runs]
+        curves = [[m["dice_loss"] for m in c if "dice_loss" in m] for c in curves]
+        n = min((len(c) for c in curves), default=0)
+        if n == 0:
+            continue
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        ax.plot(np.arange(1, n + 1), mean, label=spec.name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training Dice loss (mean over seeds)")
+    ax.set_title("Figure 1: training Dice loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(out / "fig1_training_loss.png")
+    _save_fig(fig, paths[-1])
+    plt.close(fig)
+
+    last = max(exp.checkpoint_epochs)
+    fig, axes = plt.subplots(len(exp.eval_splits), len(METRICS), figsize=(4.2 * len(METRICS), 3.6 * len(exp.eval_splits)), squeeze=False)
+    names = [m.name for m in exp.methods]
+    for i, split in enumerate(exp.eval_splits):
+        for j, (key, label) in enumerate(METRICS):
+            data = [[r[key] for r in rows if r["method"] == n and r["set"] == split and r["epoch"] == last] for n in names]
+            axes[i, j].boxplot(data, showfliers=True)
+            axes[i, j].set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=8)
+            axes[i, j].set_title(f"{split}: {label} (epoch {last})", fontsize=9)
+            axes[i, j].grid(alpha=0.3)
+    fig.suptitle("Figure 2: per-case scores, cases pooled over seeds")
+    fig.tight_layout()
+    paths.append(out / "fig2_boxplots.png")
+    _save_fig(fig, paths[-1])
+    plt.close(fig)
+    return paths
+
+
+def experiment_command(config: Path, out: Path | None, scale: float | None, overrides: list[str], device: str, jobs: int) -> None:
+    """Entry point of ``skullrec experiment``."""
+    from rich.console import Console
+
+    console = Console()
+    exp = load_experiment(config, overrides, scale)
+    out = Path(out or exp.out)
+    if not Path(exp.data_root).is_dir():
+        if exp.synth_if_missing is None:
+            raise InputError(f"{exp.data_root}: data set not found (run 'skullrec synth' or 'skullrec prepare' first)")
+        from .synth import synth_command
+
+        console.print(f"generating the synthetic data set in {exp.data_root} ...")
+        synth_command(out=Path(exp.data_root), overwrite=False, **{"n_train": 100, "n_eval": 20, "size": 64, "seed": 0, **exp.synth_if_missing})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "experiment.yaml", yaml.safe_dump(_plain(exp), sort_keys=False))
+    t0 = time.perf_counter()
+    runs = train_sweep(exp, out, device, jobs)
+    t_train = time.perf_counter() - t0
+    rows, collapse = evaluate_runs(exp, runs, device)
+    table = table2(rows, collapse, exp)
+    atomic_write_text(out / "per_case.csv", _csv_text(rows))
+    atomic_write_text(out / "collapse.csv", _csv_text(collapse))
+    atomic_write_text(out / "table2.csv", _csv_text(table))
+    md = table2_markdown(table, exp)
+    atomic_write_text(out / "table2.md", md)
+    fig_paths = figures(exp, runs, rows, out)
+    console.print(md)
+    console.print(f"training {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s; results in {out}/ "
+                  f"(table2.md, table2.csv, per_case.csv, collapse.csv, {', '.join(p.name for p in fig_paths)})")
+
+
+def _plain(obj: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
