@@ -1,0 +1,71 @@
+"""Experiment sweep bookkeeping: config validation and scaling, Table 2 aggregation, collapse check."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from skullrec.config import ConfigError
+from skullrec.experiment import ExperimentConfig, MethodSpec, _pairwise_dsc, load_experiment, run_overrides, table2
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paper_config_loads_and_scale_shrinks_epochs_and_checkpoints():
+    exp = load_experiment(REPO / "configs" / "paper_skull.yaml", [], None)
+    assert [m.name for m in exp.methods] == [
+        "baseline", "fam_0.0006", "fam_0.002", "fam_0.02", "fam_0.1", "fam_0.7", "sam", "asam",
+    ]
+    assert exp.checkpoint_epochs == [100, 200] and len(exp.seeds) >= 3
+    small = load_experiment(REPO / "configs" / "paper_skull.yaml", [], 0.1)
+    assert small.epochs == 20 and small.checkpoint_epochs == [10, 20]
+
+
+def test_experiment_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [{name: a, method: fam, lamda: 0.1}]\n")
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.lamda: unknown key"):
+        load_experiment(bad, [], None)
+    with pytest.raises(ConfigError, match="--scale"):
+        load_experiment(REPO / "configs" / "paper_skull.yaml", [], 1.5)
+
+
+def test_run_overrides_build_a_valid_training_config():
+    from skullrec.config import load_config
+
+    exp = ExperimentConfig(epochs=7, checkpoint_epochs=[3, 7], max_train_cases=5)
+    cfg = load_config(None, run_overrides(exp, MethodSpec(name="fam_x", method="fam", lam=0.02), seed=4))
+    assert (cfg.name, cfg.seed, cfg.train.method, cfg.fam.lam) == ("fam_x_seed4", 4, "fam", 0.02)
+    assert cfg.train.epochs == 7 and cfg.train.checkpoint_epochs == [3, 7] and cfg.data.max_train_cases == 5
+
+
+def test_pairwise_dsc_matches_direct_computation():
+    rng = np.random.default_rng()
+    recon = (rng.random((4, 6, 5, 3)) > 0.5).astype(np.uint8)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    direct = np.mean([2 * (recon[i] & recon[j]).sum() / (recon[i].sum() + recon[j].sum()) for i, j in pairs])
+    assert _pairwise_dsc(recon) == pytest.approx(direct, rel=1e-6)
+    assert _pairwise_dsc(np.repeat(recon[:1], 3, axis=0)) == pytest.approx(1.0)
+
+
+def test_table2_mean_and_t_interval_over_seeds():
+    rng = np.random.default_rng()
+    exp = ExperimentConfig(seeds=[0, 1, 2], checkpoint_epochs=[5], eval_splits=["eval_set1"], methods=[MethodSpec(name="m")])
+    rows = []
+    for seed in exp.seeds:
+        for case in range(4):
+            rows.append({"method": "m", "seed": seed, "epoch": 5, "set": "eval_set1", "case": str(case),
+                         "dsc": rng.random(), "hd_mm": rng.random() * 10, "hd95_mm": rng.random() * 5,
+                         "failed": case == 0 and seed == 1})
+    collapse = [{"method": "m", "seed": s, "epoch": 5, "set": "eval_set1", "pairwise_dsc": 0.97} for s in exp.seeds]
+    (entry,) = table2(rows, collapse, exp)
+    per_seed = np.array([np.mean([r["dsc"] for r in rows if r["seed"] == s]) for s in exp.seeds])
+    assert entry["dsc"] == pytest.approx(per_seed.mean())
+    half = stats.t.ppf(0.975, 2) * per_seed.std(ddof=1) / math.sqrt(3)
+    assert entry["dsc_ci95"] == pytest.approx(half)
+    assert (entry["seeds"], entry["cases"], entry["failed"]) == (3, 4, 1)
+    assert entry["collapsed"] is True
