@@ -1,0 +1,568 @@
+"""``skullrec view``: the Streamlit viewer (app/viewer.py) and the pure helpers it is built from.
+
+The Streamlit page only lays out widgets; everything that can be tested without a browser lives
+here: finding cases and checkpoints, validating uploads, meshes for the 3D view, coloured slice
+overlays, metric rows with units, download payloads and the results-CSV browser.
+
+``view_command`` starts ``streamlit run app/viewer.py`` bound to 127.0.0.1 (by default), headless,
+without usage statistics. The folders reach the page through environment variables
+(``SKULLREC_VIEW_*``) rather than script arguments, so that ``streamlit.testing.v1.AppTest`` (which
+cannot pass script arguments) configures the page the same way.
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .io import InputError, Volume, case_id, is_volume_file, list_volumes, read_volume
+
+ENV_DATA = "SKULLREC_VIEW_DATA"
+ENV_RUNS = "SKULLREC_VIEW_RUNS"
+ENV_RESULTS = "SKULLREC_VIEW_RESULTS"
+ENV_MAX_UPLOAD_MB = "SKULLREC_VIEW_MAX_UPLOAD_MB"
+DEFAULT_DATA = Path("data/synthetic")
+DEFAULT_RUNS = Path("runs")
+# `bash scripts/run.sh demo` (skullrec experiment) writes its runs under results/NAME/runs/, so the
+# default search covers results/ as well as runs/ (what `skullrec train` uses).
+DEFAULT_RUN_ROOTS = (DEFAULT_RUNS, Path("results"))
+DEFAULT_RESULTS_ROOT = Path("results")
+DEFAULT_MAX_UPLOAD_MB = 256
+# Uploads are single files; .nhdr needs a separate data file, so it cannot be uploaded alone.
+UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
+# Only safetensors: checkpoint.py never writes (or loads) pickled model files.
+CHECKPOINT_SUFFIXES = (".safetensors",)
+
+# Display colours (RGB 0-255). The implant is orange-red against ivory bone so it stands out in
+# both the 3D view and the slices; reconstruction blue and truth green are the usual pred/GT pair.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "defective": (225, 215, 190),
+    "implant": (240, 80, 30),
+    "reconstruction": (60, 120, 230),
+    "truth": (40, 180, 80),
+    "truth_implant": (200, 40, 200),
+}
+LABELS = {
+    "defective": "Defective skull",
+    "implant": "Implant (predicted)",
+    "reconstruction": "Reconstruction",
+    "truth": "Ground truth",
+    "truth_implant": "Implant (ground truth)",
+}
+AXES = {"x (sagittal)": 0, "y (coronal)": 1, "z (axial)": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# launching
+# --------------------------------------------------------------------------------------------
+
+
+def app_path() -> Path:
+    """Path of the Streamlit page ``app/viewer.py`` (next to the package in the repository)."""
+    path = Path(__file__).resolve().parents[1] / "app" / "viewer.py"
+    if not path.is_file():
+        raise InputError(f"{path}: the viewer page is missing; run 'skullrec view' from a source checkout")
+    return path
+
+
+@dataclass
+class ViewerSettings:
+    """What the page shows: the folders given to ``skullrec view`` and the upload size limit."""
+
+    data: Path = DEFAULT_DATA
+    runs: tuple[Path, ...] = DEFAULT_RUN_ROOTS
+    results: Path | None = None
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that carry these settings to the page."""
+        runs = os.pathsep.join(str(r) for r in self.runs)
+        env = {ENV_DATA: str(self.data), ENV_RUNS: runs, ENV_MAX_UPLOAD_MB: str(self.max_upload_mb)}
+        if self.results is not None:
+            env[ENV_RESULTS] = str(self.results)
+        return env
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> ViewerSettings:
+    """Read :class:`ViewerSettings` from ``SKULLREC_VIEW_*`` variables (defaults where unset)."""
+    environ = os.environ if environ is None else environ
+    raw_mb = environ.get(ENV_MAX_UPLOAD_MB, "")
+    try:
+        max_mb = int(raw_mb) if raw_mb else DEFAULT_MAX_UPLOAD_MB
+    except ValueError:
+        raise InputError(f"{ENV_MAX_UPLOAD_MB}: expected a whole number of MB, got {raw_mb!r}") from None
+    results = environ.get(ENV_RESULTS) or None
+    return ViewerSettings(
+        data=Path(environ.get(ENV_DATA) or DEFAULT_DATA),
+        runs=tuple(Path(r) for r in environ[ENV_RUNS].split(os.pathsep) if r) if environ.get(ENV_RUNS) else DEFAULT_RUN_ROOTS,
+        results=Path(results) if results else None,
+        max_upload_mb=max_mb,
+    )
+
+
+def streamlit_command(app: Path, host: str, port: int, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> list[str]:
+    """The ``streamlit run`` command line: bound to ``host``, headless, no usage statistics."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", host,
+        "--server.port", str(port),
+        "--server.headless", "true",
+        "--server.maxUploadSize", str(max_upload_mb),
+        "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+        "--global.developmentMode", "false",
+    ]
+
+
+def view_command(data: Path | None, runs: Path | None, results: Path | None, host: str, port: int) -> None:
+    """Start the Streamlit viewer (blocks until Ctrl-C); defaults: data/synthetic, checkpoints under runs/ and results/."""
+    if not 1 <= int(port) <= 65535:
+        raise InputError(f"--port: must be between 1 and 65535, got {port}")
+    if results is not None and not Path(results).is_file():
+        raise InputError(f"{results}: no such results CSV")
+    for flag, folder in (("--data", data), ("--runs", runs)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(f"{folder}: no such folder (given as {flag})")
+    # Absolute paths: streamlit keeps the working directory, but the page must not depend on it.
+    settings = ViewerSettings(
+        data=Path(data or DEFAULT_DATA).resolve(),
+        runs=(Path(runs).resolve(),) if runs is not None else tuple(r.resolve() for r in DEFAULT_RUN_ROOTS),
+        results=Path(results).resolve() if results is not None else None,
+    )
+    env = {**os.environ, **settings.to_env()}
+    cmd = streamlit_command(app_path(), host, port, settings.max_upload_mb)
+    where = ", ".join(str(r) for r in settings.runs)
+    print(f"skullrec view: http://{host}:{port}  (data {settings.data}; checkpoints under {where}; Ctrl-C stops)", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        raise
+    if code != 0:
+        raise InputError(f"streamlit exited with code {code} (is port {port} free?)")
+
+
+# --------------------------------------------------------------------------------------------
+# cases and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def discover_cases(root: str | Path) -> dict[str, list[str]]:
+    """Map split -> case ids (those with a defective skull) of a data set; empty if ROOT is missing."""
+    from .dataset import splits_in
+
+    root = Path(root)
+    out: dict[str, list[str]] = {}
+    for split in splits_in(root):
+        try:
+            out[split] = list(list_volumes(root / split / "defective"))
+        except InputError:
+            continue  # an empty split folder is not worth an error in a browser
+    return out
+
+
+@dataclass
+class CaseVolumes:
+    """One case to show: the defective skull and, when known, the complete skull and implant."""
+
+    name: str
+    defective: Volume
+    complete: Volume | None = None
+    implant: Volume | None = None
+
+
+def _find_volume(folder: Path, cid: str) -> Path | None:
+    if not folder.is_dir():
+        return None
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and is_volume_file(p) and case_id(p) == cid:
+            return p
+    return None
+
+
+def load_case(root: str | Path, split: str, cid: str) -> CaseVolumes:
+    """Read one case of a data set in the project's layout (complete/implant when present)."""
+    folder = Path(root) / split
+    defective_path = _find_volume(folder / "defective", cid)
+    if defective_path is None:
+        raise InputError(f"{folder / 'defective'}: no case '{cid}'")
+    defective = read_volume(defective_path)
+    complete = implant = None
+    complete_path = _find_volume(folder / "complete", cid)
+    if complete_path is not None:
+        complete = read_volume(complete_path)
+        if complete.shape != defective.shape:
+            raise InputError(f"{complete_path}: shape {complete.shape} differs from the defective skull {defective.shape}")
+        implant_path = _find_volume(folder / "implant", cid)
+        # The layout defines implant = complete AND NOT defective; derive it when the file is absent.
+        implant = read_volume(implant_path) if implant_path is not None else Volume(
+            (complete.data & (1 - defective.data)).astype(np.uint8), complete.affine, complete.header
+        )
+    return CaseVolumes(name=f"{split}/{cid}", defective=defective, complete=complete, implant=implant)
+
+
+def find_case(root: str | Path, cid: str, split: str | None = None) -> tuple[str, str] | None:
+    """Locate case ``cid`` in a data set (in ``split`` if given, else the first split holding it)."""
+    cases = discover_cases(root)
+    cid = str(cid)
+    candidates = [split] if split else list(cases)
+    for s in candidates:
+        ids = cases.get(s, [])
+        if cid in ids:
+            return s, cid
+        # CSV readers turn "003" into 3: match zero-padded ids numerically as well.
+        if cid.isdigit():
+            for i in ids:
+                if i.isdigit() and int(i) == int(cid):
+                    return s, i
+    return None
+
+
+def discover_checkpoints(roots: str | Path | tuple[Path, ...] | list[Path], max_depth: int = 6) -> dict[str, Path]:
+    """Map label -> path for every checkpoint file (``*.safetensors``) under the run folder(s).
+
+    Labels are the paths relative to the common parent of ``roots`` (e.g. ``runs/baseline/...``),
+    sorted; folders starting with a dot (staging folders of runs being written) are skipped.
+    """
+    roots = [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+    found: dict[str, Path] = {}
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root)
+            if len(rel.parts) > max_depth or any(part.startswith(".") for part in rel.parts):
+                continue
+            if p.is_file() and p.name.lower().endswith(CHECKPOINT_SUFFIXES):
+                found.setdefault((Path(root.name) / rel).as_posix(), p)
+    return dict(sorted(found.items()))
+
+
+def discover_results(root: str | Path = DEFAULT_RESULTS_ROOT, max_depth: int = 3) -> list[Path]:
+    """Per-case results CSVs under ``root`` (``skullrec experiment``'s per_case.csv, evaluate's CSVs)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.rglob("*.csv")):
+        rel = p.relative_to(root)
+        if len(rel.parts) <= max_depth and not any(part.startswith(".") for part in rel.parts):
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# uploads
+# --------------------------------------------------------------------------------------------
+
+
+def _safe_upload_name(name: str) -> str:
+    """The upload's base name with anything odd replaced, so it is a safe temporary file name."""
+    base = Path(str(name).replace("\\", "/")).name or "upload"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", base)[-120:]
+
+
+def read_upload(name: str, payload: bytes, *, threshold: float | None = None, max_mb: float = DEFAULT_MAX_UPLOAD_MB) -> Volume:
+    """Read an uploaded ``.nii``, ``.nii.gz`` or ``.nrrd`` through :func:`skullrec.io.read_volume`.
+
+    The bytes go to a temporary file that keeps the upload's name (read_volume picks the format
+    from the suffix and names the file in its messages). Raises InputError naming the upload for a
+    wrong suffix, 0 bytes, a file over ``max_mb``, corrupt gzip, 4D data or non-binary values.
+    """
+    safe = _safe_upload_name(name)
+    if not safe.lower().endswith(UPLOAD_SUFFIXES):
+        raise InputError(f"{name}: unsupported file type (upload one of {', '.join(UPLOAD_SUFFIXES)})")
+    size = len(payload)
+    if size == 0:
+        raise InputError(f"{name}: empty file (0 bytes)")
+    if size > max_mb * 1024 * 1024:
+        raise InputError(f"{name}: {size / 2**20:.1f} MB is over the upload limit of {max_mb:g} MB")
+    with tempfile.TemporaryDirectory(prefix="skullrec-upload-") as tmp:
+        path = Path(tmp) / safe
+        path.write_bytes(payload)
+        try:
+            vol = read_volume(path, threshold=threshold)
+        except InputError as exc:
+            # Show the user's file name, not the temporary folder.
+            msg = str(exc).replace(str(path), name)
+            raise InputError(msg.replace("pass --threshold T to binarise", "tick 'Binarise' and set a threshold")) from None
+    vol.path = None
+    return vol
+
+
+# --------------------------------------------------------------------------------------------
+# 3D view
+# --------------------------------------------------------------------------------------------
+
+
+def downsample_for_mesh(mask: np.ndarray, affine: np.ndarray, max_edge: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink a mask by block-max pooling until its longest edge is <= ``max_edge``; fix the affine.
+
+    Block-max keeps thin bone that a plain stride would drop. The returned affine maps a block's
+    index to the world position of the block's centre, so the mesh stays in place in mm.
+    """
+    from skimage.measure import block_reduce
+
+    factor = max(1, math.ceil(max(mask.shape) / max_edge))
+    if factor == 1:
+        return mask, affine
+    small = block_reduce(mask.astype(np.uint8), (factor,) * 3, np.max)
+    scale = np.eye(4)
+    scale[:3, :3] *= factor
+    scale[:3, 3] = (factor - 1) / 2.0
+    return small, affine @ scale
+
+
+def mesh_from_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Surface of a mask in world mm: (verts (V, 3) float, faces (F, 3) int); empty for an empty mask."""
+    from .predict import mesh_from_mask as _mesh
+
+    if not np.any(mask):
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+    return _mesh(mask, affine)
+
+
+def surface(mask: np.ndarray, affine: np.ndarray, max_edge: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """A light surface of a mask for display: (verts (V, 3) mm float32, faces (F, 3) int32).
+
+    The mask is block-max pooled to at most ``max_edge`` voxels per edge first, so a 512^3 upload
+    gives a mesh the browser can still turn smoothly (a 64^3 skull is meshed at full resolution).
+    """
+    small, small_affine = downsample_for_mesh(np.asarray(mask), affine, max_edge)
+    verts, faces = mesh_from_mask(small, small_affine)
+    # 0.01 mm is far below the voxel size; rounding keeps the JSON sent to the browser small.
+    return np.round(np.asarray(verts, dtype=np.float64), 2).astype(np.float32), np.asarray(faces, dtype=np.int32)
+
+
+def mesh_trace(verts: np.ndarray, faces: np.ndarray, layer: str, opacity: float = 1.0) -> Any:
+    """A plotly ``Mesh3d`` of one layer's surface (coordinates in mm), or None when it is empty."""
+    import plotly.graph_objects as go
+
+    if len(faces) == 0:
+        return None
+    r, g, b = COLOURS[layer]
+    return go.Mesh3d(
+        x=verts[:, 0], y=verts[:, 1], z=verts[:, 2], i=faces[:, 0], j=faces[:, 1], k=faces[:, 2],
+        color=f"rgb({r},{g},{b})", opacity=float(opacity), name=LABELS[layer], showlegend=True,
+        flatshading=False, lighting={"ambient": 0.45, "diffuse": 0.8, "specular": 0.15, "roughness": 0.7},
+        lightposition={"x": 100, "y": 200, "z": 150}, hoverinfo="name",
+    )
+
+
+def figure_3d(traces: list[Any], title: str = "", height: int = 520) -> Any:
+    """A plotly figure of Mesh3d traces with axes in mm and the aspect ratio of the data."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(data=[t for t in traces if t is not None])
+    fig.update_layout(
+        title=title or None,
+        height=height,
+        margin={"l": 0, "r": 0, "t": 30 if title else 0, "b": 0},
+        legend={"orientation": "h", "y": 1.02, "x": 0},
+        scene={
+            "aspectmode": "data",
+            "xaxis": {"title": {"text": "x (mm)"}},
+            "yaxis": {"title": {"text": "y (mm)"}},
+            "zaxis": {"title": {"text": "z (mm)"}},
+            "camera": {"eye": {"x": 1.4, "y": -1.4, "z": 0.8}},
+        },
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# slices
+# --------------------------------------------------------------------------------------------
+
+
+def slice_overlay(layers: Mapping[str, np.ndarray], axis: int, index: int, alpha: float = 0.55) -> np.ndarray:
+    """An RGB uint8 image of slice ``index`` along ``axis`` with each layer blended in its colour.
+
+    ``layers`` maps a key of :data:`COLOURS` to a mask of one common shape; later layers are drawn
+    over earlier ones. The defective skull is drawn opaque (it is the anatomy), the others with
+    ``alpha`` so that reconstruction and truth stay visible where they overlap. The image is
+    indexed (row, col) = (second remaining array axis reversed, first remaining axis), i.e. the
+    first remaining axis runs left to right and the second bottom to top.
+    """
+    shapes = {np.shape(m) for m in layers.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"slice_overlay: layers have different shapes {sorted(shapes)}")
+    shape = shapes.pop()
+    if not 0 <= axis < 3 or not 0 <= index < shape[axis]:
+        raise ValueError(f"slice_overlay: index {index} out of range for axis {axis} of shape {shape}")
+    plane = tuple(s for a, s in enumerate(shape) if a != axis)
+    img = np.zeros(plane + (3,), dtype=np.float64)
+    for key, mask in layers.items():
+        sl = np.take(np.asarray(mask), index, axis=axis).astype(bool)
+        a = 1.0 if key == "defective" else alpha
+        img[sl] = (1 - a) * img[sl] + a * np.asarray(COLOURS[key], dtype=np.float64)
+    # (u, v) -> rows = v from top (high) to bottom (low), cols = u.
+    return np.ascontiguousarray(np.flip(img.transpose(1, 0, 2), axis=0).round().astype(np.uint8))
+
+
+def slice_figure(image: np.ndarray, spacing: tuple[float, float], title: str = "", height: int = 420) -> Any:
+    """A plotly figure showing an overlay image with pixel sizes in mm (equal aspect)."""
+    import plotly.graph_objects as go
+
+    du, dv = (float(s) for s in spacing)
+    rows = image.shape[0]
+    # Rows were flipped so that v grows upwards; y0 puts row 0 at the top edge in mm.
+    fig = go.Figure(go.Image(z=image, x0=0.0, dx=du, y0=(rows - 1) * dv, dy=-dv, hoverinfo="x+y"))
+    fig.update_layout(
+        title=title or None, height=height, margin={"l": 0, "r": 0, "t": 30 if title else 0, "b": 0},
+        xaxis={"title": {"text": "mm"}}, yaxis={"title": {"text": "mm"}, "scaleanchor": "x", "autorange": True},
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# metrics and downloads
+# --------------------------------------------------------------------------------------------
+
+METRIC_UNITS = {
+    "dsc": ("DSC", ""),
+    "bdsc": ("bDSC", ""),
+    "hd_mm": ("HD", "mm"),
+    "hd95_mm": ("HD95", "mm"),
+    "hd_vox": ("HD", "voxels"),
+    "hd95_vox": ("HD95", "voxels"),
+}
+
+
+def case_metric_rows(pred: Volume, truth: Volume, defective: Volume | None, target: str) -> list[dict[str, Any]]:
+    """Metrics of one prediction against its truth as display rows: target, metric, value, unit."""
+    from .metrics import case_metrics
+
+    m = case_metrics(pred.data, truth.data, truth.spacing, defective=None if defective is None else defective.data)
+    rows = []
+    for key, (label, unit) in METRIC_UNITS.items():
+        if key in m and m[key] is not None:
+            value = float(m[key])
+            rows.append({"target": target, "metric": label, "value": round(value, 4), "unit": unit})
+    if m.get("failed"):
+        rows.append({"target": target, "metric": "failed", "value": 1.0, "unit": "empty prediction"})
+    return rows
+
+
+def nifti_bytes(volume: Volume) -> bytes:
+    """A volume as gzipped NIfTI bytes (uint8, its own affine and header) for a download button."""
+    from .io import write_volume
+
+    with tempfile.TemporaryDirectory(prefix="skullrec-dl-") as tmp:
+        path = write_volume(Path(tmp) / "volume.nii.gz", volume)
+        return path.read_bytes()
+
+
+def stl_bytes(mask: np.ndarray, affine: np.ndarray, name: str = "skullrec") -> bytes:
+    """A binary STL (mm) of a mask's surface on its full grid, for a download button."""
+    verts, faces = mesh_from_mask(mask, affine)
+    return _binary_stl(np.asarray(verts, dtype=np.float64), np.asarray(faces, dtype=np.int64), name)
+
+
+def _binary_stl(verts: np.ndarray, faces: np.ndarray, name: str) -> bytes:
+    """Binary STL writer. Hand-written because no STL package is a project dependency and the
+    format is a fixed 80-byte header, a count and 50-byte records (normal, 3 vertices, attribute)."""
+    tri = verts[faces] if len(faces) else np.zeros((0, 3, 3))
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]) if len(faces) else np.zeros((0, 3))
+    lengths = np.linalg.norm(normals, axis=1, keepdims=True)
+    normals = np.divide(normals, lengths, out=np.zeros_like(normals), where=lengths > 0)
+    record = np.dtype([("normal", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    out = np.zeros(len(faces), dtype=record)
+    out["normal"] = normals
+    out["v"] = tri
+    header = name.encode("ascii", "replace")[:80].ljust(80, b" ")
+    buf = _stdio.BytesIO()
+    buf.write(header)
+    buf.write(np.uint32(len(faces)).tobytes())
+    buf.write(out.tobytes())
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# results browser
+# --------------------------------------------------------------------------------------------
+
+CASE_COLUMNS = ("case", "case_id", "id", "cid")
+
+
+def load_results(source: Any, name: str = "results CSV") -> Any:
+    """Read a results CSV (path or file-like) into a pandas DataFrame with a ``case`` column.
+
+    Case ids are read as text so that "003" keeps its zeros. Raises InputError naming the file for
+    unreadable CSVs and for CSVs without a case-id column or without any numeric metric.
+    """
+    import pandas as pd
+
+    label = str(source) if isinstance(source, (str, Path)) else name
+    try:
+        df = pd.read_csv(source, dtype={c: str for c in CASE_COLUMNS})
+    except FileNotFoundError:
+        raise InputError(f"{label}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{label}: not a readable CSV ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    cols = {c.lower(): c for c in df.columns}
+    key = next((cols[c] for c in CASE_COLUMNS if c in cols), None)
+    if key is None:
+        raise InputError(f"{label}: no case-id column (expected one of {', '.join(CASE_COLUMNS)})")
+    df = df.rename(columns={key: "case"})
+    if not metric_columns(df):
+        raise InputError(f"{label}: no numeric metric columns")
+    return df
+
+
+def metric_columns(df: Any) -> list[str]:
+    """Numeric columns of a results table that can be sorted on (metrics first in a fixed order)."""
+    numeric = [c for c in df.columns if c != "case" and np.issubdtype(df[c].dtype, np.number) and df[c].dtype != bool]
+    preferred = [c for c in METRIC_UNITS if c in numeric]
+    return preferred + [c for c in numeric if c not in preferred]
+
+
+def sort_results(df: Any, metric: str, ascending: bool) -> Any:
+    """Rows sorted by ``metric`` (NaN last, ties broken by case id so the order is stable)."""
+    if metric not in df.columns:
+        raise InputError(f"results: no column '{metric}'")
+    return df.sort_values([metric, "case"], ascending=[ascending, True], na_position="last", kind="mergesort").reset_index(drop=True)
+
+
+__all__ = [
+    "AXES",
+    "COLOURS",
+    "LABELS",
+    "CaseVolumes",
+    "ViewerSettings",
+    "app_path",
+    "case_metric_rows",
+    "discover_cases",
+    "discover_checkpoints",
+    "discover_results",
+    "downsample_for_mesh",
+    "figure_3d",
+    "find_case",
+    "load_case",
+    "load_results",
+    "mesh_from_mask",
+    "mesh_trace",
+    "metric_columns",
+    "nifti_bytes",
+    "read_upload",
+    "settings_from_env",
+    "slice_figure",
+    "slice_overlay",
+    "sort_results",
+    "surface",
+    "stl_bytes",
+    "streamlit_command",
+    "view_command",
+]
