@@ -112,7 +112,9 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for broken files
-        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+        # nibabel's messages can span lines ("...from \n - could the file be damaged?"); keep one line.
+        detail = " ".join(str(exc).split())
+        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
     header = img.header.copy()
     return data, np.asarray(img.affine, dtype=np.float64), header
 
