@@ -1,0 +1,259 @@
+"""Shape-agreement metrics for binary skulls and implants: DSC, bDSC, HD and HD95 (mm and voxels).
+
+All distances come from MONAI's surface-distance utilities (``monai.metrics.utils.get_mask_edges``
+and ``get_surface_distance``), the same primitives behind ``monai.metrics.compute_hausdorff_distance``;
+DSC comes from ``monai.metrics.compute_dice``. What is added here is only what MONAI does not do:
+
+* **Two HD95 definitions** (see docs/metrics.md):
+  ``"max"``    - MONAI's ``compute_hausdorff_distance(percentile=95)``: the larger of the two directed
+                 95th percentiles (pred->truth and truth->pred surface distances);
+  ``"pooled"`` - AutoImplant's / MedPy's ``hd95``: the 95th percentile of both directed distance sets
+                 pooled into one.
+  Both are computed from one set of surface distances, so asking for one costs nothing extra; the
+  chosen one fills ``hd95_mm`` / ``hd95_vox`` and its name is stored in ``hd95_definition``.
+* **bDSC**, AutoImplant 2021's border Dice (see :func:`border_region`).
+* **Failed cases.** With an empty prediction or an empty truth MONAI returns inf for HD and NaN for
+  HD95, and a NaN-skipping mean then silently drops the case. Here such a case is marked
+  ``failed=True`` and gets documented worst values instead: DSC = bDSC = 0 and
+  HD = HD95 = the diagonal of the volume (``norm(shape * spacing)`` in mm, ``norm(shape)`` in
+  voxels), which is larger than any distance two non-empty masks in that volume can have.
+
+Voxel-unit distances use unit spacing (MONAI's ``spacing=None``); mm distances use the voxel size
+from the affine (column norms, :attr:`skullrec.io.Volume.spacing`), i.e. they are exact for any
+rotation + per-axis scaling affine (not for sheared grids).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+from monai.metrics.utils import get_mask_edges, get_surface_distance
+from scipy.ndimage import distance_transform_edt
+
+HD95Definition = Literal["max", "pooled"]
+HD95_DEFINITIONS: tuple[str, ...] = ("max", "pooled")
+DEFAULT_HD95: HD95Definition = "max"
+TARGETS: tuple[str, ...] = ("skull", "implant")
+BORDER_MM = 10.0  # AutoImplant 2021's border width for bDSC
+
+# Keys of a metrics row, in CSV column order (evaluate.py writes them in this order).
+METRIC_KEYS: tuple[str, ...] = (
+    "dsc", "bdsc", "hd_mm", "hd95_mm", "hd_vox", "hd95_vox", "failed", "failure", "hd95_definition",
+)
+
+
+def _check_hd95(hd95: str) -> str:
+    if hd95 not in HD95_DEFINITIONS:
+        raise ValueError(f"hd95 must be one of {HD95_DEFINITIONS}, got {hd95!r}")
+    return hd95
+
+
+def _as_bool(a: Any, name: str) -> np.ndarray:
+    arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    if arr.dtype != np.bool_:
+        if not np.all((arr == 0) | (arr == 1)):
+            raise ValueError(f"{name} must be binary (0/1 or bool)")
+        arr = arr.astype(bool)
+    return arr
+
+
+def worst_distance(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """The worst-case distance given to failed cases: the volume's diagonal ``norm(shape * spacing)``."""
+    sp = np.ones(len(shape)) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(shape, dtype=np.float64) * sp))
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice similarity coefficient of two binary masks (MONAI ``compute_dice``); 0 if one is empty."""
+    p, t = _as_bool(pred, "pred"), _as_bool(truth, "truth")
+    if not t.any() and not p.any():
+        # MONAI gives NaN (ignore_empty) or 1 here; for a shape that should exist nothing matched.
+        return 0.0
+    value = compute_dice(
+        torch.from_numpy(p)[None, None].float(), torch.from_numpy(t)[None, None].float(),
+        include_background=True, ignore_empty=False,
+    )
+    return float(value.item())
+
+
+def border_region(defective: np.ndarray, spacing: Sequence[float], border_mm: float = BORDER_MM) -> np.ndarray:
+    """Voxels whose centre lies within ``border_mm`` (Euclidean, mm) of a defective-skull voxel.
+
+    This is AutoImplant 2021's bDSC region: its evaluation takes the distance transform of the
+    defective skull's background (``distance_transform_edt(~defective, sampling=spacing)``) and
+    keeps voxels with distance <= 10 mm, so the region is the defective skull plus a 10 mm band
+    around it, which contains the defect's rim where an implant must fit. scipy's exact EDT is used
+    because MONAI has no masked-region helper for this.
+    """
+    d = _as_bool(defective, "defective")
+    if not d.any():
+        return np.zeros(d.shape, dtype=bool)
+    dist = distance_transform_edt(~d, sampling=tuple(float(s) for s in spacing))
+    return dist <= border_mm
+
+
+def border_dice(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    defective: np.ndarray,
+    spacing: Sequence[float],
+    target: str = "skull",
+    border_mm: float = BORDER_MM,
+    region: np.ndarray | None = None,
+) -> float:
+    """AutoImplant's border Dice (bDSC): Dice of the implants restricted to :func:`border_region`.
+
+    For ``target="implant"`` ``pred``/``truth`` are implants and are used as given (as AutoImplant
+    does: a predicted implant overlapping the defective skull is penalised). For ``target="skull"``
+    they are complete skulls; the implant parts ``pred AND NOT defective`` and
+    ``truth AND NOT defective`` are compared, because the defective skull itself lies inside the
+    region and would otherwise make every reconstruction score near 1. If neither restricted implant
+    has a voxel the value is 0, as in AutoImplant's evaluation (its Dice returns 0 on 0/0).
+    """
+    p, t, d = _as_bool(pred, "pred"), _as_bool(truth, "truth"), _as_bool(defective, "defective")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "skull":
+        p, t = p & ~d, t & ~d
+    r = border_region(d, spacing, border_mm) if region is None else region
+    p, t = p & r, t & r
+    inter = np.count_nonzero(p & t)
+    total = np.count_nonzero(p) + np.count_nonzero(t)
+    # Plain counting rather than compute_dice: this is the 0/0 -> 0 convention AutoImplant uses.
+    return 2.0 * inter / total if total else 0.0
+
+
+def surface_distances(
+    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Directed surface distances (pred->truth, truth->pred) between two non-empty masks, via MONAI.
+
+    Surfaces are MONAI's edges (``mask XOR binary_erosion(mask)``, 6-connected, the image border
+    counts as background); distances are Euclidean between voxel centres, in mm with ``spacing``
+    or in voxels with ``spacing=None``.
+    """
+    p, t = _as_bool(pred, "pred"), _as_bool(truth, "truth")
+    if not p.any() or not t.any():
+        raise ValueError("surface distances need a non-empty pred and truth")
+    with warnings.catch_warnings():
+        # get_mask_edges warns about a deprecated argument it passes to itself (MONAI 1.6).
+        warnings.simplefilter("ignore", FutureWarning)
+        edges_p, edges_t = get_mask_edges(p, t, crop=True)
+    sp = None if spacing is None else [float(s) for s in spacing]
+    d_pt = np.asarray(get_surface_distance(edges_p, edges_t, spacing=sp), dtype=np.float64)
+    d_tp = np.asarray(get_surface_distance(edges_t, edges_p, spacing=sp), dtype=np.float64)
+    return d_pt, d_tp
+
+
+def hausdorff_from_distances(d_pt: np.ndarray, d_tp: np.ndarray, hd95: str = DEFAULT_HD95) -> tuple[float, float]:
+    """(HD, HD95) from the two directed surface-distance sets, HD95 by the named definition.
+
+    Percentiles use linear interpolation, as both ``torch.quantile`` (MONAI) and ``np.percentile``
+    (MedPy/AutoImplant) do by default.
+    """
+    _check_hd95(hd95)
+    hd = max(float(d_pt.max()), float(d_tp.max()))
+    if hd95 == "max":
+        h95 = max(float(np.percentile(d_pt, 95)), float(np.percentile(d_tp, 95)))
+    else:
+        h95 = float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
+    return hd, h95
+
+
+def case_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing: Sequence[float],
+    defective: np.ndarray | None = None,
+    hd95: str = DEFAULT_HD95,
+    target: str = "skull",
+) -> dict[str, Any]:
+    """All metrics of one case: dsc, bdsc, hd_mm, hd95_mm, hd_vox, hd95_vox, failed, failure, hd95_definition.
+
+    Args:
+        pred, truth: binary (X, Y, Z) masks on the same grid (bool or 0/1).
+        spacing: voxel size in mm along each axis (e.g. ``Volume.spacing``).
+        defective: the defective skull on the same grid; without it ``bdsc`` is None.
+        hd95: ``"max"`` (MONAI, default) or ``"pooled"`` (AutoImplant/MedPy).
+        target: ``"skull"`` (pred/truth are complete skulls) or ``"implant"``; only bDSC depends on it.
+
+    An empty pred or truth is a failed case (``failed=True``, ``failure`` says which) with the worst
+    values documented in the module docstring; it is never NaN.
+    """
+    _check_hd95(hd95)
+    p, t = _as_bool(pred, "pred"), _as_bool(truth, "truth")
+    if p.shape != t.shape or p.ndim != 3:
+        raise ValueError(f"pred and truth must be 3D arrays of the same shape, got {p.shape} and {t.shape}")
+    if len(spacing) != 3:
+        raise ValueError(f"spacing must have 3 values, got {spacing!r}")
+    d = None
+    if defective is not None:
+        d = _as_bool(defective, "defective")
+        if d.shape != p.shape:
+            raise ValueError(f"defective has shape {d.shape}, pred has {p.shape}")
+
+    empty_p, empty_t = not p.any(), not t.any()
+    if empty_p or empty_t:
+        failure = "empty prediction and truth" if empty_p and empty_t else ("empty prediction" if empty_p else "empty truth")
+        worst_mm, worst_vox = worst_distance(p.shape, spacing), worst_distance(p.shape)
+        return {
+            "dsc": 0.0, "bdsc": None if d is None else 0.0,
+            "hd_mm": worst_mm, "hd95_mm": worst_mm, "hd_vox": worst_vox, "hd95_vox": worst_vox,
+            "failed": True, "failure": failure, "hd95_definition": hd95,
+        }
+
+    hd_mm, hd95_mm = hausdorff_from_distances(*surface_distances(p, t, spacing), hd95=hd95)
+    hd_vox, hd95_vox = hausdorff_from_distances(*surface_distances(p, t, None), hd95=hd95)
+    return {
+        "dsc": dice(p, t),
+        "bdsc": None if d is None else border_dice(p, t, d, spacing, target=target),
+        "hd_mm": hd_mm, "hd95_mm": hd95_mm, "hd_vox": hd_vox, "hd95_vox": hd95_vox,
+        "failed": False, "failure": "", "hd95_definition": hd95,
+    }
+
+
+def batch_metrics(
+    pred: np.ndarray | torch.Tensor,
+    truth: np.ndarray | torch.Tensor,
+    spacings: Sequence[Sequence[float]] | np.ndarray,
+    defective: np.ndarray | torch.Tensor | None = None,
+    hd95: str = DEFAULT_HD95,
+    target: str = "skull",
+    workers: int = 1,
+) -> list[dict[str, Any]]:
+    """:func:`case_metrics` for N cases stacked as (N, X, Y, Z) (numpy or torch, N spacings).
+
+    MONAI's Hausdorff code loops over the batch in Python anyway, so batching alone buys nothing;
+    ``workers > 1`` spreads cases over processes instead (results are identical and in order).
+    """
+    _check_hd95(hd95)
+    p = _as_bool(pred, "pred")
+    t = _as_bool(truth, "truth")
+    if p.ndim != 4 or p.shape != t.shape:
+        raise ValueError(f"pred and truth must be (N, X, Y, Z) of the same shape, got {p.shape} and {t.shape}")
+    sp = np.asarray(spacings, dtype=np.float64)
+    if sp.shape == (3,):
+        sp = np.broadcast_to(sp, (len(p), 3))
+    if sp.shape != (len(p), 3):
+        raise ValueError(f"spacings must be (N, 3) or (3,), got {sp.shape}")
+    d = None if defective is None else _as_bool(defective, "defective")
+    if d is not None and d.shape != p.shape:
+        raise ValueError(f"defective has shape {d.shape}, pred has {p.shape}")
+    jobs = [(p[i], t[i], tuple(sp[i]), None if d is None else d[i], hd95, target) for i in range(len(p))]
+    if workers <= 1 or len(jobs) < 2:
+        return [case_metrics(*job) for job in jobs]
+    import multiprocessing as mp
+
+    # "spawn" is the safe start method with torch loaded (fork + OpenMP threads can deadlock).
+    with mp.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+        return pool.starmap(case_metrics, jobs, chunksize=max(1, math.ceil(len(jobs) / (4 * workers))))
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
