@@ -178,12 +178,19 @@ def validate(cfg: Config) -> Config:
         ("train.val_every", cfg.train.val_every >= 0, "must be >= 0"),
         ("train.checkpoint_epochs", all(e >= 1 for e in cfg.train.checkpoint_epochs), "epochs must be >= 1"),
         ("data.max_train_cases", cfg.data.max_train_cases is None or cfg.data.max_train_cases >= 1, "must be >= 1"),
+        ("data.max_eval_cases", cfg.data.max_eval_cases is None or cfg.data.max_eval_cases >= 1, "must be >= 1"),
+        ("sam.eta", cfg.sam.eta >= 0, "must be >= 0"),
+        ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
+        ("train.num_threads", cfg.train.num_threads is None or cfg.train.num_threads >= 1, "must be >= 1"),
     ]
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
     if cfg.train.method == "fam" and cfg.fam.lam == 0:
         raise ConfigError("fam.lam: method 'fam' needs lam > 0 (use method 'baseline' for lam = 0)")
+    if cfg.train.method != "fam" and cfg.fam.lam != 0:
+        # A silently ignored lambda would make a mislabelled run; say which method applies it.
+        raise ConfigError(f"fam.lam: only method 'fam' uses lam, got lam {cfg.fam.lam} with method '{cfg.train.method}'")
     return cfg
 
 
