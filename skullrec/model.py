@@ -20,7 +20,6 @@ Differences from ``VarAutoEncoder`` and why:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -91,14 +90,13 @@ class SkullAutoEncoder(nn.Module):
         self.bottleneck_shape = (int(vae.channels[-1]), *(int(s) for s in vae.final_size))
         self.size = size
         self.latent_size = latent_size
-        if int(torch.tensor(vae.final_size).prod()) == 1 and norm in ("group", "instance"):
-            # Per-channel normalisation of a single voxel is exactly 0, so the encoder's output (and the
-            # latent) no longer depends on the input: fine for fast shape tests, useless for training.
-            warnings.warn(
-                f"model: size {size} with {len(strides)} stride-2 stages leaves a 1^3 bottleneck, where "
-                f"'{norm}' normalisation zeroes the features; the output will not depend on the input",
-                stacklevel=2,
-            )
+        if int(torch.tensor(vae.final_size).prod()) == 1:
+            # Small test sizes (e.g. 32^3 with five stride-2 stages) leave a 1^3 bottleneck. Normalising a
+            # single voxel per channel gives exactly 0 (the latent would ignore the input) and torch refuses
+            # it for batch size 1, so that one layer goes without normalisation. 64^3 (2^3) is unaffected.
+            last = self.encoder[-1]
+            if hasattr(last, "adn") and hasattr(last.adn, "N"):
+                last.adn.N = nn.Identity()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S, S) -> latent (B, latent_size): the posterior mean, never a sample."""
@@ -149,6 +147,13 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> SkullAutoEncoder:
         return SkullAutoEncoder(**kwargs)
 
 
+def loss_function() -> nn.Module:
+    """The training loss on logits: MONAI Dice loss with the sigmoid inside (never apply it twice)."""
+    from monai.losses import DiceLoss
+
+    return DiceLoss(sigmoid=True)
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """All Linear layers of a model by their module name (e.g. ``{"mu": ..., "decodeL": ...}``)."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel / DataParallel
@@ -163,4 +168,4 @@ def get_linear(model: nn.Module, name: str) -> nn.Linear:
     return layers[name]
 
 
-__all__ = ["SkullAutoEncoder", "build_model", "architecture", "linear_layers", "get_linear"]
+__all__ = ["SkullAutoEncoder", "build_model", "architecture", "linear_layers", "get_linear", "loss_function"]
