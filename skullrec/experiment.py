@@ -127,7 +127,7 @@ def _run_dir(out: Path, spec: MethodSpec, seed: int) -> Path:
 
 def _train_run(cfg_path: Path, run_dir: Path, device: str, log_path: Path) -> tuple[Path, int, float]:
     """Train (or resume) one run in a subprocess; returns (run_dir, exit code, seconds)."""
-    from .trainer import checkpoint_path, run_finished
+    from .trainer import run_finished
 
     if run_finished(run_dir):
         return run_dir, 0, 0.0
@@ -308,6 +308,13 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _epoch_records(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run's ``metrics.jsonl``, in epoch order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return sorted(records, key=lambda r: r.get("epoch", 0))
+
+
 def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list[dict], out: Path) -> list[Path]:
     """Figure 1 (training Dice-loss curves per method) and Figure 2 (boxplots per method and set)."""
     import matplotlib
@@ -315,12 +322,10 @@ def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .trainer import read_metrics
-
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for spec in exp.methods:
-        curves = [read_metrics(runs[(spec.name, s)]) for s in exp.seeds if (spec.name, s) in runs]
+        curves = [_epoch_records(runs[(spec.name, s)]) for s in exp.seeds if (spec.name, s) in runs]
         curves = [[m["dice_loss"] for m in c if "dice_loss" in m] for c in curves]
         n = min((len(c) for c in curves), default=0)
         if n == 0:
