@@ -297,11 +297,15 @@ def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def split_cases(ids: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded train / eval split of case ids: (train ids, eval ids), both sorted."""
-    if not 0.0 <= eval_fraction < 1.0:
-        raise InputError(f"--eval-fraction: must be in [0, 1), got {eval_fraction}")
+    """Seeded train / eval split of case ids: (train ids, eval ids), both sorted.
+
+    ``eval_fraction`` 0 puts every case in train, 1 every case in the evaluation sets (an
+    evaluation-only data set); in between, at least one case lands on each side.
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise InputError(f"--eval-fraction: must be in [0, 1], got {eval_fraction}")
     n_eval = int(round(eval_fraction * len(ids)))
-    if eval_fraction > 0 and len(ids) >= 2:
+    if 0.0 < eval_fraction < 1.0 and len(ids) >= 2:
         n_eval = min(max(n_eval, 1), len(ids) - 1)  # keep at least one case on each side
     order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED])).permutation(len(ids))
     eval_ids = sorted(ids[i] for i in order[:n_eval])

@@ -266,3 +266,29 @@ def test_real_restore_to_grid_overlaps_the_original(skullfix) -> None:
     back = P.restore_to_grid(c64.data.astype(np.float32), c64.affine, v["complete"]) > 0.5
     assert back.shape == v["complete"].shape
     assert _dice(back, v["complete"].data) > 0.8
+
+
+def test_prepare_command_eval_sets_are_seeded_and_worker_independent(tmp_path: Path) -> None:
+    _write_pairs(tmp_path / "src", 3)
+    kw = dict(complete=tmp_path / "src" / "complete", defective=tmp_path / "src" / "defective", size=16,
+              margin_mm=2.0, eval_fraction=0.4, seed=5)
+    P.prepare_command(out=tmp_path / "a", workers=1, **kw)
+    P.prepare_command(out=tmp_path / "b", workers=2, **kw)
+    man = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert man == json.loads((tmp_path / "b" / "manifest.json").read_text())
+    ev = man["meta"]["eval_ids"]
+    assert len(ev) == 1 and len(man["meta"]["train_ids"]) == 2
+    splits = {(r["split"], r["case_id"]) for r in man["cases"]}
+    assert splits == {("train", c) for c in man["meta"]["train_ids"]} | {(s, ev[0]) for s in ("eval_set1", "eval_set2", "eval_skullfix")}
+    for r in man["cases"]:
+        assert r["implant_voxels"] > 0 and r["defective_voxels"] > 0
+        if r["split"] in ("eval_set1", "eval_set2"):
+            assert r["defect"]["set"] == int(r["split"][-1]) and r["defect_seed"] == P.case_seed(5, ev[0], int(r["split"][-1]))
+        for kind in ("complete", "defective", "implant"):
+            a = read_volume(tmp_path / "a" / r["split"] / kind / f"{r['case_id']}.nii.gz")
+            b = read_volume(tmp_path / "b" / r["split"] / kind / f"{r['case_id']}.nii.gz")
+            np.testing.assert_array_equal(a.data, b.data)
+            np.testing.assert_array_equal(a.affine, b.affine)
+    # The set-1 and set-2 defects differ from each other and from SkullFix's own defect.
+    d = {s: read_volume(tmp_path / "a" / s / "defective" / f"{ev[0]}.nii.gz").data for s in ("eval_set1", "eval_set2", "eval_skullfix")}
+    assert not np.array_equal(d["eval_set1"], d["eval_set2"]) and not np.array_equal(d["eval_set1"], d["eval_skullfix"])
