@@ -1,0 +1,323 @@
+"""Fast estimators of the FAM term ||w||^2 * Tr(H) of the decoding layer ``decodeL`` (fam.estimator).
+
+Plain autograd gets v^T H v of a weight w by a double backward and the *gradient* of the FAM term by a
+third-order backward through the whole decoder: 4-6x the cost of a plain Dice+Adam step. The
+estimators here compute the same quantity with less work, using two facts about ``decodeL``:
+
+1. **Output-space factorisation.** z_n = W l_n + b, so the loss depends on W only through z and
+   L(W + t V) = L(z + t u) with u_n = V l_n. Hence v^T H_W v = u^T (d^2 L / dz^2) u *exactly*: a
+   Hutchinson probe V in weight space maps to a direction u in the 64-d output space, and the curvature
+   only involves ``decode_features`` (the decoder after decodeL); nothing upstream is re-run. The full
+   gradient of the penalty still reaches the encoder, through l in both z and u (nothing is detached).
+2. **Second difference along u.** u^T H_z u = (L(z + eps u) - 2 L(z) + L(z - eps u)) / eps^2 + O(eps^2):
+   two extra decoder passes, stacked along the batch (one call on [z + eps u, z - eps u]), and only a
+   *first-order* backward through them gives the full gradient (the third derivative term included, up
+   to O(eps^2)). L(z) is the training loss itself (captured from the trainer's forward pass).
+
+**Kinks.** The decoder is piecewise linear in its activations (ReLU after decodeL, PReLU in every
+block). Autograd's Hessian treats those as locally linear (second derivative 0), but a plain finite
+difference across a kink sees a delta-like term whose expectation does *not* vanish as eps -> 0 (tens
+of thousands of units sit within eps of their kink): on the real 64^3 model in float64 the plain
+second difference did not converge to autograd's v^T H v even at eps = 1e-5 (docs/performance.md).
+So the perturbed passes run with the activation pattern *frozen* to the unperturbed one (each ReLU /
+PReLU / LeakyReLU applies the slope it had in the training forward pass). Along that path the loss is
+smooth (transposed convolutions, GroupNorm, sigmoid, Dice) and its second derivative at 0 is exactly
+autograd's v^T H v, so the bias is O(eps^2), and so is the gradient's.
+
+Estimators registered in :data:`skullrec.flatness.ESTIMATORS` (choose with ``fam.estimator``):
+
+* ``"outspace"``: exact, reverse-mode autograd in the output space (double/third-order backward
+  through decode_features only). Same value as "autograd" up to rounding; a reference, ~30 % cheaper.
+* ``"fd"``: the frozen-kink second difference on the whole batch (2B extra decoder samples).
+* ``"fd-half"``: the same on a random half of the batch (drawn from the probe generator). The Dice
+  loss is a mean of per-sample losses (MONAI DiceLoss, batch=False), and the decoder has no
+  cross-sample coupling (GroupNorm), so d^2L/dz^2 is block diagonal over samples and the mean of the
+  per-sample curvatures over a uniformly random subset is an unbiased estimate of the batch's
+  v^T H v (and of Tr(H) over the probes). It costs one extra decoder pass of B samples.
+
+All honour fam.gradient (full / detached: the detached form runs the extra passes without a graph),
+fam.norm, fam.trace and fam.samples (several probes share one stacked decoder call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ConfigError
+from .flatness import FamTerm, rademacher, register_estimator, shape_trace
+
+# Step of the second difference in decodeL's output space, relative to the RMS of z (so that it
+# follows the scale of the features as training changes them). Bias O(eps^2), rounding O(u/eps^2)
+# with u ~ 1e-7 in float32: 3e-2 balances the two (gradient within ~0.6 % of autograd on the 64^3
+# model in float32; docs/performance.md).
+FD_EPS = 3e-2
+# Activations that are piecewise linear and therefore get frozen in the perturbed passes.
+_KINKED = (nn.ReLU, nn.PReLU, nn.LeakyReLU)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel / DataParallel
+
+
+# ----------------------------------------------------------------------------------------------
+# Taps: forward hooks that keep references to what the trainer's forward pass computed
+
+
+@dataclass
+class _Taps:
+    """References (no copies) to the latest training forward pass: decodeL's input and output, the
+    decoder's logits, and the input of every kinked activation of the decoder (autograd saves those
+    for the backward anyway, so holding them costs no memory)."""
+
+    latent: Tensor | None = None
+    z: Tensor | None = None
+    logits: Tensor | None = None
+    act_inputs: dict[nn.Module, Tensor] = field(default_factory=dict)
+    # While set: (subset index or None, repeats) -> kinked activations apply the frozen slopes.
+    frozen: tuple[Tensor | None, int] | None = None
+    handles: list[Any] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.latent = self.z = self.logits = None
+        self.act_inputs = {}
+
+
+def _recording() -> bool:
+    return torch.is_grad_enabled()
+
+
+def attach_taps(model: nn.Module) -> _Taps:
+    """Install (once) the forward hooks the fast estimators read; returns the model's taps.
+
+    Hooks only record while autograd is on (training forward passes), so evaluation under no_grad is
+    unaffected. Call before the forward pass whose loss the regulariser uses; the estimators fall
+    back to recomputing that pass (once) when the taps are missing.
+    """
+    net = _unwrap(model)
+    taps = getattr(net, "_fast_fam_taps", None)
+    if taps is not None:
+        return taps
+    taps = _Taps()
+
+    def on_decodel(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        if _recording() and taps.frozen is None:
+            taps.clear()
+            taps.latent, taps.z = inp[0], out
+
+    def on_decoder(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
+        if _recording() and taps.frozen is None:
+            taps.logits = out
+
+    def on_act(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
+        if taps.frozen is None:
+            if _recording():
+                taps.act_inputs[mod] = inp[0]
+            return None
+        idx, reps = taps.frozen
+        ref = taps.act_inputs[mod]
+        ref = ref if idx is None else ref[idx]
+        mask = (ref > 0).repeat(reps, *([1] * (ref.dim() - 1)))
+        x = inp[0]
+        # The slope the unperturbed pass used at each unit, applied to the perturbed input.
+        if isinstance(mod, nn.PReLU):
+            w = mod.weight
+            neg = x * (w.view(1, -1, *([1] * (x.dim() - 2))) if w.numel() > 1 else w)
+        elif isinstance(mod, nn.LeakyReLU):
+            neg = x * mod.negative_slope
+        else:
+            neg = torch.zeros_like(x)
+        return torch.where(mask, x, neg)
+
+    taps.handles.append(net.decodeL.register_forward_hook(on_decodel))
+    taps.handles.append(net.decoder.register_forward_hook(on_decoder))
+    for mod in net.decoder.modules():
+        if isinstance(mod, _KINKED):
+            taps.handles.append(mod.register_forward_hook(on_act))
+    net._fast_fam_taps = taps
+    return taps
+
+
+def detach_taps(model: nn.Module) -> None:
+    """Remove the hooks of :func:`attach_taps` (e.g. before saving or timing a plain model)."""
+    net = _unwrap(model)
+    taps = getattr(net, "_fast_fam_taps", None)
+    if taps is not None:
+        for h in taps.handles:
+            h.remove()
+        del net._fast_fam_taps
+
+
+@contextlib.contextmanager
+def _frozen(taps: _Taps, idx: Tensor | None, reps: int) -> Iterator[None]:
+    taps.frozen = (idx, reps)
+    try:
+        yield
+    finally:
+        taps.frozen = None
+
+
+def _check_model(reg: Any, model: nn.Module, name: str) -> nn.Module:
+    net = _unwrap(model)
+    if list(reg.layers) != ["decodeL"] or not all(hasattr(net, a) for a in ("decodeL", "decoder", "decode_features", "bottleneck_shape")):
+        raise ConfigError(
+            f"fam.estimator: '{name}' works in the output space of decodeL of SkullAutoEncoder only "
+            f"(fam.layers is {list(reg.layers)}); use fam.estimator=autograd"
+        )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.decoder.modules()):
+        raise ConfigError(f"fam.estimator: '{name}' needs a decoder without batch coupling (model.norm=group)")
+    return net
+
+
+def _forward_pieces(net: nn.Module, taps: _Taps, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """(latent, z, logits, recomputed) of the forward pass that produced the loss.
+
+    Recomputed (and then recorded by the taps) when not captured: the first call, before the hooks
+    existed, or a capture of another batch.
+    """
+    ok = (
+        taps.latent is not None and taps.z is not None and taps.logits is not None
+        and taps.latent.shape[0] == x.shape[0] and taps.logits.shape[0] == x.shape[0]
+    )
+    if ok:
+        return taps.latent, taps.z, taps.logits, False
+    latent = net.encode(x)
+    z = net.decodeL(latent)
+    logits = net.decode_features(z)
+    if taps.z is not z:  # the hooks did not record (autograd off): there is nothing to freeze from
+        raise ConfigError("fam.estimator: the fast estimators need the training forward pass under autograd")
+    return latent, z, logits, True
+
+
+def _norm_of(weight: Tensor, norm: str) -> Tensor:
+    n2 = (weight * weight).sum()
+    return n2 if norm == "squared" else n2.sqrt()
+
+
+def _finish(reg: Any, weight: Tensor, trace: Tensor) -> FamTerm:
+    cfg = reg.cfg
+    t_used = shape_trace(trace, cfg.trace)
+    if cfg.gradient != "full":
+        t_used = t_used.detach()
+    n2 = (weight * weight).sum()
+    penalty = _norm_of(weight, cfg.norm) * t_used
+    tr = trace.detach()
+    # per_layer stays empty: filling it with floats would sync the device in every step.
+    return FamTerm(penalty=penalty, trace=tr, norm_sq=n2.detach())
+
+
+def _subset(batch: int, fraction: float, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
+    if fraction >= 1.0 or batch == 1:
+        return None
+    m = max(1, math.ceil(fraction * batch))
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    return torch.randperm(batch, generator=generator, device=gdev)[:m].to(device)
+
+
+def _check_per_sample_loss(loss_fn: Callable, name: str) -> None:
+    """A random subset of samples estimates the batch's curvature only for a per-sample mean loss."""
+    if getattr(loss_fn, "batch", False) or getattr(loss_fn, "reduction", "mean") not in ("mean", "MEAN"):
+        raise ConfigError(f"fam.estimator: '{name}' needs a loss that is a mean over samples (DiceLoss batch=False, reduction=mean)")
+    red = getattr(loss_fn, "reduction", "mean")
+    if hasattr(red, "value") and red.value != "mean":
+        raise ConfigError(f"fam.estimator: '{name}' needs a loss that is a mean over samples")
+
+
+def fd_quadratic_form(
+    net: nn.Module,
+    taps: _Taps,
+    latent: Tensor,
+    z: Tensor,
+    logits: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    probes: Tensor,
+    idx: Tensor | None = None,
+    eps: float = FD_EPS,
+) -> Tensor:
+    """Mean over probes V (k, out, in) of the frozen-kink second difference of the loss along u = V l.
+
+    Returns the Hutchinson estimate of v^T H_W v averaged over the probes (and over the samples
+    ``idx`` when given), with the graph of whatever ``latent``, ``z``, ``logits`` carry.
+    """
+    k = probes.shape[0]
+    if idx is not None:
+        latent, z, logits, y = latent[idx], z[idx], logits[idx], y[idx]
+    m = z.shape[0]
+    # Step relative to the features' scale; a detached constant (it must not carry a gradient).
+    step = eps * z.detach().pow(2).mean().sqrt().clamp_min(1e-6)
+    u = torch.einsum("koi,ni->kno", probes.to(latent.dtype), latent)  # (k, m, out)
+    # ReLU after decodeL, frozen: relu(z + s u) -> relu(z) + s * 1[z > 0] u.
+    du = step * (z > 0).to(z.dtype) * u
+    h = F.relu(z)
+    hp = torch.cat([(h + du).reshape(k * m, -1), (h - du).reshape(k * m, -1)])  # (2 k m, out)
+    with _frozen(taps, idx, 2 * k):
+        out = net.decoder(hp.reshape(2 * k * m, *net.bottleneck_shape))
+    # Losses in float64: the second difference is ~1e-5 of the loss, below float32's resolution there.
+    center = loss_fn(logits.double(), y.double())
+    side = torch.stack([loss_fn(o.double(), y.double()) for o in out.split(m)])  # (2k,) each a mean over m
+    return ((side.sum() - 2 * k * center) / k / step.double() ** 2).to(z.dtype)
+
+
+def _fd_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
+                  generator: torch.Generator | None, *, fraction: float = 1.0, name: str = "fd") -> FamTerm:
+    net = _check_model(reg, model, name)
+    if fraction < 1.0:
+        _check_per_sample_loss(loss_fn, name)
+    taps = attach_taps(net)
+    latent, z, logits, _ = _forward_pieces(net, taps, x)
+    weight = net.decodeL.weight
+    probes = rademacher(reg.cfg.samples, weight, generator)
+    idx = _subset(x.shape[0], fraction, generator, x.device)
+    with torch.set_grad_enabled(reg.cfg.gradient == "full" and torch.is_grad_enabled()):
+        trace = fd_quadratic_form(net, taps, latent, z, logits, y, loss_fn, probes, idx, eps=FD_EPS)
+    taps.clear()  # each capture is used once: a stale one is never read by a later step
+    return _finish(reg, weight, trace)
+
+
+def outspace_quadratic_form(z: Tensor, latent: Tensor, loss: Tensor, probes: Tensor, create_graph: bool = True) -> Tensor:
+    """Exact mean over probes of u^T (d^2 loss / dz^2) u with u = V l, by reverse-over-reverse autograd in z."""
+    (gz,) = torch.autograd.grad(loss, z, create_graph=True, retain_graph=True)
+    total = z.new_zeros(())
+    for v in probes:
+        u = latent @ v.to(latent.dtype).T  # (B, out)
+        (hu,) = torch.autograd.grad(gz, z, grad_outputs=u, retain_graph=True, create_graph=create_graph)
+        total = total + (hu * u).sum()
+    return total / probes.shape[0]
+
+
+def _outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
+                        generator: torch.Generator | None) -> FamTerm:
+    net = _check_model(reg, model, "outspace")
+    taps = attach_taps(net)
+    latent, z, logits, recomputed = _forward_pieces(net, taps, x)
+    if recomputed:  # the given loss does not depend on the recomputed z
+        loss = loss_fn(logits, y)
+    weight = net.decodeL.weight
+    probes = rademacher(reg.cfg.samples, weight, generator)
+    trace = outspace_quadratic_form(z, latent, loss, probes, create_graph=reg.cfg.gradient == "full")
+    taps.clear()
+    return _finish(reg, weight, trace)
+
+
+register_estimator("outspace", _outspace_estimator)
+register_estimator("fd", lambda *a: _fd_estimator(*a, fraction=1.0, name="fd"))
+register_estimator("fd-half", lambda *a: _fd_estimator(*a, fraction=0.5, name="fd-half"))
+
+FAST_ESTIMATORS = ("outspace", "fd", "fd-half")
+
+__all__ = [
+    "FD_EPS",
+    "FAST_ESTIMATORS",
+    "attach_taps",
+    "detach_taps",
+    "fd_quadratic_form",
+    "outspace_quadratic_form",
+]
