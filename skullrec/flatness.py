@@ -330,7 +330,7 @@ def _load_plugins() -> None:
     """Import optional modules that register more estimators (absent ones are skipped)."""
     import importlib
 
-    for mod in ("skullrec.fast",):
+    for mod in ("skullrec.fast_flatness",):
         try:
             importlib.import_module(mod)
         except ImportError:
