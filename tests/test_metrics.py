@@ -94,11 +94,14 @@ def test_distances_match_scipy_edt(seed):
             assert 0 < m[f"hd95_{unit}"] <= m[f"hd_{unit}"]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("seed", SEEDS)
 def test_pooled_never_exceeds_max_and_max_equals_monai(seed):
     pred, truth, spacing = _case(seed)
     mx = case_metrics(pred, truth, spacing, hd95="max")
     po = case_metrics(pred, truth, spacing, hd95="pooled")
+    # Not a theorem (percentile interpolation), but with thousands of surface distances the pooled
+    # 95th percentile cannot exceed the larger directed one by more than interpolation noise.
     assert po["hd95_mm"] <= mx["hd95_mm"] + 1e-9
     assert po["hd_mm"] == mx["hd_mm"] and po["dsc"] == mx["dsc"]
     # "max" is exactly MONAI's compute_hausdorff_distance(percentile=95).
@@ -244,6 +247,10 @@ def test_keys_and_bad_arguments():
     a[2:6, 2:6, 2:6] = 1
     m = case_metrics(a, a, (1.0, 1.0, 1.0))
     assert tuple(m) == METRIC_KEYS
+    # Plain Python values (JSON/CSV-safe), not numpy scalars.
+    m = case_metrics(a, a, (1.0, 1.0, 1.0), defective=a)
+    assert all(type(m[k]) is float for k in ("dsc", "bdsc", "hd_mm", "hd95_mm", "hd_vox", "hd95_vox"))
+    assert type(m["failed"]) is bool
     assert m["dsc"] == pytest.approx(1.0) and m["hd_mm"] == 0.0 and m["hd95_vox"] == 0.0
     with pytest.raises(ValueError, match="hd95"):
         case_metrics(a, a, (1, 1, 1), hd95="mean")
@@ -263,5 +270,4 @@ def test_batch_metrics_equals_case_metrics():
     singles = [case_metrics(pred[i], truth[i], spacings[i], defective=truth[i], hd95="pooled") for i in range(3)]
     batched = batch_metrics(torch.from_numpy(pred), truth, spacings, defective=truth, hd95="pooled")
     assert batched == singles
-    assert batch_metrics(pred, truth, spacings, defective=truth, hd95="pooled", workers=2) == singles
     assert [r["failed"] for r in batched] == [False, False, True]
