@@ -348,15 +348,22 @@ def _settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overw
                 raise InputError(f"{cfg_file}: --force cannot change the model architecture of a run ({shown})")
         atomic_write_text(cfg_file, dump_config(cfg))
         return cfg
+    if _check_new_run_dir(run_dir, overwrite):
+        _clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg_file, dump_config(cfg))
+    return cfg
+
+
+def _check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:
+    """Refuse a non-empty folder for a new run unless ``overwrite``; True when it needs clearing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a folder")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:
             raise InputError(f"{run_dir}: run folder already holds results; pass --resume {run_dir} to continue it or --overwrite to start again")
-        _clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg_file, dump_config(cfg))
-    return cfg
+        return True
+    return False
 
 
 def _clear_run_dir(run_dir: Path) -> None:
@@ -586,17 +593,23 @@ def train_command(
         raise InputError("--config: required (or --resume RUN_DIR to continue a run with its own config)")
     if resume is not None and run_dir is not None and Path(run_dir) != Path(resume):
         raise InputError(f"--run-dir {run_dir}: give either --run-dir or --resume, not two different folders")
+    if resume is not None and not (Path(resume) / CONFIG_FILE).is_file():
+        raise InputError(f"{resume}: not a run folder (no {CONFIG_FILE}); nothing to resume")
     if config is None:
         config = Path(resume) / CONFIG_FILE
     cfg = load_config(config, overrides)
     dev = resolve_device(device)
     folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
+    if resume is None:
+        _check_new_run_dir(folder, overwrite)
+    # Data problems (missing split, wrong size) are reported before the run folder is touched.
+    data = load_training_data(cfg.data, cfg.model.size, dev)
     cfg = _settle_run_dir(cfg, folder, resume=resume is not None, force=force, overwrite=overwrite)
     if resume is not None and run_finished(folder):
         print(f"{folder}: already finished ({cfg.train.epochs} epochs); nothing to do", flush=True)
         return
     print(f"training {cfg.name} ({cfg.train.method}) on {dev} -> {folder}", flush=True)
-    train(cfg, folder, device=dev, resume=resume is not None)
+    train(cfg, folder, device=dev, resume=resume is not None, data=data)
 
 
 __all__ = [
