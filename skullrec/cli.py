@@ -105,7 +105,7 @@ def prepare(
 @app.command()
 @user_errors
 def train(
-    config: Annotated[Path, typer.Option("--config", help="YAML config (see configs/).")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/); with --resume, defaults to the run's own.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set fam.lam=0.02 (repeatable).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/NAME).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
