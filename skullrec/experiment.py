@@ -386,7 +386,7 @@ def experiment_command(config: Path, out: Path | None, scale: float | None, over
     md = table2_markdown(table, exp)
     atomic_write_text(out / "table2.md", md)
     fig_paths = figures(exp, runs, rows, out)
-    console.print(md)
+    sys.stdout.write(md)  # plain text: rich would wrap the markdown table rows
     console.print(f"training {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s; results in {out}/ "
                   f"(table2.md, table2.csv, per_case.csv, collapse.csv, {', '.join(p.name for p in fig_paths)})")
 
