@@ -173,7 +173,10 @@ def sidebar() -> tuple[str | None, V.CaseVolumes | None, str | None]:
     ckpts = V.discover_checkpoints(SETTINGS.runs)
     ckpt = None
     if ckpts:
-        ckpt = sb.selectbox("Checkpoint", list(ckpts), index=len(ckpts) - 1, key="ckpt")
+        labels = list(ckpts)
+        # Default: the first run's final weights (last.safetensors), else the first file.
+        default = next((i for i, lab in enumerate(labels) if lab.endswith("/last.safetensors")), 0)
+        ckpt = sb.selectbox("Checkpoint", labels, index=default, key="ckpt")
     else:
         sb.warning(f"No checkpoints under {RUNS_TEXT}: train one with `skullrec train` (or `skullrec view --runs DIR`).")
     if sb.button("Reconstruct", type="primary", key="reconstruct", disabled=case is None or ckpt is None):
@@ -255,7 +258,10 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
         img = V.slice_overlay(shown, axis, index)
         sp = [s for a, s in enumerate(case.defective.spacing) if a != axis]
         st.plotly_chart(V.slice_figure(img, sp), key="slice_view", config={"displaylogo": False})
-        st.caption("  ".join(f":{'gray' if k == 'defective' else 'orange' if k == 'implant' else 'blue' if k == 'reconstruction' else 'green' if k == 'truth' else 'violet'}[■] {V.LABELS[k]}" for k in shown))
+        # Legend in the overlay's exact colours (constant labels, so the HTML is safe).
+        st.markdown(" &nbsp; ".join(
+            f'<span style="color:rgb{V.COLOURS[k]}">&#9632;</span> {V.LABELS[k]}' for k in shown
+        ), unsafe_allow_html=True)
 
     if recon is None:
         return
@@ -263,14 +269,19 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
     if case.complete is not None:
         st.subheader("Metrics")
         rows = metric_rows(f"{key}|{ckpt}", rec, implant, case)
-        skull = {r["metric"]: r for r in rows if r["target"] == "skull"}
+        value = {(r["target"], r["metric"], r["unit"]): r["value"] for r in rows}
+
+        def shown(target: str, metric: str, unit: str, fmt: str) -> str:
+            v = value.get((target, metric, unit))
+            return "n/a" if v is None else (f"{v:{fmt}} {unit}".strip())
+
         m1, m2, m3, m4 = st.columns(4)
-        m1.metric("DSC (skull)", f"{skull['DSC']['value']:.3f}" if "DSC" in skull else "n/a")
-        m2.metric("HD (skull)", f"{skull['HD']['value']:.2f} mm" if "HD" in skull else "n/a")
-        m3.metric("HD95 (skull)", f"{skull['HD95']['value']:.2f} mm" if "HD95" in skull else "n/a")
-        imp = {r["metric"]: r for r in rows if r["target"] == "implant"}
-        m4.metric("DSC (implant)", f"{imp['DSC']['value']:.3f}" if "DSC" in imp else "n/a")
-        st.dataframe(rows, hide_index=True, key="metrics_table")
+        m1.metric("DSC (skull)", shown("skull", "DSC", "", ".3f"))
+        m2.metric("HD (skull)", shown("skull", "HD", "mm", ".2f"))
+        m3.metric("HD95 (skull)", shown("skull", "HD95", "mm", ".2f"))
+        m4.metric("DSC (implant)", shown("implant", "DSC", "", ".3f"))
+        with st.expander("All metrics (skull and implant; mm and voxels)"):
+            st.dataframe(rows, hide_index=True, key="metrics_table")
     st.subheader("Downloads (original grid)")
     files = downloads(f"{key}|{ckpt}", rec, implant)
     stem = V._safe_upload_name(case.name.replace("/", "_")).split(".")[0]

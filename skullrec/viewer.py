@@ -12,7 +12,6 @@ cannot pass script arguments) configures the page the same way.
 
 from __future__ import annotations
 
-import io as _stdio
 import math
 import os
 import re
@@ -121,6 +120,7 @@ def streamlit_command(app: Path, host: str, port: int, max_upload_mb: int = DEFA
         "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none",
         "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local tool
     ]
 
 
@@ -326,11 +326,9 @@ def downsample_for_mesh(mask: np.ndarray, affine: np.ndarray, max_edge: int = 96
 
 
 def mesh_from_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Surface of a mask in world mm: (verts (V, 3) float, faces (F, 3) int); empty for an empty mask."""
+    """Surface of a mask in world mm: (verts (V, 3), faces (F, 3)); skullrec.predict's marching cubes."""
     from .predict import mesh_from_mask as _mesh
 
-    if not np.any(mask):
-        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
     return _mesh(mask, affine)
 
 
@@ -342,8 +340,8 @@ def surface(mask: np.ndarray, affine: np.ndarray, max_edge: int = 96) -> tuple[n
     """
     small, small_affine = downsample_for_mesh(np.asarray(mask), affine, max_edge)
     verts, faces = mesh_from_mask(small, small_affine)
-    # 0.01 mm is far below the voxel size; rounding keeps the JSON sent to the browser small.
-    return np.round(np.asarray(verts, dtype=np.float64), 2).astype(np.float32), np.asarray(faces, dtype=np.int32)
+    # plotly sends numpy arrays to the browser as base64 typed arrays: float32/int32 halve the payload.
+    return np.asarray(verts, dtype=np.float32), np.asarray(faces, dtype=np.int32)
 
 
 def mesh_trace(verts: np.ndarray, faces: np.ndarray, layer: str, opacity: float = 1.0) -> Any:
@@ -391,8 +389,9 @@ def slice_overlay(layers: Mapping[str, np.ndarray], axis: int, index: int, alpha
     """An RGB uint8 image of slice ``index`` along ``axis`` with each layer blended in its colour.
 
     ``layers`` maps a key of :data:`COLOURS` to a mask of one common shape; later layers are drawn
-    over earlier ones. The defective skull is drawn opaque (it is the anatomy), the others with
-    ``alpha`` so that reconstruction and truth stay visible where they overlap. The image is
+    over earlier ones. On the background a layer gets its full colour; over an earlier layer the
+    defective skull is opaque (it is the anatomy) and the others blend with ``alpha``, so that
+    reconstruction and truth stay visible where they overlap. The image is
     indexed (row, col) = (second remaining array axis reversed, first remaining axis), i.e. the
     first remaining axis runs left to right and the second bottom to top.
     """
@@ -404,10 +403,16 @@ def slice_overlay(layers: Mapping[str, np.ndarray], axis: int, index: int, alpha
         raise ValueError(f"slice_overlay: index {index} out of range for axis {axis} of shape {shape}")
     plane = tuple(s for a, s in enumerate(shape) if a != axis)
     img = np.zeros(plane + (3,), dtype=np.float64)
+    painted = np.zeros(plane, dtype=bool)
     for key, mask in layers.items():
         sl = np.take(np.asarray(mask), index, axis=axis).astype(bool)
+        colour = np.asarray(COLOURS[key], dtype=np.float64)
+        # Blend only over something already drawn; on the black background a layer shows its full colour.
+        over = sl & painted
         a = 1.0 if key == "defective" else alpha
-        img[sl] = (1 - a) * img[sl] + a * np.asarray(COLOURS[key], dtype=np.float64)
+        img[over] = (1 - a) * img[over] + a * colour
+        img[sl & ~painted] = colour
+        painted |= sl
     # (u, v) -> rows = v from top (high) to bottom (low), cols = u.
     return np.ascontiguousarray(np.flip(img.transpose(1, 0, 2), axis=0).round().astype(np.uint8))
 
@@ -466,28 +471,11 @@ def nifti_bytes(volume: Volume) -> bytes:
 
 
 def stl_bytes(mask: np.ndarray, affine: np.ndarray, name: str = "skullrec") -> bytes:
-    """A binary STL (mm) of a mask's surface on its full grid, for a download button."""
+    """A binary STL (mm) of a mask's surface on its full grid (what ``skullrec predict --stl`` writes)."""
+    from .predict import stl_bytes as _stl
+
     verts, faces = mesh_from_mask(mask, affine)
-    return _binary_stl(np.asarray(verts, dtype=np.float64), np.asarray(faces, dtype=np.int64), name)
-
-
-def _binary_stl(verts: np.ndarray, faces: np.ndarray, name: str) -> bytes:
-    """Binary STL writer. Hand-written because no STL package is a project dependency and the
-    format is a fixed 80-byte header, a count and 50-byte records (normal, 3 vertices, attribute)."""
-    tri = verts[faces] if len(faces) else np.zeros((0, 3, 3))
-    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]) if len(faces) else np.zeros((0, 3))
-    lengths = np.linalg.norm(normals, axis=1, keepdims=True)
-    normals = np.divide(normals, lengths, out=np.zeros_like(normals), where=lengths > 0)
-    record = np.dtype([("normal", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
-    out = np.zeros(len(faces), dtype=record)
-    out["normal"] = normals
-    out["v"] = tri
-    header = name.encode("ascii", "replace")[:80].ljust(80, b" ")
-    buf = _stdio.BytesIO()
-    buf.write(header)
-    buf.write(np.uint32(len(faces)).tobytes())
-    buf.write(out.tobytes())
-    return buf.getvalue()
+    return _stl(verts, faces, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +512,9 @@ def load_results(source: Any, name: str = "results CSV") -> Any:
 
 def metric_columns(df: Any) -> list[str]:
     """Numeric columns of a results table that can be sorted on (metrics first in a fixed order)."""
-    numeric = [c for c in df.columns if c != "case" and np.issubdtype(df[c].dtype, np.number) and df[c].dtype != bool]
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    numeric = [c for c in df.columns if c != "case" and is_numeric_dtype(df[c]) and not is_bool_dtype(df[c])]
     preferred = [c for c in METRIC_UNITS if c in numeric]
     return preferred + [c for c in numeric if c not in preferred]
 
