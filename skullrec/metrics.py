@@ -127,12 +127,25 @@ def border_dice(
     # axis where they differ would be closer), so MONAI's surface distance from the candidates to
     # the skull's edges is exactly the EDT value of border_region, at a fraction of a whole-volume
     # EDT's cost; voxels inside the skull are at distance 0.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        edges_d, _ = get_mask_edges(d, d, crop=False)
-    dist = np.asarray(get_surface_distance(candidates, edges_d, spacing=[float(s) for s in spacing]))
+    # Skull voxels farther than border_mm from every candidate cannot decide "<= border_mm", so the
+    # skull is cut to the candidates' bounding box grown by border_mm (+1 voxel); the cut faces
+    # add edge voxels, but those are skull voxels too, so every distance stays exact.
+    sp = np.asarray(spacing, dtype=np.float64)
+    grow = np.ceil(border_mm / sp).astype(int) + 1
+    idx = np.argwhere(candidates)
+    lo = np.maximum(idx.min(0) - grow, 0)
+    hi = np.minimum(idx.max(0) + grow + 1, candidates.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
     near = np.zeros_like(candidates)
-    near[candidates] = (dist <= border_mm) | d[candidates]
+    cand_box, d_box = candidates[box], d[box]
+    if d_box.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            edges_d, _ = get_mask_edges(d_box, d_box, crop=False)
+        dist = np.asarray(get_surface_distance(cand_box, edges_d, spacing=sp.tolist()))
+        near_box = np.zeros_like(cand_box)
+        near_box[cand_box] = (dist <= border_mm) | d_box[cand_box]
+        near[box] = near_box
     p, t = p & near, t & near
     inter = np.count_nonzero(p & t)
     total = np.count_nonzero(p) + np.count_nonzero(t)

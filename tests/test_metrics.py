@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -171,8 +172,8 @@ def _np_dice(a, b):
     return 2 * np.count_nonzero(a & b) / total if total else 0.0
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_bdsc_matches_bruteforce(seed):
+@pytest.mark.parametrize("seed,border", [(0, 6.0), (1, 6.0), (2, 3.0)])
+def test_bdsc_matches_bruteforce(seed, border):
     rng = np.random.default_rng(100 + seed)
     spacing = tuple(float(s) for s in rng.uniform(0.8, 2.5, 3))
     n = 28
@@ -186,7 +187,8 @@ def test_bdsc_matches_bruteforce(seed):
     implant = complete & hole
     # A predicted skull: the truth with some implant voxels lost and some bone added in the hole.
     pred_skull = defective | (implant & (rng.random(implant.shape) < 0.7)) | (hole & (rng.random(hole.shape) < 0.05))
-    border = 6.0  # smaller than 10 mm so that the region does not cover the whole 28^3 test volume
+    # Borders below 10 mm so that the region does not cover the whole 28^3 test volume (3 mm also
+    # makes border_dice cut the skull to a box around the implants).
     region = _reference_region(defective, spacing, border)
     assert np.array_equal(border_region(defective, spacing, border), region)
     assert 0 < region.sum() < region.size
@@ -271,3 +273,30 @@ def test_batch_metrics_equals_case_metrics():
     batched = batch_metrics(torch.from_numpy(pred), truth, spacings, defective=truth, hd95="pooled")
     assert batched == singles
     assert [r["failed"] for r in batched] == [False, False, True]
+
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real-skulls" / "skullfix-autoimplant2020" / "raw" / "training_set"
+
+
+@pytest.mark.real
+def test_real_skullfix_case_against_scipy():
+    """SkullFix case 000 (0.45 x 0.45 x 0.63 mm), cut to the defect +- 12 voxels to keep it quick:
+    'prediction' = the defective skull (nothing reconstructed), truth = the complete skull."""
+    if not (REAL / "complete_skull" / "000.nrrd").is_file():
+        pytest.skip("real SkullFix data not present")
+    from skullrec.io import read_volume
+
+    complete = read_volume(REAL / "complete_skull" / "000.nrrd")
+    defective = read_volume(REAL / "defective_skull" / "000.nrrd")
+    c, d = complete.data.astype(bool), defective.data.astype(bool)
+    idx = np.argwhere(c & ~d)
+    box = tuple(slice(max(a - 12, 0), b + 13) for a, b in zip(idx.min(0), idx.max(0)))
+    c, d, spacing = c[box], d[box], complete.spacing
+    m = case_metrics(d, c, spacing, defective=d, hd95="pooled")
+    d_pt, d_tp = _reference_distances(d, c, spacing)
+    assert m["hd_mm"] == pytest.approx(max(d_pt.max(), d_tp.max()), rel=1e-6)
+    assert m["hd95_mm"] == pytest.approx(np.percentile(np.concatenate([d_pt, d_tp]), 95), rel=1e-6)
+    assert m["dsc"] == pytest.approx(2 * d.sum() / (d.sum() + c.sum()), rel=1e-6)
+    assert m["hd_mm"] > 10  # the missing bone plate is centimetres deep in places
+    assert m["bdsc"] == 0.0  # nothing predicted in the defect
+    assert case_metrics(c, c, spacing, defective=d)["bdsc"] == pytest.approx(1.0)
