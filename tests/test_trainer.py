@@ -61,6 +61,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _overrides(data_root: Path, method: str = "fam", **extra: object) -> list[str]:
     sets = [
         f"data.root={data_root}",
+        "data.max_train_cases=8",
         "model.size=16",
         "model.channels=[8, 16, 8]",
         "model.strides=[2, 2, 2]",
