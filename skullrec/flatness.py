@@ -43,8 +43,15 @@ from .io import InputError
 
 # Dense layer Hessians need one Hessian-vector product per weight and numel^2 memory: refuse above this.
 MAX_EXACT_WEIGHTS = 4096
-# True: all probes of a call in one batched backward (vmap); False: one backward per probe.
-BATCHED_PROBES = True
+# How several probes are pushed through the double backward:
+#   True    one batched backward (``is_grads_batched``, i.e. vmap over the backward);
+#   False   a Python loop, one backward per probe;
+#   "auto"  batched, falling back to the loop (for the rest of the process) when torch has no batching
+#           rule for some op in the graph. In torch 2.13 that is the case for the double backward of
+#           GroupNorm, i.e. for SkullAutoEncoder ("Batching rule not implemented for aten::is_nonzero"),
+#           so there the loop is what runs; tiny MLPs (tests) do batch. See docs/flatness.md.
+BATCHED_PROBES: bool | str = "auto"
+_batched_unsupported = False
 
 GRADIENTS = ("full", "detached")
 NORMS = ("squared", "frobenius")
@@ -84,11 +91,18 @@ def hessian_vector_products(grad: Tensor, weight: Tensor, probes: Tensor, create
 
     Returns (k, *weight.shape). The graph of ``grad`` is kept (the caller may still backprop the loss).
     """
-    if BATCHED_PROBES and probes.shape[0] > 1:
-        (hv,) = torch.autograd.grad(
-            grad, weight, grad_outputs=probes, is_grads_batched=True, retain_graph=True, create_graph=create_graph
-        )
-        return hv
+    global _batched_unsupported
+    use_batched = BATCHED_PROBES is True or (BATCHED_PROBES == "auto" and not _batched_unsupported)
+    if use_batched and probes.shape[0] > 1:
+        try:
+            (hv,) = torch.autograd.grad(
+                grad, weight, grad_outputs=probes, is_grads_batched=True, retain_graph=True, create_graph=create_graph
+            )
+            return hv
+        except RuntimeError:
+            if BATCHED_PROBES is True:
+                raise
+            _batched_unsupported = True
     out = [
         torch.autograd.grad(grad, weight, grad_outputs=v, retain_graph=True, create_graph=create_graph)[0]
         for v in probes
