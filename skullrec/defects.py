@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -291,12 +290,25 @@ def set1_defect(
 
 
 def set2_defect(
-    complete: np.ndarray, spacing: tuple[float, float, float], rng: np.random.Generator
+    complete: np.ndarray,
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    *,
+    region: str | None = None,
+    shape: str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """A defect unlike set 1 (sphere / ellipsoid / balls / noisy ellipsoid in a named region); returns (defective bool, params)."""
+    """A defect unlike set 1 (sphere / ellipsoid / balls / noisy ellipsoid in a named region); returns (defective bool, params).
+
+    ``region`` / ``shape`` fix one of :data:`SET2_REGIONS` / :data:`SET2_SHAPES` instead of drawing it.
+    """
     complete = np.asarray(complete, dtype=bool)
     sp = np.asarray(spacing, dtype=np.float64)
-    regions = list(SET2_REGIONS)
+    if region is not None and region not in SET2_REGIONS:
+        raise ValueError(f"unknown set-2 region {region!r} (known: {', '.join(SET2_REGIONS)})")
+    if shape is not None and shape not in SET2_SHAPES:
+        raise ValueError(f"unknown set-2 shape {shape!r} (known: {', '.join(SET2_SHAPES)})")
+    regions = [region] if region is not None else list(SET2_REGIONS)
+    shapes = [shape] if shape is not None else list(SET2_SHAPES)
 
     def one(rng, centre, az, el, shape, scale):
         hit = _surface_centre(complete, sp, centre, direction(az, el))
@@ -334,7 +346,7 @@ def set2_defect(
     def draw(rng, centre, half, scale):
         region = regions[int(rng.integers(len(regions)))]
         spec = SET2_REGIONS[region]
-        shape = SET2_SHAPES[int(rng.integers(len(SET2_SHAPES)))]
+        shape = shapes[int(rng.integers(len(shapes)))]
         az = rng.uniform(*spec["az"])
         el = rng.uniform(*spec["el"])
         side = "left"
@@ -356,3 +368,73 @@ def set2_defect(
         return parts, params
 
     return _fit_fraction(complete, sp, rng, draw, SET2_FRACTION, "set2")
+
+
+# ---------------------------------------------------------------------------------------------
+# command
+# ---------------------------------------------------------------------------------------------
+
+SKULLFIX_AXCODES = ("L", "P", "S")
+
+
+def _axcodes(path: Path) -> tuple[str, ...] | None:
+    """Orientation codes of a volume file from its header alone (None if the header has no orientation)."""
+    import nibabel as nib
+
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            img = nib.load(str(path))
+            if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
+                return None
+            return tuple(nib.aff2axcodes(img.affine))
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
+        # ITK directions are LPS; in RAS the first two world axes flip
+        aff = np.eye(4)
+        aff[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction
+        return tuple(nib.aff2axcodes(aff))
+    except Exception:  # an unreadable header is reported by the reader later, with the file name
+        return None
+
+
+def defects_command(
+    complete: Path,
+    out: Path,
+    seed: int = 0,
+    eval_fraction: float = 0.2,
+    threshold: float | None = None,
+    overwrite: bool = False,
+    size: int = 64,
+) -> Path:
+    """Cut set-1 defects into the training skulls of a folder of complete skulls and set-1 + set-2 defects into the held-out ones.
+
+    The seeded split, the cutting on the source grid, the preparation to ``size``^3 with
+    :func:`skullrec.prepare.prepare_pair` and the manifest are :func:`skullrec.prepare.prepare_command`
+    with no defective folder: one implementation, so real and synthetic skulls are treated alike.
+    """
+    from rich.console import Console
+
+    from .io import list_volumes
+    from .prepare import DEFAULT_MARGIN_MM, prepare_command
+
+    files = list_volumes(complete)  # InputError for a missing or empty folder
+    console = Console(stderr=True)
+    for path in files.values():
+        codes = _axcodes(path)
+        if codes is not None and codes != SKULLFIX_AXCODES:
+            console.print(
+                f"warning: {path}: array axes point {''.join(codes)}, not LPS (left, posterior, superior) like SkullFix; "
+                "set-1 and set-2 defects will be placed relative to the array axes"
+            )
+    t0 = time.perf_counter()
+    result = prepare_command(
+        complete=Path(complete), out=Path(out), defective=None, size=size, margin_mm=DEFAULT_MARGIN_MM,
+        eval_fraction=eval_fraction, seed=seed, threshold=threshold, overwrite=overwrite,
+    )
+    console.print(f"defects: {len(files)} skulls in {time.perf_counter() - t0:.1f} s -> {result}")
+    return result

@@ -183,6 +183,7 @@ class _Head:
 # Thinnest bone feature (mm). render() samples a 2x coarser grid first and refines only near
 # surfaces, which is exact for features at least one coarse step thick; walls are kept above it.
 FACE_WALL_MM = 4.0
+MIN_FEATURE_MM = 3.5  # thinnest vault (clip of T) and base; walls, arches are thicker
 
 
 def _face(h: _Head, x, y, z, cavity):
@@ -260,7 +261,8 @@ def render(params: dict[str, Any], shape: tuple[int, int, int], spacing: tuple[f
 
     Coarse to fine: the shape is sampled on every second voxel first; only voxels whose coarse
     3x3x3 neighbourhood holds both bone and background are evaluated at full resolution, the
-    rest copy their coarse sample (exact for bone features thicker than two voxels).
+    rest copy their coarse sample. This is exact as long as every bone feature is thicker than
+    one coarse step (2 * spacing <= MIN_FEATURE_MM); coarser grids are evaluated voxel by voxel.
     """
     h = _Head(params)
     p = params
@@ -278,6 +280,10 @@ def render(params: dict[str, Any], shape: tuple[int, int, int], spacing: tuple[f
         gx, gy, gz = axes[0][i], axes[1][j], axes[2][k]
         return tuple(rot[r, 0] * gx + rot[r, 1] * gy + rot[r, 2] * gz + m[r] for r in range(3))
 
+    if 2.0 * float(sp.max()) > MIN_FEATURE_MM:
+        # coarse grids: a coarse pass would step over the thinnest bone, so evaluate every voxel
+        i, j, k = (a.ravel() for a in np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"))
+        return _largest_component(_bone_at(h, *head_coords(i, j, k), z_cut).reshape(shape))
     ci = [np.arange(0, n, 2) for n in shape]
     cx, cy, cz = head_coords(ci[0][:, None, None], ci[1][None, :, None], ci[2][None, None, :])
     cshape = cx.shape
@@ -289,7 +295,18 @@ def render(params: dict[str, Any], shape: tuple[int, int, int], spacing: tuple[f
     i, j, k = np.unravel_index(fine, shape)
     fx, fy, fz = head_coords(i, j, k)
     out.reshape(-1)[fine] = _bone_at(h, fx, fy, fz, z_cut)
-    return out
+    return _largest_component(out)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 6-connected piece: where two surfaces (orbit wall, cut plane, foramen) meet
+    at a grazing angle, sampling can leave a few isolated voxels (1-4 voxels in 40 test skulls)."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    counts = np.bincount(labels.ravel())
+    counts[0] = 0
+    return labels == int(np.argmax(counts))
 
 
 def generate_skull(
