@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 from skullrec import viewer as V
@@ -44,7 +45,7 @@ def load_model(path: str, mtime_ns: int):
     return model, cfg, meta
 
 
-@st.cache_data(show_spinner="Reading case ...", max_entries=16)
+@st.cache_data(show_spinner="Reading case ...", max_entries=8)
 def load_case(root: str, split: str, cid: str, _stamp: str) -> V.CaseVolumes:
     return V.load_case(root, split, cid)
 
@@ -54,7 +55,8 @@ def read_upload(name: str, digest: str, _payload: bytes, threshold: float | None
     return V.read_upload(name, _payload, threshold=threshold, max_mb=max_mb)
 
 
-@st.cache_data(show_spinner="Reconstructing ...", max_entries=16)
+# Few entries: a reconstructed 512^3 upload holds two full-size volumes.
+@st.cache_data(show_spinner="Reconstructing ...", max_entries=6)
 def reconstruct(input_key: str, ckpt: str, mtime_ns: int, _defective: Volume) -> tuple[Volume, Volume]:
     """Complete skull and implant of one input on its own grid (skullrec.predict.reconstruct)."""
     from skullrec.predict import reconstruct as _reconstruct
@@ -76,13 +78,14 @@ def metric_rows(key: str, _rec: Volume, _implant: Volume, _case: V.CaseVolumes) 
     return rows
 
 
-@st.cache_data(show_spinner="Preparing downloads ...", max_entries=8)
-def downloads(key: str, _rec: Volume, _implant: Volume) -> dict[str, bytes]:
+def download_makers(rec: Volume, implant: Volume) -> dict[str, object]:
+    """File name -> function making its bytes. Streamlit calls the function only when the button is
+    clicked (deferred download), so a 512^3 upload does not mesh two STL files on every rerun."""
     return {
-        "implant.nii.gz": V.nifti_bytes(_implant),
-        "reconstruction.nii.gz": V.nifti_bytes(_rec),
-        "implant.stl": V.stl_bytes(_implant.data, _implant.affine, "skullrec implant (mm)"),
-        "reconstruction.stl": V.stl_bytes(_rec.data, _rec.affine, "skullrec reconstruction (mm)"),
+        "implant.nii.gz": lambda: V.nifti_bytes(implant),
+        "reconstruction.nii.gz": lambda: V.nifti_bytes(rec),
+        "implant.stl": lambda: V.stl_bytes(implant.data, implant.affine, "skullrec implant (mm)"),
+        "reconstruction.stl": lambda: V.stl_bytes(rec.data, rec.affine, "skullrec reconstruction (mm)"),
     }
 
 
@@ -160,8 +163,6 @@ def sidebar() -> tuple[str | None, V.CaseVolumes | None, str | None]:
                     truth = read_upload(up_truth.name, tdig, tpay, threshold, SETTINGS.max_upload_mb)
                     if truth.shape != vol.shape:
                         raise InputError(f"{up_truth.name}: shape {truth.shape} differs from {up.name} {vol.shape}")
-                    import numpy as np
-
                     implant = Volume((truth.data & (1 - vol.data)).astype(np.uint8), truth.affine, truth.header)
                     case = V.CaseVolumes(name=up.name, defective=vol, complete=truth, implant=implant)
                     key += f"|truth|{tdig}"
@@ -283,8 +284,8 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
         with st.expander("All metrics (skull and implant; mm and voxels)"):
             st.dataframe(rows, hide_index=True, key="metrics_table")
     st.subheader("Downloads (original grid)")
-    files = downloads(f"{key}|{ckpt}", rec, implant)
-    stem = V._safe_upload_name(case.name.replace("/", "_")).split(".")[0]
+    files = download_makers(rec, implant)
+    stem = V.safe_name(case.name.replace("/", "_")).split(".")[0]
     dcols = st.columns(4)
     for col, (name, payload) in zip(dcols, files.items()):
         mime = "model/stl" if name.endswith(".stl") else "application/gzip"

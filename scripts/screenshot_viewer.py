@@ -119,6 +119,7 @@ class Report:
     errors: list[str] = field(default_factory=list)  # st.error / exception texts seen
     screenshots: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step
+    downloads: list[Path] = field(default_factory=list)  # files fetched with the download buttons
 
 
 def _sidebar(page):
@@ -185,6 +186,13 @@ def drive_viewer(page, url: str, shot: Path, upload: Path | None = None, truth: 
     page.screenshot(path=str(shot), full_page=True)
     report.screenshots.append(shot)
     lap("screenshot")
+    # A download button hands over the implant on the input's grid (deferred: made on click).
+    with page.expect_download(timeout=t) as dl:
+        page.get_by_role("button", name="Implant (NII.GZ)").click()
+    target = shot.parent / dl.value.suggested_filename
+    dl.value.save_as(str(target))
+    report.downloads.append(target)
+    lap("download")
 
     if upload is not None:
         _sidebar(page).get_by_text("Upload", exact=True).click()

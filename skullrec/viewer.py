@@ -268,8 +268,8 @@ def discover_results(root: str | Path = DEFAULT_RESULTS_ROOT, max_depth: int = 3
 # --------------------------------------------------------------------------------------------
 
 
-def _safe_upload_name(name: str) -> str:
-    """The upload's base name with anything odd replaced, so it is a safe temporary file name."""
+def safe_name(name: str) -> str:
+    """A file's base name with anything odd replaced (a safe temporary or download file name)."""
     base = Path(str(name).replace("\\", "/")).name or "upload"
     return re.sub(r"[^A-Za-z0-9._-]", "_", base)[-120:]
 
@@ -281,7 +281,7 @@ def read_upload(name: str, payload: bytes, *, threshold: float | None = None, ma
     from the suffix and names the file in its messages). Raises InputError naming the upload for a
     wrong suffix, 0 bytes, a file over ``max_mb``, corrupt gzip, 4D data or non-binary values.
     """
-    safe = _safe_upload_name(name)
+    safe = safe_name(name)
     if not safe.lower().endswith(UPLOAD_SUFFIXES):
         raise InputError(f"{name}: unsupported file type (upload one of {', '.join(UPLOAD_SUFFIXES)})")
     size = len(payload)
@@ -547,6 +547,7 @@ __all__ = [
     "metric_columns",
     "nifti_bytes",
     "read_upload",
+    "safe_name",
     "settings_from_env",
     "slice_figure",
     "slice_overlay",

@@ -7,7 +7,6 @@ so the tests need neither the synthetic data set nor a trained run.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import struct
 from pathlib import Path
@@ -19,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from skullrec import viewer as V
-from skullrec.io import InputError, Volume, read_volume, write_nifti
+from skullrec.io import InputError, Volume, read_volume
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app" / "viewer.py"
@@ -200,7 +199,8 @@ def test_results_csv_sorted_by_any_metric(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def nifti_payload(data: np.ndarray, affine: np.ndarray | None = None, name: str = "x.nii.gz", tmp: Path | None = None) -> bytes:
+def nifti_payload(data: np.ndarray, affine: np.ndarray | None = None, name: str = "x.nii.gz") -> bytes:
+    """NIfTI file bytes (gzipped when ``name`` ends in .gz), as a browser would upload them."""
     img = nib.Nifti1Image(np.asarray(data), toy_affine() if affine is None else affine)
     if name.endswith(".gz"):
         return gzip.compress(img.to_bytes(), mtime=0)
@@ -445,8 +445,8 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     ref = case_metrics(rec.complete.data, case.complete.data, case.complete.spacing, defective=case.defective.data)
     assert float(at.metric[0].value) == pytest.approx(ref["dsc"], abs=5e-4)
     assert float(at.metric[2].value.split()[0]) == pytest.approx(ref["hd95_mm"], abs=5e-3)
-    downloads = at.get("download_button")
-    assert len(downloads) == 4
+    labels = [d.proto.label for d in at.get("download_button")]
+    assert labels == ["Implant (NII.GZ)", "Reconstruction (NII.GZ)", "Implant (STL)", "Reconstruction (STL)"]
     no_failures(at)
 
 

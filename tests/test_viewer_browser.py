@@ -18,7 +18,7 @@ import pytest
 from test_viewer_app import small_checkpoint, toy_affine, toy_skull
 
 from skullrec.dataset import write_case, write_manifest
-from skullrec.io import write_nifti
+from skullrec.io import read_volume, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -71,6 +71,11 @@ def test_viewer_renders_webgl_uploads_and_scores_in_chromium(tmp_path: Path) -> 
     assert list(report.metrics) == ["DSC (skull)", "HD (skull)", "HD95 (skull)", "DSC (implant)"]
     assert 0.0 <= float(report.metrics["DSC (skull)"]) <= 1.0
     assert report.metrics["HD95 (skull)"].endswith(" mm")
+    # The implant download is a NIfTI on the case's own grid (32^3, 1.5 x 1.5 x 2 mm).
+    assert [d.name for d in report.downloads] == ["eval_set1_001_implant.nii.gz"]
+    implant = read_volume(report.downloads[0])
+    assert implant.shape == (32, 32, 32)
+    np.testing.assert_allclose(implant.affine, toy_affine())
     for path in report.screenshots:
         w, h = png_size(path)
         assert w == shot_mod.VIEWPORT["width"] and h >= shot_mod.VIEWPORT["height"] // 2
