@@ -279,6 +279,8 @@ def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
         box = bone_box(defective, margin)
         counts = write_case(root, split, cid, c64.data, d64.data, c64.affine)
         source_implant = int((complete.data.astype(bool) & ~defective.data.astype(bool)).sum())
+        # Complete-skull bone outside the defective-based box is lost from the prepared complete skull.
+        inside = int(complete.data[tuple(slice(max(lo, 0), max(hi, 0)) for lo, hi in zip(box.lo, box.hi))].astype(bool).sum())
         records.append({
             "split": split,
             "case_id": cid,
@@ -291,6 +293,7 @@ def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
             "spacing": [round(s, 6) for s in c64.spacing],
             "source_implant_voxels": source_implant,
             "source_implant_fraction": source_implant / int(complete.data.astype(bool).sum()),
+            "complete_bone_outside_box": int(complete.data.astype(bool).sum()) - inside,
             **counts,
         })
     return records

@@ -214,17 +214,21 @@ REAL_CASES = ["000", "002", "004"]
 def skullfix() -> dict[str, dict[str, Volume]]:
     if not (REAL / "implant" / "004.nrrd").is_file():
         pytest.skip("SkullFix data not found in ../shared")
-    return {
-        cid: {kind: read_volume(REAL / folder / f"{cid}.nrrd") for kind, folder in
-              (("complete", "complete_skull"), ("defective", "defective_skull"), ("implant", "implant"))}
-        for cid in REAL_CASES
-    }
+    cases = {}
+    for cid in REAL_CASES:
+        v = {kind: read_volume(REAL / folder / f"{cid}.nrrd") for kind, folder in
+             (("complete", "complete_skull"), ("defective", "defective_skull"), ("implant", "implant"))}
+        # Prepared once per case and shared by the tests below (reading + preparing is the slow part).
+        v["c64"], v["d64"] = P.prepare_pair(v["complete"], v["defective"], size=64, margin_mm=4.0)
+        v["box"] = P.bone_box(v["defective"], 4.0)
+        cases[cid] = v
+    return cases
 
 
 @pytest.mark.real
 def test_real_skulls_prepare_to_one_piece_with_the_right_extent(skullfix) -> None:
     for cid, v in skullfix.items():
-        c64, d64 = P.prepare_pair(v["complete"], v["defective"], size=64, margin_mm=4.0)
+        c64, d64 = v["c64"], v["d64"]
         assert c64.shape == (64, 64, 64)
         lcc6 = P.largest_component_fraction(c64.data, connectivity=1)
         assert lcc6 >= 0.99, (cid, lcc6)
@@ -241,20 +245,19 @@ def test_real_skulls_prepare_to_one_piece_with_the_right_extent(skullfix) -> Non
         tol = np.linalg.norm(c64.spacing)
         assert np.all(np.abs(slo - plo) <= tol) and np.all(np.abs(shi - phi) <= tol), (cid, slo, plo, shi, phi)
         # Bone fraction of the box: close to the exact partial-volume fraction (the rule thickens a little).
-        _, box = P.prepare_volume(v["defective"], 64, 4.0)
-        exact = P.bone_fraction(v["complete"], box, 64).mean()
+        exact = P.bone_fraction(v["complete"], v["box"], 64).mean()
         assert exact < c64.data.mean() < 1.5 * exact
 
 
 @pytest.mark.real
 def test_real_implant_at_64_matches_the_shipped_implant(skullfix) -> None:
     for cid, v in skullfix.items():
-        c64, d64 = P.prepare_pair(v["complete"], v["defective"], size=64, margin_mm=4.0)
+        c64, d64 = v["c64"], v["d64"]
         implant64 = c64.data.astype(bool) & ~d64.data.astype(bool)
         assert not (d64.data.astype(bool) & ~c64.data.astype(bool)).any()
         assert implant64.sum() > 500
-        _, box = P.prepare_volume(v["defective"], 64, 4.0)
-        shipped64, _ = P.prepare_volume(v["implant"], 64, box=box)
+        shipped64, _ = P.prepare_volume(v["implant"], 64, box=v["box"])
+        np.testing.assert_allclose(shipped64.affine, c64.affine)
         dice = _dice(implant64, shipped64.data)
         assert dice > 0.85, (cid, dice)
 
@@ -262,7 +265,7 @@ def test_real_implant_at_64_matches_the_shipped_implant(skullfix) -> None:
 @pytest.mark.real
 def test_real_restore_to_grid_overlaps_the_original(skullfix) -> None:
     v = skullfix["000"]
-    c64, _ = P.prepare_pair(v["complete"], v["defective"], size=64, margin_mm=4.0)
+    c64 = v["c64"]
     back = P.restore_to_grid(c64.data.astype(np.float32), c64.affine, v["complete"]) > 0.5
     assert back.shape == v["complete"].shape
     assert _dice(back, v["complete"].data) > 0.8
