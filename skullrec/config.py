@@ -188,6 +188,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: {msg}")
     if cfg.train.method == "fam" and cfg.fam.lam == 0:
         raise ConfigError("fam.lam: method 'fam' needs lam > 0 (use method 'baseline' for lam = 0)")
+    if cfg.train.method == "sam" and cfg.sam.adaptive:
+        raise ConfigError("sam.adaptive: adaptive SAM is method 'asam' (train.method=asam), not 'sam'")
     if cfg.train.method != "fam" and cfg.fam.lam != 0:
         # A silently ignored lambda would make a mislabelled run; say which method applies it.
         raise ConfigError(f"fam.lam: only method 'fam' uses lam, got lam {cfg.fam.lam} with method '{cfg.train.method}'")

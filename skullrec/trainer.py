@@ -164,8 +164,8 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     if cfg.train.method in ("sam", "asam"):
         from .sam import SAM
 
-        adaptive = cfg.train.method == "asam" or cfg.sam.adaptive
-        return SAM(model.parameters(), torch.optim.Adam, rho=cfg.sam.rho, adaptive=adaptive, eta=cfg.sam.eta, **kw)
+        # Method 'asam' is what selects the adaptive variant (config validation refuses sam + adaptive).
+        return SAM(model.parameters(), torch.optim.Adam, rho=cfg.sam.rho, adaptive=cfg.train.method == "asam", eta=cfg.sam.eta, **kw)
     return torch.optim.Adam(model.parameters(), **kw)
 
 

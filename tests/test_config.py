@@ -70,6 +70,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("fam: {lam: -0.5}\n", r"fam\.lam: must be >= 0"),
         ("fam: {lam: abc}\n", r"fam\.lam: expected a number, got 'abc'"),
         ("sam: {rho: 0}\n", r"sam\.rho: must be > 0"),
+        ("train: {method: sam}\nsam: {adaptive: true}\n", r"sam\.adaptive: adaptive SAM is method 'asam'"),
         ("train: {lr: 0}\n", r"train\.lr: must be > 0"),
         ("model: {size: 50}\n", r"model\.size: must be divisible"),
         ("data: []\n", r"data: expected a mapping"),

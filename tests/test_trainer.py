@@ -150,6 +150,31 @@ def test_train_step_adds_lam_times_penalty_to_the_gradient(data_root: Path) -> N
         torch.testing.assert_close(p1.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_step_uses_the_gradient_at_the_perturbed_point(data_root: Path, adaptive: bool) -> None:
+    """SAM/ASAM around SGD(lr=1): the update is minus the gradient at w + e, e computed here by hand."""
+    sam_mod = pytest.importorskip("skullrec.sam")
+    cfg, x, y = _tiny(data_root, "sam")
+    loss_fn, rho, eta = DiceLoss(sigmoid=True), 0.05, 0.01
+    model = build_model(cfg.model, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = sam_mod.SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=1.0)
+    train_step(model, x, y, loss_fn, opt, sam=True)
+
+    ref = build_model(cfg.model, seed=0)
+    params = list(ref.parameters())
+    g = torch.autograd.grad(loss_fn(ref(x), y), params)
+    t = [(p.detach().abs() + eta) if adaptive else torch.ones_like(p) for p in params]
+    norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g)))
+    with torch.no_grad():
+        for p, ti, gi in zip(params, t, g):
+            p.add_(rho * ti * ti * gi / norm)
+    g_adv = torch.autograd.grad(loss_fn(ref(x), y), params)
+    for p0, p1, ga in zip(before, model.parameters(), g_adv):
+        torch.testing.assert_close(p1.detach(), p0 - ga, rtol=1e-5, atol=1e-7)
+    assert not all(torch.equal(a, b) for a, b in zip(g, g_adv))  # the perturbation mattered
+
+
 def test_train_step_returns_device_tensors_without_reg(data_root: Path) -> None:
     cfg, x, y = _tiny(data_root, "baseline")
     model = build_model(cfg.model, seed=0)
