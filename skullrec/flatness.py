@@ -268,7 +268,7 @@ def neuronwise_quad_forms(weight: Tensor, probes: Tensor, hv: Tensor) -> Tensor:
 # The regulariser used by the trainer, with a registry of estimators of the penalty.
 
 # An estimator computes the FamTerm for FamRegularizer ``reg`` on a batch. "autograd" (below) uses
-# the loss's own graph; faster ones (skullrec.fast) register themselves with register_estimator.
+# the loss's own graph; faster ones (skullrec.fast_flatness) register themselves with register_estimator.
 Estimator = Callable[..., FamTerm]
 ESTIMATORS: dict[str, Estimator] = {}
 
@@ -296,7 +296,8 @@ class FamRegularizer:
     """lam * kappa_hat of the Linear layers named in ``cfg.layers``; ``reg(...)`` gives the FamTerm.
 
     Raises ConfigError for an unknown layer (listing the available ones), an unknown estimator, or
-    ``gradient="full"`` on a model with InstanceNorm3d (wrong third-order gradient in torch 2.13).
+    ``lam > 0`` with ``gradient="full"`` on a model with InstanceNorm3d (wrong third-order gradient in
+    torch 2.13; with lam = 0 the regulariser only monitors Tr(H), which is right).
     """
 
     def __init__(self, cfg: FamConfig, model: nn.Module) -> None:
@@ -312,7 +313,7 @@ class FamRegularizer:
             _load_plugins()
         if cfg.estimator not in ESTIMATORS:
             raise ConfigError(f"fam.estimator: unknown estimator {cfg.estimator!r} (available: {', '.join(ESTIMATORS)})")
-        if cfg.gradient == "full" and any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules()):
+        if cfg.lam > 0 and cfg.gradient == "full" and any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules()):
             raise ConfigError(
                 "fam.gradient: 'full' needs third derivatives, which torch computes wrongly through InstanceNorm; "
                 "use model.norm=group (same forward) or fam.gradient=detached"

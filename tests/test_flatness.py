@@ -352,8 +352,9 @@ def test_fam_regularizer_errors_and_estimator_registry():
         FamRegularizer(FamConfig(estimator="nope"), model)
     inst = build_model(ModelConfig(**{**SMALL.__dict__, "norm": "instance"}), seed=0)
     with pytest.raises(ConfigError, match="InstanceNorm"):
-        FamRegularizer(FamConfig(gradient="full"), inst)
-    FamRegularizer(FamConfig(gradient="detached"), inst)  # no third derivatives: allowed
+        FamRegularizer(FamConfig(lam=0.1, gradient="full"), inst)
+    FamRegularizer(FamConfig(lam=0.1, gradient="detached"), inst)  # no third derivatives: allowed
+    FamRegularizer(FamConfig(lam=0.0, gradient="full"), inst)  # monitoring only (baseline): allowed
 
     calls = []
 
