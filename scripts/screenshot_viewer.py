@@ -145,6 +145,14 @@ def _errors(page) -> list[str]:
     return texts + [e.inner_text().strip() for e in page.locator('[data-testid="stAlertContentError"]').all()]
 
 
+def _select(page, label: str, value: str, timeout_ms: int) -> None:
+    """Choose ``value`` in the sidebar selectbox labelled ``label`` (a baseweb select: click, then the option)."""
+    box = _sidebar(page).locator('[data-testid="stSelectbox"]').filter(has_text=label).first
+    box.click()
+    page.get_by_role("option", name=value, exact=True).click()
+    _wait_idle(page, timeout_ms)
+
+
 def _check_3d(page, report: Report, timeout_ms: int) -> None:
     chart = page.locator('[data-testid="stPlotlyChart"]').first
     canvas = chart.locator("canvas").first
@@ -154,7 +162,8 @@ def _check_3d(page, report: Report, timeout_ms: int) -> None:
     report.canvas_drawn = drawn_fraction(chart.screenshot())
 
 
-def drive_viewer(page, url: str, shot: Path, upload: Path | None = None, truth: Path | None = None, timeout_s: float = 180) -> Report:
+def drive_viewer(page, url: str, shot: Path, upload: Path | None = None, truth: Path | None = None, timeout_s: float = 180,
+                 split: str | None = None, case: str | None = None) -> Report:
     """Open the viewer, reconstruct the selected case, check the 3D view, upload, screenshot.
 
     The screenshot (full page) is taken after the data-set case was reconstructed, so it shows the
@@ -174,6 +183,10 @@ def drive_viewer(page, url: str, shot: Path, upload: Path | None = None, truth: 
     button = _sidebar(page).get_by_role("button", name="Reconstruct")
     button.wait_for(state="visible", timeout=t)
     _wait_idle(page, t)
+    if split is not None:
+        _select(page, "Split", split, t)
+    if case is not None:
+        _select(page, "Case", case, t)
     lap("page")
     button.click()
     page.locator('[data-testid="stMetric"]').first.wait_for(state="visible", timeout=t)
@@ -218,7 +231,7 @@ def drive_viewer(page, url: str, shot: Path, upload: Path | None = None, truth: 
 
 
 def run_in_browser(data: Path, runs: Path, shot: Path, upload: Path | None = None, truth: Path | None = None,
-                   timeout_s: float = 180, log: Path | None = None) -> Report:
+                   timeout_s: float = 180, log: Path | None = None, split: str | None = None, case: str | None = None) -> Report:
     """Start the viewer, drive it in a fresh headless chromium profile, stop both; returns the report."""
     from playwright.sync_api import sync_playwright
 
@@ -234,7 +247,7 @@ def run_in_browser(data: Path, runs: Path, shot: Path, upload: Path | None = Non
             )
             try:
                 page = ctx.new_page()
-                report = drive_viewer(page, f"http://127.0.0.1:{port}/", shot, upload, truth, timeout_s)
+                report = drive_viewer(page, f"http://127.0.0.1:{port}/", shot, upload, truth, timeout_s, split, case)
                 report.seconds = {"server": round(started, 2), **report.seconds}
                 return report
             finally:
@@ -250,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("docs/viewer.png"))
     ap.add_argument("--upload", type=Path, default=None, help="Also upload this defective skull (and --truth).")
     ap.add_argument("--truth", type=Path, default=None)
+    ap.add_argument("--split", default="eval_set1", help="Split of the case to show (default eval_set1).")
+    ap.add_argument("--case", default=None, help="Case id to show (default: the split's first).")
     args = ap.parse_args(argv)
     if not CHROMIUM.exists():
         print(f"{CHROMIUM} not found: apt-get install chromium", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         shot = Path(tmp) / "viewer.png"
-        rep = run_in_browser(args.data.resolve(), args.runs.resolve(), shot, args.upload, args.truth)
+        rep = run_in_browser(args.data.resolve(), args.runs.resolve(), shot, args.upload, args.truth, split=args.split, case=args.case)
         print(f"webgl={rep.webgl} canvas_drawn={rep.canvas_drawn:.3f} metrics={rep.metrics} errors={rep.errors} seconds={rep.seconds}")
         if not rep.webgl or rep.canvas_drawn < 0.01 or rep.errors:
             print("the 3D view did not render (or the page showed errors); screenshot not written", file=sys.stderr)

@@ -547,3 +547,23 @@ def test_compare_two_runs_side_by_side(app) -> None:
     titles = [json.loads(el.proto.spec)["layout"]["title"]["text"] for el in at.get("plotly_chart")]
     assert titles == ["runs/a/last.safetensors", "runs/b/last.safetensors"]
     assert len(at.dataframe) == 2  # one metrics table per run (the train case has a truth)
+
+
+def test_page_without_data_or_runs_explains_what_to_do(monkeypatch, tmp_path: Path) -> None:
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv(V.ENV_DATA, str(tmp_path / "no-data"))
+    monkeypatch.setenv(V.ENV_RUNS, str(tmp_path / "no-runs"))
+    monkeypatch.delenv(V.ENV_RESULTS, raising=False)
+    monkeypatch.chdir(tmp_path)  # no results/ folder either
+    st.cache_data.clear()
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    no_failures(at)
+    assert at.sidebar.radio(key="source").value == "Upload"  # nothing to pick from
+    assert "skullrec train" in at.sidebar.warning[0].value
+    assert at.sidebar.button(key="reconstruct").disabled
+    at.radio(key="page").set_value("Results").run()
+    assert "No results CSV found" in at.info[0].value
+    at.radio(key="page").set_value("Compare runs").run()
+    no_failures(at)
