@@ -26,7 +26,7 @@ except InputError as exc:
 
 PAGES = ["Case", "Compare runs", "Results"]
 RUNS_TEXT = " or ".join(f"{r}/" for r in SETTINGS.runs)
-FILTER_COLUMNS = ("method", "run", "seed", "epoch", "set", "split", "target")
+FILTER_COLUMNS = V.BOOKKEEPING_COLUMNS
 DATA_SOURCE, UPLOAD_SOURCE = "Data set", "Upload"
 
 
@@ -302,8 +302,9 @@ def page_compare(key: str | None, case: V.CaseVolumes | None) -> None:
         return
     st.subheader(f"Compare two runs on {case.name}")
     c1, c2 = st.columns(2)
-    a = c1.selectbox("Run A", ckpts, index=0, key="run_a")
-    b = c2.selectbox("Run B", ckpts, index=1, key="run_b")
+    ia, ib = V.default_pair(ckpts)
+    a = c1.selectbox("Run A", ckpts, index=ia, key="run_a")
+    b = c2.selectbox("Run B", ckpts, index=ib, key="run_b")
     if st.button("Compare", type="primary", key="compare"):
         st.session_state.setdefault("requested", set()).update({(key, a), (key, b)})
     requested = st.session_state.get("requested", set())

@@ -251,16 +251,33 @@ def discover_checkpoints(roots: str | Path | tuple[Path, ...] | list[Path], max_
 
 
 def discover_results(root: str | Path = DEFAULT_RESULTS_ROOT, max_depth: int = 3) -> list[Path]:
-    """Per-case results CSVs under ``root`` (``skullrec experiment``'s per_case.csv, evaluate's CSVs)."""
+    """Per-case results CSVs under ``root``: those whose header has a case-id column
+    (``skullrec experiment``'s per_case.csv, ``skullrec evaluate``'s CSV; not table2.csv)."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for p in sorted(root.rglob("*.csv")):
         rel = p.relative_to(root)
-        if len(rel.parts) <= max_depth and not any(part.startswith(".") for part in rel.parts):
+        if len(rel.parts) > max_depth or any(part.startswith(".") for part in rel.parts):
+            continue
+        try:
+            with open(p, encoding="utf-8", errors="replace") as f:
+                header = {c.strip().strip('"').lower() for c in f.readline().split(",")}
+        except OSError:
+            continue
+        if header & set(CASE_COLUMNS):
             out.append(p)
     return out
+
+
+def default_pair(labels: list[str]) -> tuple[int, int]:
+    """Indices of two checkpoints to compare by default: the final weights of two different runs
+    (``*/last.safetensors``, e.g. baseline vs FAM) when there are two, else the first two labels."""
+    last = [i for i, lab in enumerate(labels) if lab.endswith("/last.safetensors")]
+    if len(last) >= 2:
+        return last[0], last[1]
+    return 0, min(1, len(labels) - 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,6 +500,8 @@ def stl_bytes(mask: np.ndarray, affine: np.ndarray, name: str = "skullrec") -> b
 # --------------------------------------------------------------------------------------------
 
 CASE_COLUMNS = ("case", "case_id", "id", "cid")
+# Columns that say which run / checkpoint / defect set a row belongs to: filters, not metrics.
+BOOKKEEPING_COLUMNS = ("method", "run", "seed", "epoch", "set", "split", "target", "lam", "lambda")
 
 
 def load_results(source: Any, name: str = "results CSV") -> Any:
@@ -511,10 +530,14 @@ def load_results(source: Any, name: str = "results CSV") -> Any:
 
 
 def metric_columns(df: Any) -> list[str]:
-    """Numeric columns of a results table that can be sorted on (metrics first in a fixed order)."""
+    """Numeric metric columns of a results table (known metrics first); not bookkeeping or empty ones."""
     from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
-    numeric = [c for c in df.columns if c != "case" and is_numeric_dtype(df[c]) and not is_bool_dtype(df[c])]
+    numeric = [
+        c for c in df.columns
+        if c != "case" and c.lower() not in BOOKKEEPING_COLUMNS
+        and is_numeric_dtype(df[c]) and not is_bool_dtype(df[c]) and df[c].notna().any()
+    ]
     preferred = [c for c in METRIC_UNITS if c in numeric]
     return preferred + [c for c in numeric if c not in preferred]
 
@@ -536,6 +559,7 @@ __all__ = [
     "case_metric_rows",
     "discover_cases",
     "discover_checkpoints",
+    "default_pair",
     "discover_results",
     "downsample_for_mesh",
     "figure_3d",

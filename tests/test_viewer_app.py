@@ -169,14 +169,28 @@ def test_checkpoints_found_under_several_roots(tmp_path: Path) -> None:
     assert found["runs/a/last.safetensors"] == tmp_path / "runs/a/last.safetensors"
 
 
+def test_per_case_csvs_and_default_comparison_are_found(tmp_path: Path) -> None:
+    demo = tmp_path / "results" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "per_case.csv").write_text("method,seed,epoch,set,case,dsc\nfam,0,6,eval_set1,001,0.9\n")
+    (demo / "table2.csv").write_text("method,set,epoch,dsc\nfam,eval_set1,6,0.9\n")  # summary: no case column
+    (demo / "eval.csv").write_text('"Case_ID",dsc\n001,0.9\n')
+    assert V.discover_results(tmp_path / "results") == [demo / "eval.csv", demo / "per_case.csv"]
+    assert V.discover_results(tmp_path / "absent") == []
+    labels = ["r/baseline/best.safetensors", "r/baseline/last.safetensors", "r/fam/ckpt_epoch003.safetensors", "r/fam/last.safetensors"]
+    assert V.default_pair(labels) == (1, 3)
+    assert V.default_pair(labels[:3]) == (0, 1)
+
+
 def test_results_csv_sorted_by_any_metric(tmp_path: Path) -> None:
     csv = tmp_path / "per_case.csv"
-    csv.write_text("method,set,case,dsc,hd_mm,hd95_mm,failed\n"
-                   "fam,eval_set1,003,0.91,4.5,2.0,False\n"
-                   "fam,eval_set1,007,0.72,9.0,6.5,False\n"
-                   "fam,eval_set2,001,,12.0,8.0,True\n")
+    csv.write_text("method,seed,set,case,dsc,hd_mm,hd95_mm,failed,failure\n"
+                   "fam,0,eval_set1,003,0.91,4.5,2.0,False,\n"
+                   "fam,0,eval_set1,007,0.72,9.0,6.5,False,\n"
+                   "fam,0,eval_set2,001,,12.0,8.0,True,\n")
     df = V.load_results(csv)
     assert df["case"].tolist() == ["003", "007", "001"]  # zeros kept
+    # Not metrics: seed (bookkeeping), failed (bool), failure (empty text read as NaN).
     assert V.metric_columns(df) == ["dsc", "hd_mm", "hd95_mm"]
     by_dsc = V.sort_results(df, "dsc", ascending=True)
     assert by_dsc["case"].tolist() == ["007", "003", "001"]  # NaN last
