@@ -36,20 +36,24 @@ THICKNESS = True
 
 
 def measure(args: tuple[Path, Path]) -> dict:
-    """All numbers for one case."""
+    """All numbers for one SkullFix case (complete file, defective file)."""
     cpath, dpath = args
     c = read_volume(cpath).data.astype(bool)
     d = read_volume(dpath)
     sp = np.array(d.spacing)
-    d = d.data.astype(bool)
+    rec = {"case": cpath.name.split(".")[0], "shape": list(c.shape), "spacing": [round(float(s), 4) for s in sp]}
+    rec.update(defect_stats(c, d.data.astype(bool), sp, thickness=THICKNESS))
+    return rec
+
+
+def defect_stats(c: np.ndarray, d: np.ndarray, sp: np.ndarray, thickness: bool = True) -> dict:
+    """Skull and defect statistics of a complete / defective pair (bool arrays) on a grid of spacing ``sp`` mm."""
+    sp = np.asarray(sp, dtype=np.float64)
     implant = c & ~d
     lo, hi = _bbox(c)
     skull_ext = (hi - lo + 1) * sp
     bone = int(c.sum())
     rec: dict = {
-        "case": cpath.name.split(".")[0],
-        "shape": list(c.shape),
-        "spacing": [round(float(s), 4) for s in sp],
         "bone_voxels": bone,
         "skull_extent_mm": [round(float(e), 1) for e in skull_ext],
         # physical bone volume over the bbox volume (spacing-free); with a 4 mm margin on all sides too
@@ -84,14 +88,14 @@ def measure(args: tuple[Path, Path]) -> dict:
         cols = implant.any(axis=2)
         runs = implant[cols].sum(axis=1) * sp[2]
         rec["implant_z_run_mm_median"] = round(float(np.median(runs)), 1)
-        # bone thickness under the defect: for a slab of thickness t the distance to its surface
-        # averages t/4, so 4 * mean(EDT) estimates t (the same estimator is used on synthetic skulls)
+        # bone thickness under the defect: for a slab of thickness t the distance from a voxel
+        # centre to the surface, minus half a voxel, averages t/4
         edt = ndimage.distance_transform_edt(np.pad(sub, 1), sampling=sp)
-        rec["implant_thickness_mm"] = round(float(4 * edt[edt > 0].mean()), 2)
-    if THICKNESS:
+        rec["implant_thickness_mm"] = round(float(4 * (edt[edt > 0].mean() - 0.5 * sp.mean())), 2)
+    if thickness:
         box = np.pad(c[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1], 1)
         edt = ndimage.distance_transform_edt(box, sampling=sp)
-        rec["skull_thickness_mm"] = round(float(4 * edt[edt > 0].mean()), 2)
+        rec["skull_thickness_mm"] = round(float(4 * (edt[edt > 0].mean() - 0.5 * sp.mean())), 2)
     return rec
 
 

@@ -318,11 +318,11 @@ def set2_defect(
         frame = _frame(d, rng.uniform(-90.0, 90.0))
         info: dict[str, Any] = {"azimuth_deg": round(az, 2), "elevation_deg": round(el, 2), "centre_mm": np.round(c, 2).tolist(), "local_thickness_mm": round(thick, 2)}
         if shape == "sphere":
-            r = rng.uniform(20.0, 34.0) * scale
+            r = rng.uniform(32.0, 54.0) * scale
             parts = [(c, r, _ellipsoid(frame, (r, r, r)))]
             info["size_mm"] = [round(2 * r, 2)] * 3
         elif shape in ("ellipsoid", "noisy_ellipsoid"):
-            radii = (rng.uniform(22.0, 42.0) * scale, rng.uniform(14.0, 28.0) * scale, rng.uniform(14.0, 30.0) * scale)
+            radii = (rng.uniform(40.0, 62.0) * scale, rng.uniform(26.0, 44.0) * scale, rng.uniform(26.0, 44.0) * scale)
             coef = rng.normal(0.0, 0.08, 8) if shape == "noisy_ellipsoid" else None
             bound = max(radii) * (1.0 + (np.abs(coef).sum() if coef is not None else 0.0))
             parts = [(c, bound, _ellipsoid(frame, radii, coef))]
@@ -333,8 +333,8 @@ def set2_defect(
             k = int(rng.integers(3, 7))
             balls = []
             for _ in range(k):
-                off = frame[0] * rng.normal(0, 14.0) + frame[1] * rng.normal(0, 14.0)
-                r = rng.uniform(11.0, 22.0) * scale
+                off = frame[0] * rng.normal(0, 20.0) + frame[1] * rng.normal(0, 20.0)
+                r = rng.uniform(18.0, 32.0) * scale
                 balls.append((c + off * scale, r))
             parts = [(bc, r, _ellipsoid(frame, (r, r, r))) for bc, r in balls]
             info["balls_mm"] = [[*np.round(bc, 2).tolist(), round(r, 2)] for bc, r in balls]

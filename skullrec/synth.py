@@ -45,7 +45,7 @@ _LPS_INDEX_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 # Physical field of view of the default source grid (mm): the largest head the parameter ranges
 # below can produce, plus the pose, fits with a margin.
-SOURCE_FOV_MM = (168.0, 216.0, 168.0)
+SOURCE_FOV_MM = (180.0, 234.0, 180.0)
 
 # Low-order "harmonics" of the direction u = (ux, uy, uz) used for smooth shape variation.
 # Even in ux (left/right symmetric); the asymmetric ux term gets its own small amplitude.
@@ -78,11 +78,11 @@ def sample_params(seed_or_rng: int | np.random.Generator | np.random.SeedSequenc
     u = rng.uniform
     s = float(np.clip(rng.normal(1.0, 0.035), 0.92, 1.08))  # overall head size
     c_down = u(60, 66) * s
-    b_ant, b_post = u(84, 90) * s, u(88, 95) * s
+    b_ant, b_post = u(86, 92) * s, u(90, 97) * s
     p: dict[str, Any] = {
         "scale": s,
         # vault: egg-shaped ellipsoid semi-axes (mm)
-        "half_width": u(65, 71) * s,
+        "half_width": u(67, 73) * s,
         "front": b_ant,
         "back": b_post,
         "up": u(70, 78) * s,
@@ -91,12 +91,12 @@ def sample_params(seed_or_rng: int | np.random.Generator | np.random.SeedSequenc
         "shape_coef": (rng.normal(0.0, 0.02, _N_SHAPE_TERMS)).tolist(),
         "asymmetry": float(rng.normal(0.0, 0.006)),
         # bone thickness (mm)
-        "thickness": u(5.0, 6.3),
+        "thickness": u(5.6, 6.9),
         "thickness_coef": (rng.normal(0.0, 0.06, _N_SHAPE_TERMS)).tolist(),
         "temporal_thinning": u(1.2, 2.2),
         "occipital_thickening": u(0.5, 1.5),
         # skull base: floor heights of the fossae (mm, negative = below the vault centre)
-        "base_thickness": u(5.0, 7.5),
+        "base_thickness": u(6.0, 9.0),
         "anterior_fossa_z": -u(0.24, 0.34) * c_down,
         "middle_fossa_z": -u(0.58, 0.68) * c_down,
         "posterior_fossa_z": -u(0.74, 0.84) * c_down,
@@ -104,6 +104,7 @@ def sample_params(seed_or_rng: int | np.random.Generator | np.random.SeedSequenc
         "sphenoid_ridge_y": -u(0.20, 0.30) * b_ant,
         "petrous_ridge_y": u(0.04, 0.14) * b_post,
         # foramen magnum: ellipse in the posterior fossa (radii mm, centre behind the petrous ridge)
+        "petrous_radius": u(6.0, 8.0),
         "foramen_offset": u(14.0, 22.0),
         "foramen_radii": [u(13.0, 16.0), u(16.0, 19.0)],
         # face block and openings
@@ -114,7 +115,7 @@ def sample_params(seed_or_rng: int | np.random.Generator | np.random.SeedSequenc
         "nasal_half_width": u(9.0, 12.0),
         "arch_radius": u(3.5, 4.5),
         # field of view cut under the vertex (SkullFix skulls are 132-145 mm high)
-        "cut_height_mm": u(128.0, 145.0),
+        "cut_height_mm": u(134.0, 152.0),
         # pose in the grid
         "rotation_deg": [u(-5, 5), u(-6, 6), u(-3, 3)],
         "shift_mm": rng.uniform(-4.0, 4.0, 3).tolist(),
@@ -167,6 +168,17 @@ class _Head:
         u = u / np.linalg.norm(u)
         ro, t = self.radii(*(np.float32(v) for v in u))
         return u * (float(ro) - 0.5 * float(t))
+
+    def petrous_segments(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Axes of the two petrous ridges: from the lateral skull wall (ear) forwards and medially to near the sella."""
+        p = self.p
+        z0 = float(self.floor_z(np.float32(45.0), np.float32(p["petrous_ridge_y"])))
+        out = []
+        for side in (-1.0, 1.0):
+            a0 = self.shell_point(np.array([side * 0.92, 0.12, z0 / p["down"] * 0.9]))
+            a1 = np.array([side * 14.0, p["petrous_ridge_y"] - 14.0, z0 + 6.0])
+            out.append((a0.astype(np.float64), a1))
+        return out
 
     def vertex_z(self) -> float:
         return float(self.radii(np.float32(0), np.float32(0), np.float32(1))[0])
@@ -245,6 +257,16 @@ def _bone_at(h: _Head, x: np.ndarray, y: np.ndarray, z: np.ndarray, z_cut: float
     fr = p["foramen_radii"]
     floor &= (np.square(x / fr[0]) + np.square((y - fy) / fr[1])) >= 1.0
     bone |= floor
+    # petrous ridges: dense bony pyramids running from the ear region forwards to the sella
+    py = p["petrous_ridge_y"]
+    near = np.flatnonzero((np.abs(y - py) < 35.0) & (z < p["middle_fossa_z"] + 30.0))
+    if near.size:
+        xs, ys, zs = x[near], y[near], z[near]
+        for a0, a1 in h.petrous_segments():
+            seg = a1 - a0
+            tt = np.clip(((xs - a0[0]) * seg[0] + (ys - a0[1]) * seg[1] + (zs - a0[2]) * seg[2]) / float(seg @ seg), 0.0, 1.0)
+            d2 = np.square(xs - a0[0] - tt * seg[0]) + np.square(ys - a0[1] - tt * seg[1]) + np.square(zs - a0[2] - tt * seg[2])
+            bone[near] |= (d2 <= np.square(p["petrous_radius"] * (1.0 - 0.4 * tt))) & (rho[near] <= ro[near])
     g = h.face_geometry()
     hx, hy, hz = g["half"]
     _, yc, zc = g["centre"]

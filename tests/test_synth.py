@@ -22,7 +22,7 @@ SIX = ndimage.generate_binary_structure(3, 1)
 
 # Bone fraction of a skull prepared to 64^3 (partial-volume rule of skullrec.prepare): the range
 # the generator is held to. Real SkullFix complete skulls prepared the same way: see docs/data_synth.md.
-BONE_FRACTION_64 = (0.12, 0.24)
+BONE_FRACTION_64 = (0.10, 0.17)
 
 
 @pytest.fixture(scope="module")
