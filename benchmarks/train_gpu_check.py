@@ -6,8 +6,8 @@ set of shells, then for baseline / fam / sam:
 1. runs ``train_step`` under ``torch.cuda.set_sync_debug_mode("warn")`` and counts the
    host-synchronising calls it makes (the trainer promises none of its own);
 2. trains 3 epochs (16 cases, batch 4) and prints the seconds per epoch from metrics.jsonl;
-3. trains 1 epoch, resumes to 3, and prints the largest weight difference to the uninterrupted run
-   (0 with deterministic cuDNN; cuDNN does not promise bitwise equality across processes).
+3. interrupts a run with SIGINT in the middle of epoch 2, resumes it, and prints the largest weight
+   difference to the uninterrupted run (deterministic settings only).
 
 SimpleITK is only needed for NRRD files; where it is missing (the GPU image) a stub is installed.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -90,6 +92,29 @@ def _sync_count(method: str, root: Path) -> int:
     return len(caught)
 
 
+def _interrupted_run(root: Path, method: str, run: Path) -> None:
+    """Train with a Ctrl-C (SIGINT to this process) after the 6th step: mid-epoch 2 of 4 steps."""
+    import skullrec.trainer as T
+
+    orig, calls = T.train_step, [0]
+
+    def step(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    T.train_step = step
+    try:
+        train_command(config=REPO / "configs/smoke.yaml", overrides=_sets(root, method, 3, True), run_dir=run,
+                      resume=None, force=False, device="cuda", overwrite=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        T.train_step = orig
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -114,10 +139,8 @@ def main() -> None:
             diff = float("nan")
             if det:
                 part = work / f"{method}_part"
-                train_command(config=REPO / "configs/smoke.yaml", overrides=_sets(root, method, 1, det), run_dir=part,
-                              resume=None, force=False, device="cuda", overwrite=False)
-                train_command(config=None, overrides=["train.epochs=3"], run_dir=None, resume=part, force=True,
-                              device="cuda", overwrite=False)
+                _interrupted_run(root, method, part)
+                train_command(config=None, overrides=[], run_dir=None, resume=part, force=False, device="cuda", overwrite=False)
                 a, b = load_file(str(run / "last.safetensors")), load_file(str(part / "last.safetensors"))
                 diff = max(float((a[k] - b[k]).abs().max()) for k in a)
             rows.append((method, det, n_sync, secs, wall, diff))

@@ -462,7 +462,7 @@ def train(
                 if resumed is not None and epoch == start_epoch and start_step > 0:
                     sums = {k: v.to(dev) for k, v in resumed["sums"].items()}
                     reg_steps, elapsed, first = int(resumed["reg_steps"]), float(resumed["elapsed"]), start_step
-                    probes.set_state(resumed["probes"])
+                    probes.set_state(resumed["probes"].cpu())  # a generator state is a CPU tensor, even for CUDA
                 use_sam = method in ("sam", "asam") and epoch >= cfg.sam.start_epoch
                 bar = _Progress(steps_per_epoch, epoch, cfg.train.epochs, first, progress)
                 t0 = time.perf_counter()
