@@ -175,11 +175,14 @@ def mesh_from_mask(mask: np.ndarray, affine: np.ndarray, level: float = 0.5) -> 
 
 
 def stl_bytes(verts: np.ndarray, faces: np.ndarray, name: str = "skullrec") -> bytes:
-    """A binary STL (mm) of a triangle mesh, via trimesh."""
+    """A binary STL (mm) of a triangle mesh, via trimesh; ``name`` goes into the 80-byte header."""
     import trimesh
 
     mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=False)
-    return mesh.export(file_type="stl")
+    payload = mesh.export(file_type="stl")
+    # The binary STL header is 80 free-form bytes; put the name there (slicers show it).
+    header = name.encode("ascii", "replace")[:80].ljust(80, b" ")
+    return header + payload[80:]
 
 
 def predict_command(
@@ -234,7 +237,7 @@ def predict_command(
                             verts, faces = mesh_from_mask(mask, vol.affine)
                             if len(faces) == 0:
                                 continue  # an empty implant has no surface: reported below, no file
-                            atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces))
+                            atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, f"skullrec {cid} {kind} (mm)"))
                     if rec.implant_empty:
                         progress.console.print(f"[yellow]{cid}: empty implant (the model added no bone outside the defective skull)[/]")
                     summary.append(row)

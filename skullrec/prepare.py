@@ -108,8 +108,8 @@ def bone_fraction(vol: Volume, box: Box, size: int = DEFAULT_SIZE) -> np.ndarray
     out = np.zeros((size, size, size), dtype=np.float32)
     if any(s.stop <= s.start for s in slices):
         return out  # the box lies entirely outside the volume
-    # Contract one axis at a time, largest reduction first, slab by slab to bound memory
-    # (a float32 copy of a whole 512^3 crop would be ~0.5 GB).
+    # Contract one axis at a time (x first, in slabs of 32 source slices: a float32 copy of a
+    # whole 512^3 crop would be ~0.5 GB), then y and z on the already small intermediate.
     src = vol.data[slices]
     chunk = 32
     partial = np.empty((size,) + src.shape[1:], dtype=np.float32)

@@ -180,6 +180,7 @@ def test_predict_command_writes_nifti_and_stl_on_the_input_grid(tmp_path: Path, 
             assert v.shape == src.shape
             np.testing.assert_allclose(v.affine, src.affine, atol=1e-4)
             tri = _read_binary_stl(out / "stl" / f"{cid}_{kind}.stl")
+            assert (out / "stl" / f"{cid}_{kind}.stl").read_bytes()[:80].rstrip() == f"skullrec {cid} {kind} (mm)".encode()
             assert len(tri) > 100
             pts = tri.reshape(-1, 3)
             assert np.all(pts >= lo - 1e-3) and np.all(pts <= hi + 1e-3)
