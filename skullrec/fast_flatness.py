@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from .config import ConfigError
 from .flatness import FamTerm, rademacher, register_estimator, shape_trace
 
-# Step of the second difference in decodeL's output space, relative to the RMS of z (so that it
+# Step of the second difference in decodeL's output space, relative to the RMS of each sample's z (so that it
 # follows the scale of the features as training changes them). Bias O(eps^2), rounding O(u/eps^2)
 # with u ~ 1e-7 in float32: 3e-2 balances the two (gradient within ~0.6 % of autograd on the 64^3
 # model in float32; docs/performance.md).
@@ -222,7 +222,7 @@ def _subset(batch: int, fraction: float, generator: torch.Generator | None, devi
 
 
 def _check_per_sample_loss(loss_fn: Callable, name: str) -> None:
-    """A random subset of samples estimates the batch's curvature only for a per-sample mean loss."""
+    """The estimators evaluate the loss per sample: it must be a mean of per-sample losses."""
     if getattr(loss_fn, "batch", False) or getattr(loss_fn, "reduction", "mean") not in ("mean", "MEAN"):
         raise ConfigError(f"fam.estimator: '{name}' needs a loss that is a mean over samples (DiceLoss batch=False, reduction=mean)")
     red = getattr(loss_fn, "reduction", "mean")
@@ -251,8 +251,9 @@ def fd_quadratic_form(
     if idx is not None:
         latent, z, logits, y = latent[idx], z[idx], logits[idx], y[idx]
     m = z.shape[0]
-    # Step relative to the features' scale; a detached constant (it must not carry a gradient).
-    step = eps * z.detach().pow(2).mean().sqrt().clamp_min(1e-6)
+    # Per-sample step relative to that sample's feature scale; a detached constant (no gradient).
+    # Per sample, so that a sample's estimate does not depend on which batch or shard it is in.
+    step = eps * z.detach().pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)  # (m, 1)
     u = torch.einsum("koi,ni->kno", probes.to(latent.dtype), latent)  # (k, m, out)
     # ReLU after decodeL, frozen: relu(z + s u) -> relu(z) + s * 1[z > 0] u.
     du = step * (z > 0).to(z.dtype) * u
@@ -260,17 +261,19 @@ def fd_quadratic_form(
     hp = torch.cat([(h + du).reshape(k * m, -1), (h - du).reshape(k * m, -1)])  # (2 k m, out)
     with _frozen(taps, idx, 2 * k):
         out = net.decoder(hp.reshape(2 * k * m, *net.bottleneck_shape))
-    # Losses in float64: the second difference is ~1e-5 of the loss, below float32's resolution there.
-    center = loss_fn(logits.double(), y.double())
-    side = torch.stack([loss_fn(o.double(), y.double()) for o in out.split(m)])  # (2k,) each a mean over m
-    return ((side.sum() - 2 * k * center) / k / step.double() ** 2).to(z.dtype)
+    # Per-sample losses (the loss is a mean over samples), in float64: the second difference is
+    # ~1e-4 of the loss, close to float32's resolution there.
+    yd = y.double()
+    center = torch.stack([loss_fn(logits[n : n + 1].double(), yd[n : n + 1]) for n in range(m)])  # (m,)
+    side = torch.stack([loss_fn(out[j : j + 1].double(), yd[j % m : j % m + 1]) for j in range(2 * k * m)])
+    second = side.reshape(2, k, m).sum(0) - 2 * center  # (k, m)
+    return (second / step.reshape(1, m).double() ** 2).mean().to(z.dtype)
 
 
 def _fd_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
                   generator: torch.Generator | None, *, fraction: float = 1.0, name: str = "fd") -> FamTerm:
     net = _check_model(reg, model, name)
-    if fraction < 1.0:
-        _check_per_sample_loss(loss_fn, name)
+    _check_per_sample_loss(loss_fn, name)
     taps = attach_taps(net)
     latent, z, logits, _ = _forward_pieces(net, taps, x)
     weight = net.decodeL.weight
