@@ -581,3 +581,17 @@ def test_page_without_data_or_runs_explains_what_to_do(monkeypatch, tmp_path: Pa
     assert "No results CSV found" in at.info[0].value
     at.radio(key="page").set_value("Compare runs").run()
     no_failures(at)
+
+
+def test_broken_checkpoint_is_an_error_line_not_a_crash(app, runs: Path) -> None:
+    (runs / "c").mkdir()
+    (runs / "c" / "last.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    at = app.run()
+    at.sidebar.selectbox(key="ckpt").set_value("runs/c/last.safetensors").run()
+    at.sidebar.button(key="reconstruct").click().run()
+    no_failures(at)
+    assert len(at.error) == 1 and "runs/c/last.safetensors: " in at.error[0].value and "\n" not in at.error[0].value
+    # Another checkpoint still works on the same page.
+    at.sidebar.selectbox(key="ckpt").set_value("runs/a/last.safetensors").run()
+    at.sidebar.button(key="reconstruct").click().run()
+    assert not at.error and [m.label for m in at.metric][0] == "DSC (skull)"

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_viewer_app import small_checkpoint, toy_affine, toy_skull
-
 from skullrec.dataset import write_case, write_manifest
 from skullrec.io import read_volume, write_nifti
 
@@ -29,13 +27,24 @@ pytestmark = [
 ]
 
 
-def screenshot_module():
-    """scripts/screenshot_viewer.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("screenshot_viewer", REPO / "scripts" / "screenshot_viewer.py")
+def load_module(name: str, path: Path):
+    """A module from a file (scripts/ is no package; works under any pytest import mode)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
+
+
+def screenshot_module():
+    return load_module("screenshot_viewer", REPO / "scripts" / "screenshot_viewer.py")
+
+
+# The tiny data set and checkpoint of the AppTest tests.
+_app_tests = load_module("test_viewer_app", Path(__file__).with_name("test_viewer_app.py"))
+small_checkpoint, toy_affine, toy_skull = _app_tests.small_checkpoint, _app_tests.toy_affine, _app_tests.toy_skull
 
 
 def png_size(path: Path) -> tuple[int, int]:
