@@ -8,6 +8,7 @@ meshes), skullrec.checkpoint (safe loading) and skullrec.metrics.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,14 +190,25 @@ def checkpoint_path(label: str) -> Path:
     return V.discover_checkpoints(SETTINGS.runs)[label]
 
 
-def run_reconstruction(key: str, case: V.CaseVolumes, label: str) -> tuple[Volume, Volume] | None:
+@dataclass
+class Recon:
+    """A reconstruction shown on the page; ``key`` names input + checkpoint file version for the caches."""
+
+    complete: Volume
+    implant: Volume
+    key: str
+
+
+def run_reconstruction(key: str, case: V.CaseVolumes, label: str) -> Recon | None:
     """Reconstruct (cached); a broken checkpoint is an st.error, not a crash."""
     path = checkpoint_path(label)
+    stamp = mtime_ns(path)
     try:
-        return reconstruct(key, str(path), mtime_ns(path), case.defective)
+        complete, implant = reconstruct(key, str(path), stamp, case.defective)
     except InputError as exc:
         st.error(str(exc))
         return None
+    return Recon(complete, implant, f"{key}|{path}|{stamp}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,17 +216,19 @@ def run_reconstruction(key: str, case: V.CaseVolumes, label: str) -> tuple[Volum
 # ------------------------------------------------------------------------------------------
 
 
-def view_3d(key: str, case: V.CaseVolumes, recon: tuple[Volume, Volume] | None, layers: list[str], opacity: float, chart_key: str, height: int = 520, title: str = ""):
+def view_3d(key: str, case: V.CaseVolumes, recon: Recon | None, layers: list[str], opacity: float, chart_key: str, height: int = 520, title: str = ""):
     vols = {"defective": case.defective}
     if recon is not None:
-        vols["reconstruction"], vols["implant"] = recon
+        vols["reconstruction"], vols["implant"] = recon.complete, recon.implant
     if case.complete is not None:
         vols["truth"], vols["truth_implant"] = case.complete, case.implant
     traces = []
     for layer in layers:
         if layer not in vols:
             continue
-        verts, faces = surface(f"{key}|{layer}", vols[layer].data, vols[layer].affine)
+        # Predicted layers depend on the checkpoint too: their cache key is the reconstruction's.
+        owner = recon.key if layer in ("reconstruction", "implant") else key
+        verts, faces = surface(f"{owner}|{layer}", vols[layer].data, vols[layer].affine)
         # Implants stay opaque so that they stand out against see-through bone.
         traces.append(V.mesh_trace(verts, faces, layer, 1.0 if layer.endswith("implant") else opacity))
     st.plotly_chart(V.figure_3d(traces, title=title, height=height), key=chart_key, config={"displaylogo": False})
@@ -252,7 +266,7 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
         if case.complete is not None:
             masks["truth"], masks["truth_implant"] = case.complete.data, case.implant.data
         if recon is not None:
-            masks["reconstruction"], masks["implant"] = recon[0].data, recon[1].data
+            masks["reconstruction"], masks["implant"] = recon.complete.data, recon.implant.data
         # Draw order: anatomy, truth, prediction, implants on top.
         order = ["defective", "truth", "reconstruction", "truth_implant", "implant"]
         shown = {k: masks[k] for k in order if k in masks and k in layers}
@@ -266,10 +280,10 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
 
     if recon is None:
         return
-    rec, implant = recon
+    rec, implant = recon.complete, recon.implant
     if case.complete is not None:
         st.subheader("Metrics")
-        rows = metric_rows(f"{key}|{ckpt}", rec, implant, case)
+        rows = metric_rows(recon.key, rec, implant, case)
         value = {(r["target"], r["metric"], r["unit"]): r["value"] for r in rows}
 
         def shown(target: str, metric: str, unit: str, fmt: str) -> str:
@@ -319,7 +333,7 @@ def page_compare(key: str | None, case: V.CaseVolumes | None) -> None:
                 continue
             view_3d(key, case, recon, ["defective", "implant"], opacity, chart_key=f"compare3d_{tag}", height=420, title=label)
             if case.complete is not None:
-                rows = metric_rows(f"{key}|{label}", recon[0], recon[1], case)
+                rows = metric_rows(recon.key, recon.complete, recon.implant, case)
                 st.dataframe(rows, hide_index=True, key=f"compare_metrics_{tag}")
 
 

@@ -560,7 +560,12 @@ def test_compare_two_runs_side_by_side(app) -> None:
     assert not at.error, [e.value for e in at.error]
     titles = [json.loads(el.proto.spec)["layout"]["title"]["text"] for el in at.get("plotly_chart")]
     assert titles == ["runs/a/last.safetensors", "runs/b/last.safetensors"]
+    # Each side shows its own run's implant (the two untrained models differ).
+    implants = [next(t for t in chart_traces(at, f"compare3d_{tag}") if t["name"] == "Implant (predicted)") for tag in "ab"]
+    assert len(array_of(implants[0]["x"])) != len(array_of(implants[1]["x"]))
     assert len(at.dataframe) == 2  # one metrics table per run (the train case has a truth)
+    dsc = [t.value.set_index(["target", "metric", "unit"]).loc[("skull", "DSC", ""), "value"] for t in at.dataframe]
+    assert dsc[0] != dsc[1]
 
 
 def test_page_without_data_or_runs_explains_what_to_do(monkeypatch, tmp_path: Path) -> None:
