@@ -10,6 +10,7 @@ sees the same batches whether the run got there in one go or was resumed.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class TensorSplit:
     ids: list[str]
     defective: torch.Tensor
     complete: torch.Tensor
+    fingerprint: str = ""  # SHA-256 of ids and voxels: a resumed run checks it trains on the same data
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -80,9 +82,14 @@ def load_tensor_split(root: str, split: str, size: int, device: torch.device | s
             f"set model.size or run 'skullrec prepare --size {size}'"
         )
     dev = torch.device(device)
-    defective = torch.from_numpy(np.ascontiguousarray(s.defective, dtype=np.uint8)).unsqueeze(1).to(dev)
-    complete = torch.from_numpy(np.ascontiguousarray(s.complete, dtype=np.uint8)).unsqueeze(1).to(dev)
-    return TensorSplit(name=split, ids=list(s.ids), defective=defective, complete=complete)
+    d_np = np.ascontiguousarray(s.defective, dtype=np.uint8)
+    c_np = np.ascontiguousarray(s.complete, dtype=np.uint8)
+    h = hashlib.sha256("\n".join(s.ids).encode())
+    h.update(d_np.tobytes())
+    h.update(c_np.tobytes())
+    defective = torch.from_numpy(d_np).unsqueeze(1).to(dev)
+    complete = torch.from_numpy(c_np).unsqueeze(1).to(dev)
+    return TensorSplit(name=split, ids=list(s.ids), defective=defective, complete=complete, fingerprint=h.hexdigest())
 
 
 @dataclass

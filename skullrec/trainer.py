@@ -402,10 +402,12 @@ def train(
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     data: TrainingData | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir`` (already prepared: config.yaml written); returns the last metrics record.
 
-    ``resume`` continues from ``state.pt`` when there is one. ``data`` may be given to skip loading.
+    ``resume`` continues from ``state.pt`` when there is one; training data other than the run's are
+    refused unless ``force``. ``data`` may be given to skip loading.
     Ctrl-C saves the state between two steps and raises KeyboardInterrupt.
     """
     from monai.losses import DiceLoss
@@ -437,6 +439,11 @@ def train(
         state_path = run_dir / STATE_FILE
         if resume and state_path.is_file():
             resumed = load_training_state(state_path, map_location=dev)
+            if resumed.get("data") not in (None, data.train.fingerprint) and not force:
+                raise InputError(
+                    f"{cfg.data.root}/{cfg.data.train_split}: the training data differ from those the run in {run_dir} "
+                    "was trained on; pass --force to resume anyway"
+                )
             model.load_state_dict(resumed["model"])
             _load_optimizer_state(optimizer, resumed["optimizer"])
             start_epoch = int(resumed["epoch"]) + 1 if int(resumed["step"]) == 0 else int(resumed["epoch"])
@@ -491,7 +498,7 @@ def train(
                             "model": model.state_dict(), "optimizer": _optimizer_state(optimizer),
                             "epoch": epoch, "step": step_done, "sums": sums, "reg_steps": reg_steps,
                             "elapsed": elapsed + time.perf_counter() - t0, "probes": probes.get_state(),
-                            "best_score": best_score, "best_epoch": best_epoch,
+                            "best_score": best_score, "best_epoch": best_epoch, "data": data.train.fingerprint,
                         })
                         raise _interrupted(run_dir, epoch, step_done)
                 bar.close()
@@ -533,6 +540,7 @@ def train(
                 save_training_state(state_path, {
                     "model": model.state_dict(), "optimizer": _optimizer_state(optimizer),
                     "epoch": epoch, "step": 0, "best_score": best_score, "best_epoch": best_epoch,
+                    "data": data.train.fingerprint,
                 })
                 log(_summary_line(record, cfg.train.epochs))
                 last_record = record
@@ -609,7 +617,7 @@ def train_command(
         print(f"{folder}: already finished ({cfg.train.epochs} epochs); nothing to do", flush=True)
         return
     print(f"training {cfg.name} ({cfg.train.method}) on {dev} -> {folder}", flush=True)
-    train(cfg, folder, device=dev, resume=resume is not None, data=data)
+    train(cfg, folder, device=dev, resume=resume is not None, data=data, force=force)
 
 
 __all__ = [

@@ -28,7 +28,7 @@ from skullrec.dataset import load_split, write_case
 from skullrec.flatness import FamRegularizer
 from skullrec.io import InputError
 from skullrec.model import build_model, get_linear
-from skullrec.trainer import checkpoint_path, run_finished, train_command, train_step
+from skullrec.trainer import checkpoint_path, run_finished, train, train_command, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -351,6 +351,22 @@ def test_run_folder_rules(data_root: Path, reference_runs: dict[str, Path], tmp_
     assert [r["epoch"] for r in _metrics(run)] == [1, 2]
     code, out = _cli("train", "--config", str(SMOKE), "--resume", str(run), "--device", "cpu", *sets, "--set", "model.channels=[8,16,16]", "--force")
     assert code == 2 and "cannot change the model architecture" in out
+
+
+def test_resume_on_other_data_is_refused(data_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    run = tmp_path / "run"
+    _train(root, run, "baseline", **{"train.epochs": 1, "train.checkpoint_epochs": [1]})
+    split = load_split(root, "train", max_cases=1)
+    complete = split.complete[0].copy()
+    complete[0, 0, 0] = 1 - complete[0, 0, 0]  # one voxel
+    write_case(root, "train", split.ids[0], complete, split.defective[0] & complete, split.affines[0])
+    cfg = load_config(SMOKE, _overrides(root, "baseline", **{"train.epochs": 2, "train.checkpoint_epochs": [1]}))
+    with pytest.raises(InputError, match="training data differ from those the run .* was trained on; pass --force"):
+        train(cfg, run, device="cpu", resume=True)
 
 
 def test_user_errors_are_one_line(data_root: Path, tmp_path: Path) -> None:
