@@ -41,6 +41,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "fam-outspace": ("fam", {"estimator": "outspace"}, "exact, autograd in decodeL's output space"),
     "fam-fd": ("fam", {"estimator": "fd"}, "frozen-kink second difference, whole batch"),
     "fam-fd-half": ("fam", {"estimator": "fd-half"}, "frozen-kink second difference, random half batch"),
+    "fam-fd-quarter": ("fam", {"estimator": "fd-quarter"}, "frozen-kink second difference, random quarter batch"),
     "fam-fd-k4": ("fam", {"estimator": "fd", "samples": 4}, "fd, 4 probes stacked in one pass"),
     "fam-fd-half-every2": ("fam", {"estimator": "fd-half", "every": 2}, "fd-half every 2nd step"),
     "fam-fd-detached": ("fam", {"estimator": "fd", "gradient": "detached"}, "fd, trace detached"),

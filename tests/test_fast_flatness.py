@@ -193,3 +193,24 @@ def test_fast_estimators_refuse_other_layers():
     x = torch.zeros(1, 1, 32, 32, 32, dtype=torch.float64)
     with pytest.raises(ConfigError, match="decodeL"):
         reg(model, x, x, loss_function(), loss_function()(model(x), x), None)
+
+
+def test_bf16_autocast_autograd_close_fd_refused():
+    """CPU bf16 autocast: the autograd double backward stays close to float32; the fd estimators refuse it."""
+    model, x, y, _ = _setup(SMALL, 2, seed=3)
+    model, x, y = model.float(), x.float(), y.float()
+    loss_fn = loss_function()
+
+    def grad(estimator: str, amp: bool):
+        reg = FamRegularizer(FamConfig(lam=1.0, estimator=estimator, trace="signed"), model)
+        ff.attach_taps(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(x).float(), y)
+            term = reg(model, x, y, loss_fn, loss, torch.Generator().manual_seed(1))
+        return _flat(torch.autograd.grad(term.penalty, list(model.parameters())))
+
+    g32, g16 = grad("autograd", False), grad("autograd", True)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+    assert _rel(g16, g32) < 0.1
+    with pytest.raises(ConfigError, match="float32"):
+        grad("fd", True)
