@@ -20,9 +20,9 @@ third-derivative term of the paper's Lemma 1. Options of :func:`fam_term` / :fun
 * ``trace="signed" | "abs" | "relu"``: Tr(H) as is, |Tr(H)|, or max(Tr(H), 0). With Dice loss Tr(H)
   is negative at initialisation, so minimising ||w||^2 Tr(H) as written is unbounded below.
 
-Hessian-vector products use reverse-over-reverse autograd. Several probes go through one backward
-call with ``is_grads_batched=True`` (vmap over the backward); :data:`BATCHED_PROBES` switches to a
-Python loop over probes (measured in benchmarks/flatness_batching.py, numbers in docs/flatness.md).
+Hessian-vector products use reverse-over-reverse autograd, one backward per probe (the first
+gradient is shared by all probes); :data:`BATCHED_PROBES` can push all probes through one batched
+backward instead (measured in benchmarks/flatness_batching.py, numbers in docs/flatness.md).
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ from .io import InputError
 # Dense layer Hessians need one Hessian-vector product per weight and numel^2 memory: refuse above this.
 MAX_EXACT_WEIGHTS = 4096
 # How several probes are pushed through the double backward:
+#   False   a Python loop, one backward per probe (the default, see below);
 #   True    one batched backward (``is_grads_batched``, i.e. vmap over the backward);
-#   False   a Python loop, one backward per probe;
 #   "auto"  batched, falling back to the loop (for the rest of the process) when torch has no batching
-#           rule for some op in the graph. In torch 2.13 that is the case for the double backward of
-#           GroupNorm, i.e. for SkullAutoEncoder ("Batching rule not implemented for aten::is_nonzero"),
-#           so there the loop is what runs; tiny MLPs (tests) do batch. See docs/flatness.md.
-BATCHED_PROBES: bool | str = "auto"
+#           rule for some op in the graph.
+# Measured (benchmarks/flatness_batching.py, torch 2.13 CPU, numbers in docs/flatness.md): batching fails
+# on SkullAutoEncoder (GroupNorm's double backward has no vmap rule), and where it runs (an MLP) it is
+# slower than the loop once the trace's own gradient is needed; it only wins for many probes without
+# a graph. Hence the loop by default.
+BATCHED_PROBES: bool | str = False
 _batched_unsupported = False
 
 GRADIENTS = ("full", "detached")
@@ -371,6 +373,7 @@ class LayerFlatness:
     seconds_per_probe: float
     trace_exact: float | None = None
     kappa_nw_exact: float | None = None
+    exact_estimate_s: float | None = None  # predicted time of the exact (dense) part
 
     @property
     def kappa_hat(self) -> float:
@@ -431,6 +434,7 @@ def measure_layer(
         samples=samples, seconds_per_probe=per_probe_s,
     )
     n = weight.numel()
+    out.exact_estimate_s = per_probe_s * n
     if n <= MAX_EXACT_WEIGHTS and per_probe_s * n <= exact_budget_s and weight.dim() == 2:
         eye = torch.eye(n, dtype=weight.dtype, device=weight.device).reshape(n, *weight.shape)
         hess = _dataset_products(model, weight, x, y, loss_fn, eye, batch_size, probe_chunk).reshape(n, n)
@@ -480,7 +484,10 @@ def flatness_command(
         results.append(r)
         shape = "x".join(map(str, r.shape))
         print(f"layer {name} ({shape}, {math.prod(r.shape)} weights), {samples} Rademacher probes, {r.seconds_per_probe:.2f} s/probe")
-        exact = f"   exact {r.trace_exact:.6g}" if r.trace_exact is not None else "   exact: skipped (would exceed the time budget)"
+        exact = (
+            f"   exact {r.trace_exact:.6g}" if r.trace_exact is not None
+            else f"   exact: skipped ({math.prod(r.shape)} products, ~{r.exact_estimate_s:.0f} s > 60 s; fewer --max-cases or a GPU)"
+        )
         print(f"  Tr(H)          {r.trace_mean:.6g} +- {r.trace_se:.2g} (SE){exact}")
         print(f"  ||w||^2        {r.norm_sq:.6g}")
         exact_k = f"   exact {r.norm_sq * r.trace_exact:.6g}" if r.trace_exact is not None else ""
