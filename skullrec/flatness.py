@@ -486,7 +486,7 @@ def flatness_command(
         print(f"layer {name} ({shape}, {math.prod(r.shape)} weights), {samples} Rademacher probes, {r.seconds_per_probe:.2f} s/probe")
         exact = (
             f"   exact {r.trace_exact:.6g}" if r.trace_exact is not None
-            else f"   exact: skipped ({math.prod(r.shape)} products, ~{r.exact_estimate_s:.0f} s > 60 s; fewer --max-cases or a GPU)"
+            else f"   exact: skipped ({math.prod(r.shape)} products, ~{r.exact_estimate_s:.0f} s > 60 s budget; use fewer --max-cases)"
         )
         print(f"  Tr(H)          {r.trace_mean:.6g} +- {r.trace_se:.2g} (SE){exact}")
         print(f"  ||w||^2        {r.norm_sq:.6g}")
