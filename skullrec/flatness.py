@@ -68,13 +68,14 @@ class FamTerm:
         penalty: scalar with graph; the trainer adds ``lam * penalty`` to the loss.
         trace: Tr(H) estimate (signed, summed over the regularised layers), detached.
         norm_sq: ||w||_F^2 summed over the regularised layers, detached.
-        per_layer: name -> (trace, norm_sq) as floats, for logging several layers.
+        per_layer: name -> (trace, norm_sq) as detached 0-d tensors, for logging several layers
+            (tensors, not floats: reading a float would make a GPU step wait for the device).
     """
 
     penalty: Tensor
     trace: Tensor
     norm_sq: Tensor
-    per_layer: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_layer: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 def rademacher(n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -197,7 +198,7 @@ def fam_term(
         penalty = penalty + (n2 if norm == "squared" else n2.sqrt()) * t_used
         traces.append(tr.detach())
         norms.append(n2.detach())
-        per_layer[names[i]] = (float(tr.detach()), float(n2.detach()))
+        per_layer[names[i]] = (tr.detach(), n2.detach())
     return FamTerm(penalty=penalty, trace=torch.stack(traces).sum(), norm_sq=torch.stack(norms).sum(), per_layer=per_layer)
 
 
