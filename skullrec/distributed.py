@@ -150,6 +150,25 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out / info.world_size
 
 
+def epoch_sums(stacked: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Combine a rank's epoch sums: entry 0 (a sum over samples) is summed over ranks, the others
+    (sums over steps of per-step values) are averaged over ranks. One all-reduce, on the device."""
+    if not info.enabled:
+        return stacked
+    out = stacked.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    scale = torch.full_like(out, 1.0 / info.world_size)
+    scale[0] = 1.0
+    return out * scale
+
+
+def main_only(fn):  # noqa: ANN001, ANN201 - wraps any writer
+    """``fn`` on rank 0, a no-op returning None on the other ranks (run-folder writers)."""
+    if current().is_main:
+        return fn
+    return lambda *args, **kwargs: None
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (e.g. before rank 0 reads what it wrote)."""
     if info.enabled:
@@ -167,5 +186,7 @@ __all__ = [
     "unwrap",
     "shard",
     "all_reduce_mean",
+    "epoch_sums",
+    "main_only",
     "barrier",
 ]

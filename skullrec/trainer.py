@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import yaml
 
+from . import distributed
 from .checkpoint import (
     architecture,
     load_training_state,
@@ -416,9 +417,13 @@ def train(
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
+    dinfo = distributed.current()  # a torchrun (DDP) job, or a single process (skullrec.distributed)
     log = log or (lambda s: print(s, flush=True))
     if progress is None:
         progress = sys.stderr.isatty()
+    if not dinfo.is_main:  # only rank 0 prints and writes the run folder; the ranks hold identical weights
+        log, progress = (lambda s: None), False
+    save_checkpoint_, save_state_, write_metrics_ = (distributed.main_only(f) for f in (save_checkpoint, save_training_state, _write_metrics))
 
     with _torch_settings(cfg, dev):
         if data is None:
@@ -458,6 +463,8 @@ def train(
         n_train = len(data.train)
         steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
         last_record: dict[str, Any] = records[-1] if records else {}
+        distributed.check_batch_size(cfg.train.batch_size, dinfo)
+        net = distributed.wrap(model, dinfo, dev)  # DDP when distributed; `model` stays the plain module
         interrupt = _Interrupt()
         with interrupt:
             for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -474,11 +481,11 @@ def train(
                 bar = _Progress(steps_per_epoch, epoch, cfg.train.epochs, first, progress)
                 t0 = time.perf_counter()
                 for i in range(first, steps_per_epoch):
-                    x, y = data.train.batch(batches[i])
+                    x, y = data.train.batch(distributed.shard(batches[i], dinfo))
                     global_step = (epoch - 1) * steps_per_epoch + i
                     use_reg = method == "fam" and global_step % cfg.fam.every == 0
                     out = train_step(
-                        model, x, y, loss_fn, optimizer,
+                        net, x, y, loss_fn, optimizer,
                         reg=reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=cfg.train.amp,
                     )
                     n = x.shape[0]
@@ -494,7 +501,7 @@ def train(
                         step_done = i + 1
                         if step_done == steps_per_epoch:
                             break  # finish the epoch normally; the check after it stops the run
-                        save_training_state(state_path, {
+                        save_state_(state_path, {
                             "model": model.state_dict(), "optimizer": _optimizer_state(optimizer),
                             "epoch": epoch, "step": step_done, "sums": sums, "reg_steps": reg_steps,
                             "elapsed": elapsed + time.perf_counter() - t0, "probes": probes.get_state(),
@@ -504,7 +511,7 @@ def train(
                 bar.close()
 
                 # ---- end of epoch: one sync, validation, checkpoints, metrics, then the state (commit)
-                summary = {k: float(v) for k, v in zip(sums, torch.stack(list(sums.values())).tolist())}
+                summary = {k: float(v) for k, v in zip(sums, distributed.epoch_sums(torch.stack(list(sums.values())), dinfo).tolist())}
                 seconds = elapsed + time.perf_counter() - t0
                 record: dict[str, Any] = {
                     "epoch": epoch,
@@ -529,15 +536,15 @@ def train(
                 score, by = (record["val_dsc_mean"], "val_dsc_mean") if "val_dsc_mean" in record else (-record["dice_loss"], "train_dice_loss")
                 meta = {"epoch": epoch, "method": method, "dice_loss": record["dice_loss"], "val_dsc": record.get("val_dsc")}
                 if epoch in cfg.train.checkpoint_epochs:
-                    save_checkpoint(checkpoint_path(run_dir, epoch), model, cfg, **meta)
+                    save_checkpoint_(checkpoint_path(run_dir, epoch), model, cfg, **meta)
                 if best_score is None or score > best_score:
                     best_score, best_epoch = score, epoch
-                    save_checkpoint(run_dir / BEST, model, cfg, best_by=by, **meta)
-                save_checkpoint(run_dir / LAST, model, cfg, **meta)
+                    save_checkpoint_(run_dir / BEST, model, cfg, best_by=by, **meta)
+                save_checkpoint_(run_dir / LAST, model, cfg, **meta)
                 record["best_epoch"] = best_epoch
                 records.append(record)
-                _write_metrics(run_dir / METRICS_FILE, records)
-                save_training_state(state_path, {
+                write_metrics_(run_dir / METRICS_FILE, records)
+                save_state_(state_path, {
                     "model": model.state_dict(), "optimizer": _optimizer_state(optimizer),
                     "epoch": epoch, "step": 0, "best_score": best_score, "best_epoch": best_epoch,
                     "data": data.train.fingerprint,
@@ -606,18 +613,28 @@ def train_command(
     if config is None:
         config = Path(resume) / CONFIG_FILE
     cfg = load_config(config, overrides)
-    dev = resolve_device(device)
-    folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
-    if resume is None:
-        _check_new_run_dir(folder, overwrite)
-    # Data problems (missing split, wrong size) are reported before the run folder is touched.
-    data = load_training_data(cfg.data, cfg.model.size, dev)
-    cfg = _settle_run_dir(cfg, folder, resume=resume is not None, force=force, overwrite=overwrite)
-    if resume is not None and run_finished(folder):
-        print(f"{folder}: already finished ({cfg.train.epochs} epochs); nothing to do", flush=True)
-        return
-    print(f"training {cfg.name} ({cfg.train.method}) on {dev} -> {folder}", flush=True)
-    train(cfg, folder, device=dev, resume=resume is not None, data=data, force=force)
+    # Under torchrun (WORLD_SIZE > 1) join the process group; each process gets its device (cuda:LOCAL_RANK).
+    dinfo, dev = distributed.setup(resolve_device(device))
+    try:
+        distributed.check_batch_size(cfg.train.batch_size, dinfo)
+        folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
+        if resume is None and dinfo.is_main:
+            _check_new_run_dir(folder, overwrite)
+        # Data problems (missing split, wrong size) are reported before the run folder is touched.
+        data = load_training_data(cfg.data, cfg.model.size, dev)
+        if dinfo.is_main:  # one writer; if it fails, torchrun stops the other ranks
+            cfg = _settle_run_dir(cfg, folder, resume=resume is not None, force=force, overwrite=overwrite)
+        distributed.barrier(dinfo)
+        if resume is not None and run_finished(folder):
+            if dinfo.is_main:
+                print(f"{folder}: already finished ({cfg.train.epochs} epochs); nothing to do", flush=True)
+            return
+        if dinfo.is_main:
+            ranks = f" x {dinfo.world_size} processes ({dinfo.backend})" if dinfo.enabled else ""
+            print(f"training {cfg.name} ({cfg.train.method}) on {dev}{ranks} -> {folder}", flush=True)
+        train(cfg, folder, device=dev, resume=resume is not None, data=data, force=force)
+    finally:
+        distributed.teardown()
 
 
 __all__ = [
