@@ -36,16 +36,16 @@ import numpy as np
 from .io import InputError
 
 # Removed bone fraction (of the complete skull's bone voxels) every defect must fall in.
-# Set 1: the real SkullFix range (5th-95th percentile 0.068-0.105, min 0.055, max 0.124 over the
+# Set 1: the real SkullFix range (min 0.063, 5th-95th percentile 0.065-0.104, max 0.117 over the
 # 100 training cases), widened a little. Set 2: SkullBreak-like defects vary more in size.
-SET1_FRACTION = (0.05, 0.13)
+SET1_FRACTION = (0.055, 0.125)
 SET2_FRACTION = (0.03, 0.15)
 
 # Set-1 placement and size, from the SkullFix measurements (see docs/data_synth.md).
-SET1_ELEVATION_DEG = (38.0, 58.0)
-SET1_AZIMUTH_DEG = (75.0, 105.0)  # posterior (90) +- 15
-SET1_WIDTH_MM = (72.0, 92.0)  # left-right side of the rounded rectangle
-SET1_LENGTH_MM = (56.0, 74.0)  # front-back side
+SET1_ELEVATION_DEG = (40.0, 54.0)  # real centroid elevation: 35-56, p5-p95 41.6-51.4
+SET1_AZIMUTH_DEG = (76.0, 99.0)  # real: 76-99, median 87 (posterior = 90)
+SET1_WIDTH_MM = (66.0, 88.0)  # left-right side; real principal extent 67-96, median 80.5
+SET1_LENGTH_MM = (52.0, 76.0)  # front-back side; real second extent 44-83, median 67
 SET1_EDGE_RADIUS_MM = (8.0, 18.0)
 CUT_HALF_DEPTH_MM = 30.0  # cuboid half-depth along the normal: through the whole bone, not into the base
 
