@@ -81,8 +81,8 @@ class FamTerm:
 def rademacher(n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """``n`` Rademacher (+-1) tensors shaped like ``like``, stacked: (n, *like.shape).
 
-    Drawn on the generator's device (CPU when None, from torch's global RNG), then moved, so the
-    same seed gives the same probes on CPU and GPU.
+    Drawn on the generator's device (CPU when None, from torch's global RNG), then moved to
+    ``like``'s device: a seeded CPU generator gives the same probes for CPU and GPU weights.
     """
     device = generator.device if generator is not None else torch.device("cpu")
     bits = torch.randint(0, 2, (n, *like.shape), generator=generator, device=device, dtype=torch.int8)
