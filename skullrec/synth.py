@@ -11,13 +11,14 @@ Anatomy (all sizes in mm, drawn per subject from ``params``):
   ``rho = Ro(u) - T(u)`` along every direction ``u`` from the vault centre. ``Ro`` is an egg-shaped
   ellipsoid (different front/back and up/down semi-axes, a narrower forehead) times a smooth
   random low-order polynomial of ``u`` (bilaterally symmetric up to a small asymmetric term);
-  the thickness ``T`` varies smoothly (thinner temporal squama, thicker occiput), clipped to 3.5-8 mm;
+  the thickness ``T`` varies smoothly (thinner temporal squama, thicker occiput and upper back),
+  clipped to 3.5-8 mm;
 * skull base: a floor ``z = zf(x, y)`` of thickness ``tb`` with three steps (anterior, middle and
   posterior cranial fossae, a raised sella in the midline) that closes the vault from below,
-  pierced by the foramen magnum;
-* face: a rounded block under the forehead with two cone-shaped orbits, the nasal cavity
-  (piriform aperture) and both maxillary sinuses carved out, and two zygomatic arches joining
-  it to the temporal bone;
+  two petrous ridges, and the foramen magnum through it;
+* face: a thin-walled rounded block under the forehead (its hollow inside stands for the nasal
+  cavity and maxillary sinuses) with two cone-shaped orbits, the piriform aperture, and two
+  zygomatic arches joining it to the temporal bone;
 * truncation: bone below a plane ``cut_height_mm`` under the vertex is removed, like the CT
   field of view of the SkullFix skulls (which end at the skull base);
 * pose: a small random rotation and shift of the whole head in the grid.
@@ -104,8 +105,8 @@ def sample_params(seed_or_rng: int | np.random.Generator | np.random.SeedSequenc
         "sella_rise": u(8.0, 14.0),
         "sphenoid_ridge_y": -u(0.20, 0.30) * b_ant,
         "petrous_ridge_y": u(0.04, 0.14) * b_post,
-        # foramen magnum: ellipse in the posterior fossa (radii mm, centre behind the petrous ridge)
         "petrous_radius": u(6.0, 8.0),
+        # foramen magnum: ellipse in the posterior fossa (radii mm, centre behind the petrous ridge)
         "foramen_offset": u(14.0, 22.0),
         "foramen_radii": [u(13.0, 16.0), u(16.0, 19.0)],
         # face block and openings
@@ -115,10 +116,10 @@ def sample_params(seed_or_rng: int | np.random.Generator | np.random.SeedSequenc
         "orbit_depth": u(40.0, 48.0),
         "nasal_half_width": u(9.0, 12.0),
         "arch_radius": u(3.5, 4.5),
-        # field of view cut under the vertex (SkullFix skulls are 132-145 mm high)
+        # field of view cut under the vertex (SkullFix skulls: 5th-95th percentile 135-172 mm high, median 150)
         "cut_height_mm": u(134.0, 152.0),
         # pose in the grid
-        "rotation_deg": [u(-5, 5), u(-6, 6), u(-3, 3)],
+        "rotation_deg": [u(-5, 5), u(-6, 6), u(-3, 3)],  # yaw, pitch, roll
         "shift_mm": rng.uniform(-4.0, 4.0, 3).tolist(),
     }
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in p.items()}
