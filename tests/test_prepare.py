@@ -234,7 +234,7 @@ def test_real_skulls_prepare_to_one_piece_with_the_right_extent(skullfix) -> Non
         assert lcc6 >= 0.99, (cid, lcc6)
         assert P.largest_component_fraction(d64.data, connectivity=3) >= 0.99
         # Physical extent: world coordinates of the bone voxel centres, source vs prepared, agree
-        # per world axis to within one prepared voxel diagonal (gantry tilt mixes axes).
+        # per world axis to within one prepared voxel (measured: at most 2.4 mm on cases 000-004).
         def world_bbox(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
             ijk = [a.astype(np.float32) for a in np.nonzero(vol.data)]
             w = [sum(vol.affine[r, c] * ijk[c] for c in range(3)) + vol.affine[r, 3] for r in range(3)]
@@ -242,7 +242,7 @@ def test_real_skulls_prepare_to_one_piece_with_the_right_extent(skullfix) -> Non
 
         slo, shi = world_bbox(v["complete"])
         plo, phi = world_bbox(c64)
-        tol = np.linalg.norm(c64.spacing)
+        tol = max(c64.spacing)
         assert np.all(np.abs(slo - plo) <= tol) and np.all(np.abs(shi - phi) <= tol), (cid, slo, plo, shi, phi)
         # Bone fraction of the box: close to the exact partial-volume fraction (the rule thickens a little).
         exact = P.bone_fraction(v["complete"], v["box"], 64).mean()
