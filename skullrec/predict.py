@@ -218,7 +218,7 @@ def predict_command(
     with staged_output(out, overwrite) as staging:
         ids = list(files)
         columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
+        with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("predict", total=len(ids))
             # Read only one batch at a time: a 512^3 input is ~130 MB as uint8 plus float work arrays.
             for start in range(0, len(ids), batch_size):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -334,6 +335,7 @@ def prepare_command(
     given); eval_set1 / eval_set2 = set-1 / set-2 defects cut at full resolution on the held-out
     skulls; eval_skullfix = the given defective skulls of the held-out cases.
     """
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .dataset import check_output_dir, staged_output, write_manifest
@@ -357,6 +359,8 @@ def prepare_command(
                 raise InputError(f"{path}: no complete partner '{cid}' in {complete}")
     ids = list(cfiles)[:max_cases]
     train_ids, eval_ids = split_cases(ids, eval_fraction, seed)
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
 
     with staged_output(out, overwrite) as staging:
         jobs = [
@@ -369,7 +373,8 @@ def prepare_command(
         ]
         records: list[dict[str, Any]] = []
         columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, transient=False) as progress:
+        # Transient and on stderr: an error leaves just its one line, stdout stays clean.
+        with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("prepare", total=len(jobs))
             n_workers = max(1, min(workers, 2, len(jobs)))
             if n_workers == 1:
@@ -405,4 +410,7 @@ def prepare_command(
             "eval_ids": eval_ids,
         }
         write_manifest(staging, records, meta)
+    counts = {split: sum(r["split"] == split for r in records) for split in order if any(r["split"] == split for r in records)}
+    console.print(f"prepared {len(ids)} skulls in {time.perf_counter() - t0:.0f} s -> {out} ("
+                  + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
     return Path(out)

@@ -295,3 +295,18 @@ def test_prepare_command_eval_sets_are_seeded_and_worker_independent(tmp_path: P
     # The set-1 and set-2 defects differ from each other and from SkullFix's own defect.
     d = {s: read_volume(tmp_path / "a" / s / "defective" / f"{ev[0]}.nii.gz").data for s in ("eval_set1", "eval_set2", "eval_skullfix")}
     assert not np.array_equal(d["eval_set1"], d["eval_set2"]) and not np.array_equal(d["eval_set1"], d["eval_skullfix"])
+
+
+def test_prepare_cli_non_binary_input_needs_threshold(tmp_path: Path) -> None:
+    _write_pairs(tmp_path / "src", 1)
+    path = tmp_path / "src" / "complete" / "000.nii.gz"
+    v = read_volume(path)
+    write_nifti(path, v.data * 200, v.affine)  # a 0/200 mask, as some exporters write
+    args = ["prepare", "--in", str(tmp_path / "src" / "complete"), "--defective", str(tmp_path / "src" / "defective"),
+            "--size", "16", "--eval-fraction", "0"]
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "o1")])
+    assert res.exit_code == 2 and "000.nii.gz" in res.output and "--threshold" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o1").exists()
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "o2"), "--threshold", "0.5"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(read_volume(tmp_path / "o2" / "train" / "complete" / "000.nii.gz").data.max(), 1)
