@@ -47,10 +47,10 @@ def test_same_seed_same_bytes_different_seed_different_skull() -> None:
 
 
 def test_coarse_to_fine_render_equals_voxelwise_evaluation(monkeypatch: pytest.MonkeyPatch, skulls) -> None:
-    complete, params = skulls[0]
-    monkeypatch.setattr(synth, "MIN_FEATURE_MM", 1e9)  # forces the voxel-by-voxel path
-    direct = synth.render(params, *GRID64)
-    np.testing.assert_array_equal(direct, complete)
+    monkeypatch.setattr(synth, "MIN_FEATURE_MM", 0.0)  # every grid counts as coarse: voxel-by-voxel path
+    for complete, params in skulls:
+        direct = synth.render(params, *GRID64)
+        np.testing.assert_array_equal(direct, complete)
 
 
 def test_one_piece_with_6_connectivity(skulls) -> None:
