@@ -174,3 +174,27 @@ def test_synth_refuses_a_non_empty_output_and_bad_counts(tmp_path: Path) -> None
     res = runner.invoke(app, ["synth", "--out", str(out), "--n-train", "1", "--n-eval", "0", "--size", "32", "--overwrite"])
     assert res.exit_code == 0, res.output
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+
+
+def test_plain_skull_has_the_parameter_sizes_in_mm() -> None:
+    """No shape noise, no pose: vertex height and vault half-width in world mm equal the parameters."""
+    shape, spacing = GRID64
+    p = synth.sample_params(1)
+    p.update(shape_coef=[0.0] * len(p["shape_coef"]), asymmetry=0.0, rotation_deg=[0.0, 0.0, 0.0], shift_mm=[0.0, 0.0, 0.0])
+    skull = synth.render(p, shape, spacing)
+    aff = synth.source_affine(shape, spacing)
+    world = lambda ijk: (aff @ np.r_[ijk, 1.0])[:3]  # noqa: E731
+    idx = np.argwhere(skull)
+    lo, hi = idx.min(0), idx.max(0)
+    vertex_z = p["up"]  # head frame: the vault centre is z = 0
+    cut_z = vertex_z - p["cut_height_mm"]
+    height = (hi[2] - lo[2] + 1) * spacing[2]
+    assert height == pytest.approx(vertex_z - cut_z, abs=2 * spacing[2])
+    # the widest point of the vault (at the vault centre's height) is 2 * half_width across
+    z_centre = lo[2] + (0.0 - cut_z) / spacing[2]  # index of head z = 0
+    row = skull[:, :, int(round(z_centre))]
+    xs = np.flatnonzero(row.any(axis=1))
+    width = (xs[-1] - xs[0] + 1) * spacing[0]
+    assert width == pytest.approx(2 * p["half_width"], abs=2 * spacing[0])
+    # axis 0 points to the patient's left: world x (RAS, +right) decreases along it
+    assert world([1, 0, 0])[0] < world([0, 0, 0])[0]
