@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import ndimage
 from skimage.measure import block_reduce
 from typer.testing import CliRunner
 
