@@ -316,6 +316,10 @@ class FamRegularizer:
             _load_plugins()
         if cfg.estimator not in ESTIMATORS:
             raise ConfigError(f"fam.estimator: unknown estimator {cfg.estimator!r} (available: {', '.join(ESTIMATORS)})")
+        # An estimator may need to see the forward passes (skullrec.fast_flatness records them with hooks).
+        prepare = getattr(ESTIMATORS[cfg.estimator], "prepare", None)
+        if prepare is not None:
+            prepare(model)
         if cfg.lam > 0 and cfg.gradient == "full" and any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules()):
             raise ConfigError(
                 "fam.gradient: 'full' needs third derivatives, which torch computes wrongly through InstanceNorm; "

@@ -139,8 +139,9 @@ def test_train_step_adds_lam_times_penalty_to_the_gradient(data_root: Path) -> N
     out = train_step(model, x, y, loss_fn, torch.optim.SGD(model.parameters(), lr=1.0),
                      reg=FamRegularizer(cfg.fam, model), lam=lam, generator=torch.Generator().manual_seed(7))
 
+    ref_reg = FamRegularizer(cfg.fam, ref)  # before the forward pass, as in the trainer (fast estimators record it)
     loss = loss_fn(ref(x), y)
-    term = FamRegularizer(cfg.fam, ref)(ref, x, y, loss_fn, loss, torch.Generator().manual_seed(7))
+    term = ref_reg(ref, x, y, loss_fn, loss, torch.Generator().manual_seed(7))
     grads = torch.autograd.grad(loss + lam * term.penalty, list(ref.parameters()), allow_unused=True)
     assert float(out.loss) == float(loss.detach())
     assert float(out.penalty) == pytest.approx(float(term.penalty.detach()), rel=1e-6)
