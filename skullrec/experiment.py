@@ -183,9 +183,16 @@ def _pairwise_dsc(recon: np.ndarray) -> float:
     return float(dsc[iu].mean()) if len(iu[0]) else float("nan")
 
 
-def evaluate_runs(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], device: str) -> tuple[list[dict], list[dict]]:
-    """Reconstruct every eval split with every run's chosen checkpoints; per-case rows and collapse rows."""
+def evaluate_runs(
+    exp: ExperimentConfig, runs: dict[tuple[str, int], Path], device: str, cache_dir: Path | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Reconstruct every eval split with every run's chosen checkpoints; per-case rows and collapse rows.
+
+    With ``cache_dir``, each (run, checkpoint, split) result is stored as JSON keyed by the checkpoint
+    file's size and mtime and the scoring settings, so re-running a grown sweep only scores what is new.
+    """
     import torch
+    from rich.progress import Progress
 
     from .checkpoint import load_checkpoint
     from .dataset import load_split
@@ -196,23 +203,36 @@ def evaluate_runs(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], devi
     splits = {s: load_split(exp.data_root, s, exp.max_eval_cases) for s in exp.eval_splits}
     rows: list[dict] = []
     collapse: list[dict] = []
-    for (method, seed), run_dir in sorted(runs.items()):
-        for epoch in exp.checkpoint_epochs:
-            model, _, _ = load_checkpoint(checkpoint_path(run_dir, epoch), device=dev)
-            model.eval()
+    jobs = [(key, run_dir, epoch) for key, run_dir in sorted(runs.items()) for epoch in exp.checkpoint_epochs]
+    with Progress(transient=True) as progress:
+        task = progress.add_task("evaluating checkpoints", total=len(jobs) * len(splits))
+        for (method, seed), run_dir, epoch in jobs:
+            ckpt = checkpoint_path(run_dir, epoch)
+            model = None
             for split_name, split in splits.items():
-                recon = _reconstruct(model, split.defective, dev)
-                truth = split.complete if exp.target == "skull" else split.implant
-                pred = recon if exp.target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
-                spacings = [tuple(np.linalg.norm(a[:3, :3], axis=0)) for a in split.affines]
-                case_rows = evaluate_arrays(pred, truth, spacings, defective=split.defective, hd95=exp.hd95)
-                for cid, r in zip(split.ids, case_rows):
-                    rows.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name, "case": cid, **r})
-                collapse.append({
-                    "method": method, "seed": seed, "epoch": epoch, "set": split_name,
-                    "pairwise_dsc": _pairwise_dsc(recon),
-                    "truth_pairwise_dsc": _pairwise_dsc(split.complete),
-                })
+                stat = ckpt.stat()
+                key = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "data_root": exp.data_root,
+                       "ids": split.ids, "target": exp.target, "hd95": exp.hd95}
+                cache = cache_dir / f"{method}_seed{seed}_epoch{epoch}_{split_name}.json" if cache_dir else None
+                cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
+                if cached is None or cached.get("key") != key:
+                    if model is None:
+                        model, _, _ = load_checkpoint(ckpt, device=dev)
+                        model.eval()
+                    recon = _reconstruct(model, split.defective, dev)
+                    truth = split.complete if exp.target == "skull" else split.implant
+                    pred = recon if exp.target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
+                    spacings = [tuple(np.linalg.norm(a[:3, :3], axis=0)) for a in split.affines]
+                    case_rows = evaluate_arrays(pred, truth, spacings, defective=split.defective, hd95=exp.hd95, ids=split.ids)
+                    cached = {"key": key, "rows": case_rows,
+                              "pairwise_dsc": _pairwise_dsc(recon), "truth_pairwise_dsc": _pairwise_dsc(split.complete)}
+                    if cache is not None:
+                        atomic_write_text(cache, json.dumps(cached, default=float))
+                for r in cached["rows"]:
+                    rows.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name, **r})
+                collapse.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name,
+                                 "pairwise_dsc": cached["pairwise_dsc"], "truth_pairwise_dsc": cached["truth_pairwise_dsc"]})
+                progress.advance(task)
     return rows, collapse
 
 
@@ -378,7 +398,7 @@ def experiment_command(config: Path, out: Path | None, scale: float | None, over
     t0 = time.perf_counter()
     runs = train_sweep(exp, out, device, jobs)
     t_train = time.perf_counter() - t0
-    rows, collapse = evaluate_runs(exp, runs, device)
+    rows, collapse = evaluate_runs(exp, runs, device, cache_dir=out / "eval")
     table = table2(rows, collapse, exp)
     atomic_write_text(out / "per_case.csv", _csv_text(rows))
     atomic_write_text(out / "collapse.csv", _csv_text(collapse))

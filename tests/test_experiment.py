@@ -69,3 +69,52 @@ def test_table2_mean_and_t_interval_over_seeds():
     assert entry["dsc_ci95"] == pytest.approx(half)
     assert (entry["seeds"], entry["cases"], entry["failed"]) == (3, 4, 1)
     assert entry["collapsed"] is True
+
+
+def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    g = np.indices((n, n, n), dtype=np.float64)
+    c = (n - 1) / 2 + rng.uniform(-1.0, 1.0, 3)
+    d = np.sqrt(((g - c[:, None, None, None]) ** 2).sum(0))
+    r = n * rng.uniform(0.36, 0.44)
+    complete = (d < r) & (d > r - 2.0)
+    return complete, complete & (g[2] < c[2] + 0.5 * r)
+
+
+def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
+    """A 2-method x 2-seed sweep on 16^3 shells: tables, figures, collapse rows; a rerun reuses everything."""
+    from skullrec.dataset import write_case
+    from skullrec.experiment import experiment_command
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split, k in (("train", 4), ("eval_set1", 3), ("eval_set2", 3)):
+        for i in range(k):
+            write_case(data, split, f"{split}{i}", *_shell(16, rng), np.diag([2.0, 2.0, 3.0, 1.0]))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        f"name: t\nbase_config: {REPO / 'configs' / 'baseline.yaml'}\ndata_root: {data}\nseeds: [0, 1]\n"
+        "epochs: 2\ncheckpoint_epochs: [1, 2]\n"
+        "methods: [{name: base, method: baseline}, {name: fam, method: fam, lam: 0.01}]\n"
+        'set: ["model.size=16", "model.channels=[8, 16, 8]", "model.strides=[2, 2, 2]", "train.val_every=0", '
+        '"train.num_threads=1", "train.batch_size=2"]\n'
+    )
+    out = tmp_path / "results"
+    experiment_command(config=cfg, out=out, scale=None, overrides=[], device="cpu", jobs=2)
+    first = capsys.readouterr().out
+    for name in ("table2.md", "table2.csv", "per_case.csv", "collapse.csv", "fig1_training_loss.png", "fig2_boxplots.png"):
+        assert (out / name).stat().st_size > 0, name
+    import csv
+
+    per_case = list(csv.DictReader((out / "per_case.csv").open()))
+    assert len(per_case) == 2 * 2 * 2 * 2 * 3  # methods x seeds x checkpoints x sets x cases
+    assert {r["method"] for r in per_case} == {"base", "fam"}
+    table = list(csv.DictReader((out / "table2.csv").open()))
+    assert len(table) == 2 * 2 * 2 and all(0.0 <= float(r["dsc"]) <= 1.0 for r in table)
+    assert "| base | eval_set1 | 1 |" in first
+    # a second run reuses the finished runs and the cached scores and prints the same table
+    cached = sorted(p.name for p in (out / "eval").iterdir())
+    assert len(cached) == 2 * 2 * 2 * 2
+    experiment_command(config=cfg, out=out, scale=None, overrides=[], device="cpu", jobs=1)
+    second = capsys.readouterr()
+    assert "(reused)" in second.err
+    assert second.out.split("training")[0] == first.split("training")[0]
