@@ -354,11 +354,18 @@ def _outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_f
     return _finish(reg, weight, trace)
 
 
+def _prepare(model: nn.Module) -> None:
+    """Attach the taps where the estimators can apply (a SkullAutoEncoder); other models use autograd."""
+    net = _unwrap(model)
+    if isinstance(getattr(net, "decodeL", None), nn.Module) and isinstance(getattr(net, "decoder", None), nn.Module):
+        attach_taps(net)
+
+
 def _register(name: str, fn: Callable[..., FamTerm]) -> None:
     # FamRegularizer calls ``prepare(model)`` when it is built, before any forward pass, so the taps
     # record from the first step on (a first step that had to recompute the forward pass would sum
     # the gradients in another order: not bit-identical to a resumed run).
-    fn.prepare = attach_taps  # type: ignore[attr-defined]
+    fn.prepare = _prepare  # type: ignore[attr-defined]
     register_estimator(name, fn)
 
 
