@@ -235,6 +235,16 @@ def case_seed(seed: int, cid: str, stream: int) -> list[int]:
 
 def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Read one case, cut its defects on the source grid, prepare and write every split it belongs to."""
+    from .defects import DefectError
+
+    try:
+        return _prepare_case_unchecked(job)
+    except DefectError as exc:
+        # The defect functions see arrays, not files: name the file here.
+        raise InputError(f"{job['complete']}: {exc}") from None
+
+
+def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
     from .dataset import write_case
     from .io import read_volume
 

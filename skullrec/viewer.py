@@ -467,7 +467,7 @@ def case_metric_rows(pred: Volume, truth: Volume, defective: Volume | None, targ
     """Metrics of one prediction against its truth as display rows: target, metric, value, unit."""
     from .metrics import case_metrics
 
-    m = case_metrics(pred.data, truth.data, truth.spacing, defective=None if defective is None else defective.data)
+    m = case_metrics(pred.data, truth.data, truth.spacing, defective=None if defective is None else defective.data, target=target)
     rows = []
     for key, (label, unit) in METRIC_UNITS.items():
         if key in m and m[key] is not None:

@@ -309,3 +309,20 @@ def test_prepare_cli_non_binary_input_needs_threshold(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "o2"), "--threshold", "0.5"])
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(read_volume(tmp_path / "o2" / "train" / "complete" / "000.nii.gz").data.max(), 1)
+
+
+def test_prepare_names_the_file_when_no_defect_fits(tmp_path):
+    """A complete skull too small for any set-1 defect: one line naming the file, exit code 2."""
+    from typer.testing import CliRunner
+
+    from skullrec.cli import app
+    from skullrec.io import write_nifti
+
+    src = tmp_path / "in"
+    blob = np.zeros((20, 20, 20), np.uint8)
+    blob[8:11, 8:11, 8:11] = 1  # a 3-voxel cube: nothing like a vault to cut a defect into
+    write_nifti(src / "tiny.nii.gz", blob, np.eye(4))
+    result = CliRunner().invoke(app, ["prepare", "--in", str(src), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "tiny.nii.gz" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
