@@ -56,9 +56,9 @@ class FamConfig:
     gradient: Literal["full", "detached"] = "full"
     norm: Literal["squared", "frobenius"] = "squared"
     trace: Literal["signed", "abs", "relu"] = "abs"
-    # How v^T H v and its full gradient are computed: "autograd" (third-order backward, ~4.4x a plain
-    # step on CPU), or the output-space estimators of skullrec.fast_flatness: "fd" (whole batch, ~2.2x),
-    # "fd-half", "fd-quarter" (a random quarter of the batch, unbiased, ~1.2-1.4x), "outspace" (exact).
+    # How v^T H v and its full gradient are computed: "autograd" (third-order backward, ~3.9x a plain
+    # step on CPU), or the output-space estimators of skullrec.fast_flatness: "fd" (whole batch, ~2.3x),
+    # "fd-half", "fd-quarter" (a random quarter of the batch, unbiased, ~1.35x), "outspace" (exact).
     estimator: str = "fd-quarter"
     every: int = 1  # add the regulariser every k-th step (amortisation)
 

@@ -43,7 +43,7 @@ per-sample losses, a decoder with BatchNorm, or 16-bit autocast for the finite d
 regulariser falls back to plain autograd with a one-time warning, so every configuration still trains.
 
 Cost (benchmarks/step_cost.py, docs/performance.md): on 2 CPU threads, batch 4, 64^3, a plain
-Dice+Adam step = 1; autograd 4.4; fd 2.2; fd-half 1.6-1.9; fd-quarter 1.2-1.4 (the default). The
+Dice+Adam step = 1; autograd 3.9-4.4; fd 2.3; fd-half 1.7; fd-quarter 1.35 (the default). The
 decoder after decodeL is ~55 % of a plain step here, so the two extra decoder passes of any
 whole-batch estimator (exact or finite-difference) cost >= ~2x by themselves.
 """
