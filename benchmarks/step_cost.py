@@ -300,6 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.backends.cudnn.benchmark = True
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         runners = time_methods(names, args.size, args.batch, args.steps, dev)
+        for r in runners.values():  # free the timed models before measuring memory (in-process on CUDA)
+            r.step = None
+        import gc
+
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         memory = memory_all(names, args, dev) if args.memory else {}
         print(f"\n## step cost on {d} (1-min load average at start {load:.2f})\n", flush=True)
         print(table(runners, memory, dev, args), flush=True)
