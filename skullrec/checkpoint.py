@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import Config, ConfigError, config_from_dict
-from .io import InputError, atomic_write_bytes
+from .io import InputError, atomic_write_bytes, json_default
 
 FORMAT = "skullrec-checkpoint/1"
 STATE_FORMAT = "skullrec-training-state/1"
@@ -66,21 +66,11 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, **met
         "format": FORMAT,
         "config": json.dumps(cfg.to_dict()),
         "architecture": architecture(cfg),
-        "meta": json.dumps(meta, default=_json_default),
+        "meta": json.dumps(meta, default=json_default),
         "sha256": _digest(tensors),
     }
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
     return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError, Volume, atomic_write_text, case_id, list_volumes, read_volume, write_nifti
+from .io import InputError, Volume, atomic_write_text, case_id, json_default, list_volumes, read_volume, write_nifti
 
 SPLITS = ("train", "eval_set1", "eval_set2")
 KINDS = ("complete", "defective", "implant")
@@ -96,7 +96,7 @@ def write_manifest(root: str | Path, records: list[dict[str, Any]], meta: dict[s
     """Write ``ROOT/manifest.json`` atomically: ``{"meta": {...}, "cases": [...]}``."""
     path = Path(root) / MANIFEST
     payload = {"meta": meta or {}, "cases": records}
-    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False, default=json_default) + "\n")
     return path
 
 
@@ -109,16 +109,6 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: malformed JSON ({exc})") from None
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def splits_in(root: str | Path) -> list[str]:

@@ -19,7 +19,6 @@ Runs are trained in subprocesses (``python -m skullrec train``) so several can s
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import io as _io
 import json
 import math
@@ -35,7 +34,7 @@ import numpy as np
 import yaml
 
 from .config import ConfigError, _from_dict, apply_overrides, dump_config, load_config
-from .io import InputError, atomic_write_bytes, atomic_write_text
+from .io import InputError, atomic_write_bytes, atomic_write_text, json_default
 
 
 @dataclass
@@ -227,7 +226,7 @@ def evaluate_runs(
                     cached = {"key": key, "rows": case_rows,
                               "pairwise_dsc": _pairwise_dsc(recon), "truth_pairwise_dsc": _pairwise_dsc(split.complete)}
                     if cache is not None:
-                        atomic_write_text(cache, json.dumps(cached, default=float))
+                        atomic_write_text(cache, json.dumps(cached, default=json_default))
                 for r in cached["rows"]:
                     rows.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name, **r})
                 collapse.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name,
@@ -312,16 +311,6 @@ def table2_markdown(table: list[dict], exp: ExperimentConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _csv_text(rows: list[dict]) -> str:
-    buf = _io.StringIO()
-    if rows:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _save_fig(fig: Any, path: Path) -> None:
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -398,11 +387,13 @@ def experiment_command(config: Path, out: Path | None, scale: float | None, over
     t0 = time.perf_counter()
     runs = train_sweep(exp, out, device, jobs)
     t_train = time.perf_counter() - t0
+    from .evaluate import rows_to_csv
+
     rows, collapse = evaluate_runs(exp, runs, device, cache_dir=out / "eval")
     table = table2(rows, collapse, exp)
-    atomic_write_text(out / "per_case.csv", _csv_text(rows))
-    atomic_write_text(out / "collapse.csv", _csv_text(collapse))
-    atomic_write_text(out / "table2.csv", _csv_text(table))
+    atomic_write_text(out / "per_case.csv", rows_to_csv(rows, columns=()))
+    atomic_write_text(out / "collapse.csv", rows_to_csv(collapse, columns=()))
+    atomic_write_text(out / "table2.csv", rows_to_csv(table, columns=()))
     md = table2_markdown(table, exp)
     atomic_write_text(out / "table2.md", md)
     fig_paths = figures(exp, runs, rows, out)

@@ -210,6 +210,17 @@ def to_mask(data: np.ndarray, *, threshold: float | None = None, source: str | P
     return data.astype(np.uint8)
 
 
+def json_default(obj: object) -> object:
+    """``json.dumps(default=...)`` for numpy scalars/arrays, one-element tensors and paths."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy scalars and one-element torch tensors
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
 def _atomic_target(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffix on the temporary name: nibabel chooses gzip from the file name.

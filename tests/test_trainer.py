@@ -7,7 +7,6 @@ Everything runs on a tiny data set written here (hollow spheres with a cap cut a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
