@@ -633,6 +633,9 @@ def train_command(
             ranks = f" x {dinfo.world_size} processes ({dinfo.backend})" if dinfo.enabled else ""
             print(f"training {cfg.name} ({cfg.train.method}) on {dev}{ranks} -> {folder}", flush=True)
         train(cfg, folder, device=dev, resume=resume is not None, data=data, force=force)
+        # Leave together: a rank that tears down while rank 0 still writes the last checkpoints can see
+        # its gloo connections closed under it and abort (seen once in CI as SIGABRT on rank 1).
+        distributed.barrier(dinfo)
     finally:
         distributed.teardown()
 
