@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError, Volume, atomic_write_text, case_id, json_default, list_volumes, read_volume, write_nifti
+from .io import InputError, Volume, affine_spacing, atomic_write_text, case_id, json_default, list_volumes, read_volume, write_nifti
 
 SPLITS = ("train", "eval_set1", "eval_set2")
 KINDS = ("complete", "defective", "implant")
@@ -50,6 +50,11 @@ class Split:
     defective: np.ndarray
     complete: np.ndarray
     affines: np.ndarray
+
+    @property
+    def spacings(self) -> list[tuple[float, float, float]]:
+        """Voxel size in mm of each case (from its affine)."""
+        return [affine_spacing(a) for a in self.affines]
 
     @property
     def implant(self) -> np.ndarray:

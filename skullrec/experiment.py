@@ -221,8 +221,7 @@ def evaluate_runs(
                     recon = _reconstruct(model, split.defective, dev)
                     truth = split.complete if exp.target == "skull" else split.implant
                     pred = recon if exp.target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
-                    spacings = [tuple(np.linalg.norm(a[:3, :3], axis=0)) for a in split.affines]
-                    case_rows = evaluate_arrays(pred, truth, spacings, defective=split.defective, hd95=exp.hd95, ids=split.ids)
+                    case_rows = evaluate_arrays(pred, truth, split.spacings, defective=split.defective, hd95=exp.hd95, ids=split.ids)
                     cached = {"key": key, "rows": case_rows,
                               "pairwise_dsc": _pairwise_dsc(recon), "truth_pairwise_dsc": _pairwise_dsc(split.complete)}
                     if cache is not None:
