@@ -32,6 +32,10 @@ def test_experiment_config_errors_name_the_key(tmp_path):
         load_experiment(bad, [], None)
     with pytest.raises(ConfigError, match="--scale"):
         load_experiment(REPO / "configs" / "paper_skull.yaml", [], 1.5)
+    with pytest.raises(ConfigError, match=r"targets must be .*\['skull', 'lesion'\]"):
+        load_experiment(REPO / "configs" / "paper_skull.yaml", ['targets=["skull", "lesion"]'], None)
+    with pytest.raises(ConfigError, match="targets must be"):
+        load_experiment(REPO / "configs" / "paper_skull.yaml", ["targets=[]"], None)
 
 
 def test_run_overrides_build_a_valid_training_config():
@@ -62,6 +66,7 @@ def test_table2_mean_and_t_interval_over_seeds():
                          "dsc": rng.random(), "hd_mm": rng.random() * 10, "hd95_mm": rng.random() * 5,
                          "failed": case == 0 and seed == 1})
     collapse = [{"method": "m", "seed": s, "epoch": 5, "set": "eval_set1", "pairwise_dsc": 0.97} for s in exp.seeds]
+    exp.targets = ["skull"]
     (entry,) = table2(rows, collapse, exp)
     per_seed = np.array([np.mean([r["dsc"] for r in rows if r["seed"] == s]) for s in exp.seeds])
     assert entry["dsc"] == pytest.approx(per_seed.mean())
@@ -81,7 +86,8 @@ def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
-    """A 2-method x 2-seed sweep on 16^3 shells: tables, figures, collapse rows; a rerun reuses everything."""
+    """A 2-method x 2-seed sweep on 16^3 shells, scored as skulls and as implants: tables, figures,
+    collapse rows, implant scores equal to a direct computation; a rerun reuses everything."""
     from skullrec.dataset import write_case
     from skullrec.experiment import experiment_command
 
@@ -106,11 +112,27 @@ def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
     import csv
 
     per_case = list(csv.DictReader((out / "per_case.csv").open()))
-    assert len(per_case) == 2 * 2 * 2 * 2 * 3  # methods x seeds x checkpoints x sets x cases
-    assert {r["method"] for r in per_case} == {"base", "fam"}
+    assert len(per_case) == 2 * 2 * 2 * 2 * 2 * 3  # targets x methods x seeds x checkpoints x sets x cases
+    assert {r["method"] for r in per_case} == {"base", "fam"} and {r["target"] for r in per_case} == {"skull", "implant"}
     table = list(csv.DictReader((out / "table2.csv").open()))
-    assert len(table) == 2 * 2 * 2 and all(0.0 <= float(r["dsc"]) <= 1.0 for r in table)
-    assert "| base | eval_set1 | 1 |" in first
+    assert len(table) == 2 * 2 * 2 * 2 and all(0.0 <= float(r["dsc"]) <= 1.0 for r in table)
+    assert "| base | eval_set1 | 1 |" in first and "target implant" in first
+    # the implant rows are Dice(reconstruction AND NOT defective, complete AND NOT defective), recomputed here
+    import torch
+
+    from skullrec.checkpoint import load_checkpoint
+    from skullrec.dataset import load_split
+
+    split = load_split(data, "eval_set2")
+    model, _, _ = load_checkpoint(out / "runs" / "fam_seed1" / "ckpt_epoch002.safetensors", device=torch.device("cpu"))
+    with torch.no_grad():
+        recon = (model.eval()(torch.as_tensor(split.defective, dtype=torch.float32)[:, None]) > 0)[:, 0].numpy()
+    for i, cid in enumerate(split.ids):
+        pred, truth = recon[i] & (split.defective[i] == 0), (split.complete[i] == 1) & (split.defective[i] == 0)
+        assert truth.any()
+        (row,) = [r for r in per_case if (r["target"], r["method"], r["seed"], r["epoch"], r["set"], r["case"])
+                  == ("implant", "fam", "1", "2", "eval_set2", cid)]
+        assert float(row["dsc"]) == pytest.approx(2 * (pred & truth).sum() / (pred.sum() + truth.sum()), abs=1e-6)
     # a second run reuses the finished runs and the cached scores and prints the same table
     cached = sorted(p.name for p in (out / "eval").iterdir())
     assert len(cached) == 2 * 2 * 2 * 2
