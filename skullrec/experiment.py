@@ -12,6 +12,7 @@ sweep (baseline, FAM at several lambdas, SAM, ASAM), reads the checkpoints of th
 - ``per_case.csv``: every case of every run, set and checkpoint;
 - ``fig1_training_loss.png``: training Dice-loss curves per method (mean over seeds);
 - ``fig2_boxplots.png``: DSC, HD, HD95 per method and set at the last checkpoint (cases pooled over seeds);
+- ``vs_reference.md`` / ``.csv``: every method minus the baseline, paired by seed, with 95 % CIs;
 - ``collapse.csv``: per run, the mean pairwise DSC between reconstructions of *different* cases
   (near 1 means the model outputs one "universal" skull whatever the input).
 
@@ -70,6 +71,7 @@ class ExperimentConfig:
     hd95: str = "max"
     targets: list[str] = field(default_factory=lambda: ["skull", "implant"])  # scored from one reconstruction
     collapse_threshold: float = 0.95  # flag runs whose mean pairwise reconstruction DSC exceeds this
+    reference: str | None = "baseline"  # method the others are compared with, seed by seed (vs_reference.*)
     synth_if_missing: dict[str, Any] | None = None  # e.g. {n_train: 100, n_eval: 20, seed: 0}
 
 
@@ -94,6 +96,8 @@ def load_experiment(path: Path, overrides: list[str], scale: float | None) -> Ex
         raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
     if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:
         raise ConfigError(f"{path}: targets must be a non-empty list of distinct skull|implant, got {cfg.targets}")
+    if cfg.reference is not None and cfg.reference not in {m.name for m in cfg.methods}:
+        raise ConfigError(f"{path}: reference: {cfg.reference!r} is not one of the methods")
     if any(e > cfg.epochs or e < 1 for e in cfg.checkpoint_epochs):
         raise ConfigError(f"{path}: checkpoint_epochs must lie in 1..epochs")
     if scale is not None:
@@ -308,6 +312,58 @@ TARGET_TITLES = {
 }
 
 
+def versus_reference(rows: list[dict], exp: ExperimentConfig) -> list[dict]:
+    """Each method minus the reference method, paired by seed: mean and 95 % t-interval of the per-seed
+    differences of the mean score over cases, per target, set and epoch.
+
+    Pairing by seed is what makes "method beats baseline" testable with three seeds: runs with the
+    same seed start from the same weights and see the same batches, so the seed-to-seed spread
+    that both share cancels out of the difference.
+    """
+    if exp.reference is None:
+        return []
+    means: dict[tuple, float] = {}
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r.get("target", "skull"), r["method"], r["set"], r["epoch"], r["seed"]), []).append(r)
+    for k, sel in groups.items():
+        for key, _ in METRICS:
+            means[(*k, key)] = float(np.mean([r[key] for r in sel]))
+    out = []
+    for target, spec, split, epoch in itertools.product(exp.targets, exp.methods, exp.eval_splits, exp.checkpoint_epochs):
+        if spec.name == exp.reference:
+            continue
+        seeds = [s for s in exp.seeds if (target, spec.name, split, epoch, s, "dsc") in means
+                 and (target, exp.reference, split, epoch, s, "dsc") in means]
+        if not seeds:
+            continue
+        entry: dict[str, Any] = {"target": target, "method": spec.name, "reference": exp.reference, "set": split, "epoch": epoch}
+        for key, _ in METRICS:
+            d = np.array([means[(target, spec.name, split, epoch, s, key)] - means[(target, exp.reference, split, epoch, s, key)] for s in seeds])
+            entry[f"d_{key}"] = float(d.mean())
+            entry[f"d_{key}_ci95"] = _t975(len(d)) * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        entry["seeds"] = len(seeds)
+        out.append(entry)
+    return out
+
+
+def versus_reference_markdown(diffs: list[dict], exp: ExperimentConfig) -> str:
+    """The seed-paired differences to the reference method as markdown, one table per target."""
+    lines = [f"Method minus {exp.reference}, paired by seed: mean ± 95 % CI of the per-seed differences "
+             "(DSC: positive is better; HD, HD95: negative is better); `*` = the interval excludes 0"]
+    for target in exp.targets:
+        lines += ["", f"**{TARGET_TITLES[target]}**", "",
+                  "| method | set | epoch | ΔDSC | ΔHD (mm) | ΔHD95 (mm) | seeds |", "|---|---|---|---|---|---|---|"]
+        for e in (e for e in diffs if e["target"] == target):
+            cells = []
+            for key, digits in (("dsc", 3), ("hd_mm", 1), ("hd95_mm", 1)):
+                m, ci = e[f"d_{key}"], e[f"d_{key}_ci95"]
+                star = "*" if not math.isnan(ci) and abs(m) > ci else ""
+                cells.append(f"{m:+.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}") + star)
+            lines.append(f"| {e['method']} | {e['set']} | {e['epoch']} | {' | '.join(cells)} | {e['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def table2_markdown(table: list[dict], exp: ExperimentConfig) -> str:
     """Table 2 as markdown: one table per target."""
     lines = [
@@ -419,10 +475,18 @@ def experiment_command(config: Path, out: Path | None, scale: float | None, over
     atomic_write_text(out / "table2.csv", rows_to_csv(table, columns=()))
     md = table2_markdown(table, exp)
     atomic_write_text(out / "table2.md", md)
+    written = ["table2.md", "table2.csv", "per_case.csv", "collapse.csv"]
+    diffs = versus_reference(rows, exp)
+    if diffs:
+        atomic_write_text(out / "vs_reference.csv", rows_to_csv(diffs, columns=()))
+        atomic_write_text(out / "vs_reference.md", versus_reference_markdown(diffs, exp))
+        written += ["vs_reference.md", "vs_reference.csv"]
     fig_paths = figures(exp, runs, rows, out)
     sys.stdout.write(md)  # plain text: rich would wrap the markdown table rows
+    if diffs:
+        sys.stdout.write("\n" + versus_reference_markdown(diffs, exp))
     console.print(f"training {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s; results in {out}/ "
-                  f"(table2.md, table2.csv, per_case.csv, collapse.csv, {', '.join(p.name for p in fig_paths)})")
+                  f"({', '.join(written + [p.name for p in fig_paths])})")
 
 
 def _plain(obj: Any) -> Any:

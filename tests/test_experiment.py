@@ -10,7 +10,16 @@ import pytest
 from scipy import stats
 
 from skullrec.config import ConfigError
-from skullrec.experiment import ExperimentConfig, MethodSpec, _pairwise_dsc, load_experiment, run_overrides, table2
+from skullrec.experiment import (
+    ExperimentConfig,
+    MethodSpec,
+    _pairwise_dsc,
+    load_experiment,
+    run_overrides,
+    table2,
+    versus_reference,
+    versus_reference_markdown,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +85,28 @@ def test_table2_mean_and_t_interval_over_seeds():
     assert entry["collapsed"] is True
 
 
+def test_versus_reference_pairs_methods_by_seed():
+    rng = np.random.default_rng()
+    exp = ExperimentConfig(seeds=[0, 1, 2, 3], checkpoint_epochs=[5], eval_splits=["eval_set1"], targets=["implant"],
+                           methods=[MethodSpec(name="baseline"), MethodSpec(name="fam", method="fam", lam=0.1)])
+    rows = [{"target": "implant", "method": m, "seed": seed, "epoch": 5, "set": "eval_set1", "case": str(case),
+             "dsc": rng.random(), "hd_mm": rng.random() * 10, "hd95_mm": rng.random() * 5}
+            for m in ("baseline", "fam") for seed in exp.seeds for case in range(3)]
+    (entry,) = versus_reference(rows, exp)
+    mean = {(m, s): np.mean([r["hd95_mm"] for r in rows if r["method"] == m and r["seed"] == s])
+            for m in ("baseline", "fam") for s in exp.seeds}
+    d = np.array([mean[("fam", s)] - mean[("baseline", s)] for s in exp.seeds])
+    assert (entry["method"], entry["reference"], entry["seeds"]) == ("fam", "baseline", 4)
+    assert entry["d_hd95_mm"] == pytest.approx(d.mean())
+    assert entry["d_hd95_mm_ci95"] == pytest.approx(stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2.0)
+    # a difference whose interval excludes 0 is starred
+    shifted = [{**r, "dsc": r["dsc"] + (1.0 if r["method"] == "fam" else 0.0)} for r in rows]
+    assert "| fam | eval_set1 | 5 | +1." in versus_reference_markdown(versus_reference(shifted, exp), exp)
+    assert "*" in versus_reference_markdown(versus_reference(shifted, exp), exp).splitlines()[-1].split("|")[4]
+    with pytest.raises(ConfigError, match="reference: 'sam' is not one of the methods"):
+        load_experiment(REPO / "configs" / "demo.yaml", ["reference=sam"], None)
+
+
 def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     g = np.indices((n, n, n), dtype=np.float64)
     c = (n - 1) / 2 + rng.uniform(-1.0, 1.0, 3)
@@ -100,14 +131,15 @@ def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
     cfg.write_text(
         f"name: t\nbase_config: {REPO / 'configs' / 'baseline.yaml'}\ndata_root: {data}\nseeds: [0, 1]\n"
         "epochs: 2\ncheckpoint_epochs: [1, 2]\n"
-        "methods: [{name: base, method: baseline}, {name: fam, method: fam, lam: 0.01}]\n"
+        "methods: [{name: base, method: baseline}, {name: fam, method: fam, lam: 0.01}]\nreference: base\n"
         'set: ["model.size=16", "model.channels=[8, 16, 8]", "model.strides=[2, 2, 2]", "train.val_every=0", '
         '"train.num_threads=1", "train.batch_size=2"]\n'
     )
     out = tmp_path / "results"
     experiment_command(config=cfg, out=out, scale=None, overrides=[], device="cpu", jobs=2)
     first = capsys.readouterr().out
-    for name in ("table2.md", "table2.csv", "per_case.csv", "collapse.csv", "fig1_training_loss.png", "fig2_boxplots.png"):
+    for name in ("table2.md", "table2.csv", "per_case.csv", "collapse.csv", "vs_reference.md", "vs_reference.csv",
+                 "fig1_training_loss.png", "fig2_boxplots.png"):
         assert (out / name).stat().st_size > 0, name
     import csv
 
