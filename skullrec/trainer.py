@@ -356,11 +356,36 @@ def _settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overw
     return cfg
 
 
+LOCK_FILE = ".skullrec-train.lock"
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """Take an exclusive lock on a run folder for the life of the returned handle; refuse a second writer.
+
+    Two trainers writing one folder (two ``skullrec experiment`` calls on one results folder, a
+    ``--resume`` while the run is still going) would interleave checkpoints and state. The OS lock
+    is released when the process ends, even by kill -9, so a stale lock never blocks a resume.
+    Returns None where ``fcntl`` is missing (Windows): the run is then unguarded.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise InputError(f"{run_dir}: another skullrec train is writing this run folder; wait for it or stop it first") from None
+    return handle
+
+
 def _check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:
     """Refuse a non-empty folder for a new run unless ``overwrite``; True when it needs clearing."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         if not overwrite:
             raise InputError(f"{run_dir}: run folder already holds results; pass --resume {run_dir} to continue it or --overwrite to start again")
         return True
@@ -615,11 +640,14 @@ def train_command(
     cfg = load_config(config, overrides)
     # Under torchrun (WORLD_SIZE > 1) join the process group; each process gets its device (cuda:LOCAL_RANK).
     dinfo, dev = distributed.setup(resolve_device(device))
+    lock = None
     try:
         distributed.check_batch_size(cfg.train.batch_size, dinfo)
         folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
         if resume is None and dinfo.is_main:
             _check_new_run_dir(folder, overwrite)
+        if dinfo.is_main:  # the one writer holds the folder until it exits
+            lock = lock_run_dir(folder)
         # Data problems (missing split, wrong size) are reported before the run folder is touched.
         data = load_training_data(cfg.data, cfg.model.size, dev)
         if dinfo.is_main:  # one writer; if it fails, torchrun stops the other ranks
@@ -638,6 +666,8 @@ def train_command(
         distributed.barrier(dinfo)
     finally:
         distributed.teardown()
+        if lock is not None:
+            lock.close()
 
 
 __all__ = [

@@ -353,6 +353,24 @@ def test_run_folder_rules(data_root: Path, reference_runs: dict[str, Path], tmp_
     assert code == 2 and "cannot change the model architecture" in out
 
 
+def test_a_second_writer_of_a_run_folder_is_refused(data_root: Path, reference_runs: dict[str, Path], tmp_path: Path) -> None:
+    import fcntl
+    import shutil
+
+    run = tmp_path / "busy"
+    shutil.copytree(reference_runs["fam"], run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with open(run / ".skullrec-train.lock", "a+") as held:  # what a running trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, out = _cli("train", "--resume", str(run), "--device", "cpu", "--force", "--set", "train.epochs=3")
+        assert code == 2 and out.strip() == f"error: {run}: another skullrec train is writing this run folder; wait for it or stop it first"
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing touched
+    # once the holder has gone (a killed trainer's lock goes with it) the resume proceeds
+    code, out = _cli("train", "--resume", str(run), "--device", "cpu", "--force", "--set", "train.epochs=3")
+    assert code == 0, out
+    assert [r["epoch"] for r in _metrics(run)][-1] == 3
+
+
 def test_resume_on_other_data_is_refused(data_root: Path, tmp_path: Path) -> None:
     import shutil
 
