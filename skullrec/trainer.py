@@ -8,6 +8,7 @@ A run folder (default ``runs/NAME``) holds::
     last.safetensors             the latest epoch
     best.safetensors             best mean validation DSC (best training Dice loss without validation)
     state.pt                     what --resume needs (weights, optimizer, epoch, step, best), weights-only
+    .skullrec-train.lock         held (fcntl) by the one trainer writing the folder; a second one is refused
 
 Reproducibility: the initial weights come from ``seed``; epoch ``e``'s shuffle and Hutchinson probes
 come from generators seeded by ``(seed, e)`` (skullrec.data.make_generator), and the probe generator's

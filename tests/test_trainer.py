@@ -190,7 +190,7 @@ def test_train_step_returns_device_tensors_without_reg(data_root: Path) -> None:
 def test_run_folder_metrics_and_checkpoints(reference_runs: dict[str, Path], data_root: Path) -> None:
     run = reference_runs["fam"]
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["best.safetensors", "ckpt_epoch002.safetensors", "ckpt_epoch003.safetensors", "config.yaml",
+    assert names == [".skullrec-train.lock", "best.safetensors", "ckpt_epoch002.safetensors", "ckpt_epoch003.safetensors", "config.yaml",
                      "last.safetensors", "metrics.jsonl", "state.pt"]
     assert checkpoint_path(run, 2).name == "ckpt_epoch002.safetensors" and run_finished(run)
     records = _metrics(run)
