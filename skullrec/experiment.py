@@ -8,7 +8,7 @@ sweep (baseline, FAM at several lambdas, SAM, ASAM), reads the checkpoints of th
   over seeds (t-interval of the per-seed means), with a collapse flag. Targets: ``skull`` (the
   reconstructed complete skull vs the true one, the paper's choice) and ``implant`` (reconstruction
   AND NOT defective vs the true implant, AutoImplant's choice; it is what separates the defect sets,
-  since the defect is under a tenth of the skull);
+  since the defect is about a tenth of the skull);
 - ``per_case.csv``: every case of every run, set and checkpoint;
 - ``fig1_training_loss.png``: training Dice-loss curves per method (mean over seeds);
 - ``fig2_boxplots.png``: DSC, HD, HD95 per method and set at the last checkpoint (cases pooled over seeds);
@@ -324,7 +324,7 @@ def versus_reference(rows: list[dict], exp: ExperimentConfig) -> list[dict]:
     if exp.reference is None:
         return []
     means: dict[tuple, float] = {}
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r.get("target", "skull"), r["method"], r["set"], r["epoch"], r["seed"]), []).append(r)
     for k, sel in groups.items():
