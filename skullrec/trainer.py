@@ -647,11 +647,10 @@ def train_command(
         folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
         if resume is None and dinfo.is_main:
             _check_new_run_dir(folder, overwrite)
-        if dinfo.is_main:  # the one writer holds the folder until it exits
-            lock = lock_run_dir(folder)
         # Data problems (missing split, wrong size) are reported before the run folder is touched.
         data = load_training_data(cfg.data, cfg.model.size, dev)
-        if dinfo.is_main:  # one writer; if it fails, torchrun stops the other ranks
+        if dinfo.is_main:  # one writer, holding the folder until it exits; if it fails, torchrun stops the other ranks
+            lock = lock_run_dir(folder)
             cfg = _settle_run_dir(cfg, folder, resume=resume is not None, force=force, overwrite=overwrite)
         distributed.barrier(dinfo)
         if resume is not None and run_finished(folder):

@@ -391,6 +391,7 @@ def test_user_errors_are_one_line(data_root: Path, tmp_path: Path) -> None:
     code, out = _cli("train", "--config", str(SMOKE), "--run-dir", str(tmp_path / "a"), "--device", "cpu",
                      "--set", f"data.root={data_root}", "--set", "data.max_train_cases=2")
     assert code == 2 and "volumes are 16x16x16 but model.size is 64" in out and out.count("\n") == 1
+    assert not (tmp_path / "a").exists()  # a data problem is reported before the run folder is made
     code, out = _cli("train", "--config", str(SMOKE), "--run-dir", str(tmp_path / "b"), "--set", f"data.root={tmp_path / 'none'}", "--device", "cpu")
     assert code == 2 and "split 'train' not found" in out
     code, out = _cli("train", "--config", str(SMOKE), "--device", "tpu")
