@@ -214,14 +214,15 @@ def evaluate_runs(
     splits = {s: load_split(exp.data_root, s, exp.max_eval_cases) for s in exp.eval_splits}
     rows: list[dict] = []
     collapse: list[dict] = []
+    truth_pairwise: dict[str, float] = {}  # depends on the split only
     jobs = [(key, run_dir, epoch) for key, run_dir in sorted(runs.items()) for epoch in exp.checkpoint_epochs]
     with Progress(transient=True) as progress:
         task = progress.add_task("evaluating checkpoints", total=len(jobs) * len(splits))
         for (method, seed), run_dir, epoch in jobs:
             ckpt = checkpoint_path(run_dir, epoch)
+            stat = ckpt.stat()
             model = None
             for split_name, split in splits.items():
-                stat = ckpt.stat()
                 key = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "data_root": exp.data_root,
                        "ids": split.ids, "targets": exp.targets, "hd95": exp.hd95}
                 cache = cache_dir / f"{method}_seed{seed}_epoch{epoch}_{split_name}.json" if cache_dir else None
@@ -239,8 +240,10 @@ def evaluate_runs(
                         pred = recon if target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
                         case_rows += evaluate_arrays(pred, truth, split.spacings, defective=split.defective, hd95=exp.hd95,
                                                      ids=split.ids, target=target)
+                    if split_name not in truth_pairwise:
+                        truth_pairwise[split_name] = _pairwise_dsc(split.complete)
                     cached = {"key": key, "rows": case_rows,
-                              "pairwise_dsc": _pairwise_dsc(recon), "truth_pairwise_dsc": _pairwise_dsc(split.complete)}
+                              "pairwise_dsc": _pairwise_dsc(recon), "truth_pairwise_dsc": truth_pairwise[split_name]}
                     if cache is not None:
                         atomic_write_text(cache, json.dumps(cached, default=json_default))
                 for r in cached["rows"]:
@@ -273,29 +276,40 @@ def _t975(n: int) -> float:
 METRICS = (("dsc", "DSC"), ("hd_mm", "HD (mm)"), ("hd95_mm", "HD95 (mm)"))
 
 
+def _rows_by_seed(rows: list[dict]) -> dict[tuple, dict[int, list[dict]]]:
+    """Per-case rows grouped as (target, method, set, epoch) -> seed -> rows."""
+    out: dict[tuple, dict[int, list[dict]]] = {}
+    for r in rows:
+        out.setdefault((r.get("target", "skull"), r["method"], r["set"], r["epoch"]), {}).setdefault(r["seed"], []).append(r)
+    return out
+
+
+def _mean_ci95(per_seed: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95 % t-interval of per-seed values (NaN for one seed)."""
+    v = np.asarray(per_seed, dtype=np.float64)
+    ci = _t975(len(v)) * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(v.mean()), ci
+
+
 def table2(rows: list[dict], collapse: list[dict], exp: ExperimentConfig) -> list[dict]:
     """Aggregate per-case rows into Table 2: per target, method, set, epoch: mean ± 95 % CI over seeds."""
     methods = [m.name for m in exp.methods]
     flags = {}
     for c in collapse:
         flags.setdefault((c["method"], c["epoch"], c["set"]), []).append(c["pairwise_dsc"])
+    by_seed = _rows_by_seed(rows)
     table = []
     for target, method, split, epoch in itertools.product(exp.targets, methods, exp.eval_splits, exp.checkpoint_epochs):
-        sel = [r for r in rows if r.get("target", "skull") == target and r["method"] == method
-               and r["set"] == split and r["epoch"] == epoch]
-        if not sel:
+        per_seed = by_seed.get((target, method, split, epoch))
+        if not per_seed:
             continue
         entry: dict[str, Any] = {"target": target, "method": method, "set": split, "epoch": epoch}
-        seeds = sorted({r["seed"] for r in sel})
+        seeds = sorted(per_seed)
         for key, _ in METRICS:
-            per_seed = np.array([np.mean([r[key] for r in sel if r["seed"] == s]) for s in seeds])
-            mean = float(per_seed.mean())
-            ci = _t975(len(per_seed)) * float(per_seed.std(ddof=1)) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else float("nan")
-            entry[key] = mean
-            entry[f"{key}_ci95"] = ci
+            entry[key], entry[f"{key}_ci95"] = _mean_ci95([np.mean([r[key] for r in per_seed[s]]) for s in seeds])
         entry["seeds"] = len(seeds)
-        entry["cases"] = len(sel) // max(1, len(seeds))
-        entry["failed"] = int(sum(bool(r.get("failed")) for r in sel))
+        entry["cases"] = sum(len(v) for v in per_seed.values()) // len(seeds)
+        entry["failed"] = sum(bool(r.get("failed")) for v in per_seed.values() for r in v)
         pw = flags.get((method, epoch, split), [float("nan")])
         entry["pairwise_dsc"] = float(np.mean(pw))
         entry["collapsed"] = bool(entry["pairwise_dsc"] > exp.collapse_threshold)
@@ -323,26 +337,21 @@ def versus_reference(rows: list[dict], exp: ExperimentConfig) -> list[dict]:
     """
     if exp.reference is None:
         return []
-    means: dict[tuple, float] = {}
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r.get("target", "skull"), r["method"], r["set"], r["epoch"], r["seed"]), []).append(r)
-    for k, sel in groups.items():
-        for key, _ in METRICS:
-            means[(*k, key)] = float(np.mean([r[key] for r in sel]))
+    by_seed = _rows_by_seed(rows)
     out = []
     for target, spec, split, epoch in itertools.product(exp.targets, exp.methods, exp.eval_splits, exp.checkpoint_epochs):
         if spec.name == exp.reference:
             continue
-        seeds = [s for s in exp.seeds if (target, spec.name, split, epoch, s, "dsc") in means
-                 and (target, exp.reference, split, epoch, s, "dsc") in means]
+        mine = by_seed.get((target, spec.name, split, epoch), {})
+        ref = by_seed.get((target, exp.reference, split, epoch), {})
+        seeds = [s for s in exp.seeds if s in mine and s in ref]
         if not seeds:
             continue
         entry: dict[str, Any] = {"target": target, "method": spec.name, "reference": exp.reference, "set": split, "epoch": epoch}
         for key, _ in METRICS:
-            d = np.array([means[(target, spec.name, split, epoch, s, key)] - means[(target, exp.reference, split, epoch, s, key)] for s in seeds])
-            entry[f"d_{key}"] = float(d.mean())
-            entry[f"d_{key}_ci95"] = _t975(len(d)) * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            entry[f"d_{key}"], entry[f"d_{key}_ci95"] = _mean_ci95(
+                [np.mean([r[key] for r in mine[s]]) - np.mean([r[key] for r in ref[s]]) for s in seeds]
+            )
         entry["seeds"] = len(seeds)
         out.append(entry)
     return out
@@ -478,14 +487,15 @@ def experiment_command(config: Path, out: Path | None, scale: float | None, over
     atomic_write_text(out / "table2.md", md)
     written = ["table2.md", "table2.csv", "per_case.csv", "collapse.csv"]
     diffs = versus_reference(rows, exp)
+    diffs_md = versus_reference_markdown(diffs, exp) if diffs else ""
     if diffs:
         atomic_write_text(out / "vs_reference.csv", rows_to_csv(diffs, columns=()))
-        atomic_write_text(out / "vs_reference.md", versus_reference_markdown(diffs, exp))
+        atomic_write_text(out / "vs_reference.md", diffs_md)
         written += ["vs_reference.md", "vs_reference.csv"]
     fig_paths = figures(exp, runs, rows, out)
     sys.stdout.write(md)  # plain text: rich would wrap the markdown table rows
-    if diffs:
-        sys.stdout.write("\n" + versus_reference_markdown(diffs, exp))
+    if diffs_md:
+        sys.stdout.write("\n" + diffs_md)
     console.print(f"training {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s; results in {out}/ "
                   f"({', '.join(written + [p.name for p in fig_paths])})")
 

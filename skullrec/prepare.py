@@ -23,6 +23,7 @@ import math
 import multiprocessing as mp
 import time
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -420,7 +421,7 @@ def prepare_command(
             "eval_ids": eval_ids,
         }
         write_manifest(staging, records, meta)
-    counts = {split: sum(r["split"] == split for r in records) for split in order if any(r["split"] == split for r in records)}
+    counts = Counter(r["split"] for r in records)
     console.print(f"prepared {len(ids)} skulls in {time.perf_counter() - t0:.0f} s -> {out} ("
-                  + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+                  + ", ".join(f"{k} {counts[k]}" for k in order if counts[k]) + ")")
     return Path(out)
