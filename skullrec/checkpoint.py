@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .config import Config, ConfigError, config_from_dict
+from .config import Config, ConfigError, config_from_dict, upgrade_stored
 from .io import InputError, atomic_write_bytes, json_default
 
 FORMAT = "skullrec-checkpoint/1"
@@ -93,13 +93,25 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, 
     if metadata.get("sha256") != _digest(tensors):
         raise InputError(f"{path}: corrupt checkpoint (tensor data do not match their checksum)")
     try:
-        cfg = config_from_dict(json.loads(metadata["config"]))
+        cfg = config_from_dict(upgrade_stored(json.loads(metadata["config"])))
         meta = json.loads(metadata.get("meta") or "{}")
     except (KeyError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: checkpoint metadata unreadable ({type(exc).__name__}: {exc})") from None
     except ConfigError as exc:
         raise InputError(f"{path}: checkpoint config invalid for this skullrec version ({exc})") from None
-    return tensors, cfg, str(metadata.get("architecture", "")), meta
+    return tensors, cfg, _upgrade_architecture(str(metadata.get("architecture", ""))), meta
+
+
+def _upgrade_architecture(arch: str) -> str:
+    """A descriptor written before ``out_channels`` existed described the one-channel (sigmoid) head."""
+    try:
+        desc = json.loads(arch)
+    except json.JSONDecodeError:
+        return arch
+    if isinstance(desc, dict) and "out_channels" not in desc:
+        desc["out_channels"] = 1
+        return json.dumps(desc, sort_keys=True)
+    return arch
 
 
 def load_checkpoint(

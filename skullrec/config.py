@@ -44,6 +44,11 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2, 2])
     latent_size: int = 8
     norm: Literal["group", "instance", "batch"] = "group"
+    # The training loss, which also fixes the output head: "sigmoid_dice" = one logit channel (bone),
+    # MONAI DiceLoss(sigmoid=True); "softmax_dice" = two channels (background, bone),
+    # DiceLoss(to_onehot_y=True, softmax=True) as the FAM authors' code. Stored configs written before
+    # this key existed were sigmoid_dice (see LEGACY_DEFAULTS).
+    loss: Literal["sigmoid_dice", "softmax_dice"] = "sigmoid_dice"
 
 
 @dataclass
@@ -242,6 +247,44 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         return config_from_dict(values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+# Keys added after configs were first stored in run folders and checkpoints, with the value every
+# stored config written before them implicitly had. They apply to *stored* configs only
+# (:func:`upgrade_stored`): a new config file without the key gets today's default instead.
+LEGACY_DEFAULTS: dict[tuple[str, ...], Any] = {("model", "loss"): "sigmoid_dice"}
+
+
+def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:
+    """Fill the keys of :data:`LEGACY_DEFAULTS` that a stored config (run folder, checkpoint) lacks; in place."""
+    for path, value in LEGACY_DEFAULTS.items():
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(path[-1], value)
+    return values
+
+
+def load_stored_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Like :func:`load_config` for a config a run wrote (``runs/NAME/config.yaml``): legacy keys filled in."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    upgrade_stored(values)
+    apply_overrides(values, overrides or [])
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def dump_config(cfg: Config) -> str:

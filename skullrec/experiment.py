@@ -255,14 +255,16 @@ def evaluate_runs(
 
 
 def _reconstruct(model: Any, defective: np.ndarray, device: Any, batch: int = 8) -> np.ndarray:
-    """Binary reconstructions (logits > 0) of a stack of prepared defective skulls (N, S, S, S)."""
+    """Binary reconstructions (bone log-odds > 0, either loss) of a stack of prepared defective skulls (N, S, S, S)."""
     import torch
+
+    from .model import bone_logit
 
     out = []
     with torch.no_grad():
         for i in range(0, len(defective), batch):
             x = torch.as_tensor(defective[i : i + batch], dtype=torch.float32, device=device).unsqueeze(1)
-            out.append((model(x) > 0).squeeze(1).to("cpu", torch.uint8).numpy())
+            out.append((bone_logit(model(x)) > 0).squeeze(1).to("cpu", torch.uint8).numpy())
     return np.concatenate(out)
 
 

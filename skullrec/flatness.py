@@ -479,7 +479,7 @@ def flatness_command(
     x = torch.from_numpy(np.ascontiguousarray(split_data.defective[:, None])).float().to(dev)
     y = torch.from_numpy(np.ascontiguousarray(split_data.complete[:, None])).float().to(dev)
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = loss_function()
+    loss_fn = loss_function(cfg.model.loss)
     with torch.no_grad():
         loss_value = float(loss_fn(model(x[:8]), y[:8])) if len(x) else float("nan")
     print(f"checkpoint {checkpoint}  data {data}/{split}: {len(x)} cases, Dice loss (first <=8) {loss_value:.4f}")

@@ -1,7 +1,9 @@
 """The skull autoencoder: MONAI's ``VarAutoEncoder`` used as a deterministic autoencoder.
 
-Input (B, 1, S, S, S) defective skull in {0, 1}; output (B, 1, S, S, S) logits (reconstruction =
-logits > 0; train with ``monai.losses.DiceLoss(sigmoid=True)``). With the defaults
+Input (B, 1, S, S, S) defective skull in {0, 1}; output (B, C, S, S, S) logits, C set by the loss
+(``model.loss``): ``sigmoid_dice`` -> C = 1 (bone logit, ``DiceLoss(sigmoid=True)``), ``softmax_dice``
+-> C = 2 (background, bone; ``DiceLoss(to_onehot_y=True, softmax=True)``, the FAM authors' loss).
+:func:`bone_logit` turns either into the bone log-odds (reconstruction = bone_logit > 0). With the defaults
 (S = 64, channels (20, 40, 80, 160, 8), five stride-2 stages) the bottleneck is 8 channels x 2^3
 voxels, so the latent is 8-d and the decoding linear layer ``decodeL`` is 64 x 8 (512 weights):
 the layer whose relative flatness FAM regularises.
@@ -68,12 +70,13 @@ class SkullAutoEncoder(nn.Module):
         strides: tuple[int, ...] = (2, 2, 2, 2, 2),
         latent_size: int = 8,
         norm: str = "group",
+        out_channels: int = 1,
     ) -> None:
         super().__init__()
         vae = VarAutoEncoder(
             spatial_dims=3,
             in_shape=(1, size, size, size),
-            out_channels=1,
+            out_channels=out_channels,
             latent_size=latent_size,
             channels=tuple(channels),
             strides=tuple(strides),
@@ -90,6 +93,7 @@ class SkullAutoEncoder(nn.Module):
         self.bottleneck_shape = (int(vae.channels[-1]), *(int(s) for s in vae.final_size))
         self.size = size
         self.latent_size = latent_size
+        self.out_channels = out_channels
         if int(torch.tensor(vae.final_size).prod()) == 1:
             # Small test sizes (e.g. 32^3 with five stride-2 stages) leave a 1^3 bottleneck. Normalising a
             # single voxel per channel gives exactly 0 (the latent would ignore the input) and torch refuses
@@ -113,7 +117,7 @@ class SkullAutoEncoder(nn.Module):
         return self.decode_features(self.decodeL(latent))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Defective skull (B, 1, S, S, S) -> logits of the complete skull, same shape."""
+        """Defective skull (B, 1, S, S, S) -> logits of the complete skull (B, out_channels, S, S, S)."""
         return self.decode(self.encode(x))
 
 
@@ -126,6 +130,7 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
         "strides": [int(s) for s in cfg.strides],
         "latent_size": int(cfg.latent_size),
         "norm": str(cfg.norm),
+        "out_channels": out_channels(cfg.loss),
     }
 
 
@@ -139,7 +144,8 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> SkullAutoEncoder:
         raise ConfigError("model.channels: needs one entry per stride")
     if cfg.size % (2 ** len(cfg.strides)) != 0:
         raise ConfigError(f"model.size: must be divisible by 2**len(strides) = {2 ** len(cfg.strides)}, got {cfg.size}")
-    kwargs = dict(size=cfg.size, channels=tuple(cfg.channels), strides=tuple(cfg.strides), latent_size=cfg.latent_size, norm=cfg.norm)
+    kwargs = dict(size=cfg.size, channels=tuple(cfg.channels), strides=tuple(cfg.strides), latent_size=cfg.latent_size, norm=cfg.norm,
+                  out_channels=out_channels(cfg.loss))
     if seed is None:
         return SkullAutoEncoder(**kwargs)
     with torch.random.fork_rng(devices=[]):
@@ -147,11 +153,43 @@ def build_model(cfg: ModelConfig, seed: int | None = None) -> SkullAutoEncoder:
         return SkullAutoEncoder(**kwargs)
 
 
-def loss_function() -> nn.Module:
-    """The training loss on logits: MONAI Dice loss with the sigmoid inside (never apply it twice)."""
+LOSSES = ("sigmoid_dice", "softmax_dice")
+
+
+def out_channels(loss: str) -> int:
+    """Output channels the head needs for ``loss``: 1 (bone logit) or 2 (background, bone)."""
+    if loss == "sigmoid_dice":
+        return 1
+    if loss == "softmax_dice":
+        return 2
+    raise ConfigError(f"model.loss: must be one of {', '.join(LOSSES)}, got {loss!r}")
+
+
+def loss_function(loss: str = "sigmoid_dice") -> nn.Module:
+    """The training loss on logits (MONAI DiceLoss, activation inside: never apply it twice).
+
+    Both are means of per-sample losses (``batch=False``, ``reduction="mean"``), which the fast FAM
+    estimators and DDP rely on. ``softmax_dice`` averages the Dice losses of the background and bone
+    channels (``include_background=True``), as the FAM authors' ``DiceLoss(to_onehot_y=True, softmax=True)``.
+    """
     from monai.losses import DiceLoss
 
-    return DiceLoss(sigmoid=True)
+    if out_channels(loss) == 1:
+        return DiceLoss(sigmoid=True)
+    return DiceLoss(to_onehot_y=True, softmax=True)
+
+
+def bone_logit(logits: torch.Tensor) -> torch.Tensor:
+    """Bone log-odds (B, 1, ...) from either head: the logit itself, or l_bone - l_background.
+
+    softmax over two channels is sigmoid(l_1 - l_0), so ``sigmoid(bone_logit(x))`` is the bone
+    probability for both losses and ``bone_logit(x) > 0`` the reconstruction (argmax for softmax).
+    """
+    if logits.shape[1] == 1:
+        return logits
+    if logits.shape[1] == 2:
+        return logits[:, 1:2] - logits[:, 0:1]
+    raise ValueError(f"expected 1 or 2 output channels, got {logits.shape[1]}")
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
@@ -168,4 +206,4 @@ def get_linear(model: nn.Module, name: str) -> nn.Linear:
     return layers[name]
 
 
-__all__ = ["SkullAutoEncoder", "build_model", "architecture", "linear_layers", "get_linear", "loss_function"]
+__all__ = ["SkullAutoEncoder", "build_model", "architecture", "linear_layers", "get_linear", "loss_function", "bone_logit", "out_channels", "LOSSES"]

@@ -1,7 +1,7 @@
 """Defective skulls of any size and spacing -> complete skull + implant on the input's own grid (+ STL).
 
 Per input: :func:`skullrec.prepare.prepare_volume` (the same crop + downsampling rule as the
-training data, crop box from the defective skull) -> batched forward pass -> sigmoid probability
+training data, crop box from the defective skull) -> batched forward pass -> bone probability (sigmoid of the bone log-odds, either loss)
 at ``size^3`` -> :func:`skullrec.prepare.restore_to_grid` (linear interpolation in physical space)
 -> threshold -> complete skull on the input grid.
 
@@ -25,6 +25,7 @@ import torch
 from scipy import ndimage
 
 from .io import InputError, Volume, atomic_write_bytes, atomic_write_text, write_nifti
+from .model import bone_logit
 from .prepare import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
 
 # Implant components smaller than this are dropped. 100 mm^3 is ~7 voxels of a 64^3 SkullFix grid
@@ -111,7 +112,7 @@ def reconstruct(
             prepared = [prepare_volume(v, size, margin_mm)[0] for v in batch]
             x = torch.from_numpy(np.stack([p.data for p in prepared]).astype(np.float32)[:, None]).to(device)
             with torch.inference_mode():
-                prob = torch.sigmoid(model(x)).float().cpu().numpy()[:, 0]
+                prob = torch.sigmoid(bone_logit(model(x))).float().cpu().numpy()[:, 0]
             for vol, p, pr in zip(batch, prepared, prob):
                 results.append(_finish(vol, p, pr, threshold, min_island_mm3))
     finally:

@@ -47,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from .config import Config, ConfigError, config_from_dict, dump_config, load_config
+from .config import Config, ConfigError, config_from_dict, dump_config, load_config, load_stored_config, upgrade_stored
 from .data import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
 from .io import InputError, atomic_write_text
 
@@ -73,7 +73,7 @@ def run_finished(run_dir: str | Path) -> bool:
     """True when the run in ``run_dir`` has completed all epochs of its config."""
     run_dir = Path(run_dir)
     try:
-        cfg = load_config(run_dir / CONFIG_FILE)
+        cfg = load_stored_config(run_dir / CONFIG_FILE)
         state = load_training_state(run_dir / STATE_FILE)
     except InputError:
         return False
@@ -195,8 +195,10 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> 
 
 @torch.no_grad()
 def evaluate_dsc(model: torch.nn.Module, split: TensorSplit, batch_size: int, amp: str = "none") -> torch.Tensor:
-    """Mean DSC (MONAI compute_dice) of ``logits > 0`` against the complete skulls; a 0-d device tensor."""
+    """Mean DSC (MONAI compute_dice) of the predicted bone (bone log-odds > 0) against the complete skulls; a 0-d device tensor."""
     from monai.metrics import compute_dice
+
+    from .model import bone_logit
 
     was_training = model.training
     model.eval()
@@ -204,7 +206,7 @@ def evaluate_dsc(model: torch.nn.Module, split: TensorSplit, batch_size: int, am
     for x, y in split.batches(batch_size):
         with _amp_context(amp, x.device):
             logits = model(x)
-        dsc = compute_dice((logits > 0).float(), y, include_background=True)
+        dsc = compute_dice((bone_logit(logits) > 0).float(), y, include_background=True)
         total += dsc.to(torch.float64).sum()
     model.train(was_training)
     return total / len(split)
@@ -338,7 +340,7 @@ def _settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overw
             raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")
         try:
             stored = yaml.safe_load(cfg_file.read_text()) or {}
-            old = config_from_dict(stored)
+            old = config_from_dict(upgrade_stored(stored))
         except (yaml.YAMLError, ConfigError) as exc:
             raise InputError(f"{cfg_file}: unreadable run config ({str(exc).splitlines()[0]})") from None
         diff = _config_diff(old.to_dict(), cfg.to_dict())
@@ -437,9 +439,7 @@ def train(
     refused unless ``force``. ``data`` may be given to skip loading.
     Ctrl-C saves the state between two steps and raises KeyboardInterrupt.
     """
-    from monai.losses import DiceLoss
-
-    from .model import build_model
+    from .model import build_model, loss_function
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
@@ -457,7 +457,7 @@ def train(
         model = build_model(cfg.model, seed=cfg.seed).to(dev)
         model.train()
         optimizer = make_optimizer(cfg, model)
-        loss_fn = DiceLoss(sigmoid=True)
+        loss_fn = loss_function(cfg.model.loss)
         from .flatness import FamRegularizer
 
         # Built for every method: FAM trains with it, the others only log Tr(H) and kappa-hat with it.
@@ -636,9 +636,10 @@ def train_command(
         raise InputError(f"--run-dir {run_dir}: give either --run-dir or --resume, not two different folders")
     if resume is not None and not (Path(resume) / CONFIG_FILE).is_file():
         raise InputError(f"{resume}: not a run folder (no {CONFIG_FILE}); nothing to resume")
-    if config is None:
-        config = Path(resume) / CONFIG_FILE
-    cfg = load_config(config, overrides)
+    if config is None:  # the run's own config, written by an earlier (maybe older) skullrec
+        cfg = load_stored_config(Path(resume) / CONFIG_FILE, overrides)
+    else:
+        cfg = load_config(config, overrides)
     # Under torchrun (WORLD_SIZE > 1) join the process group; each process gets its device (cuda:LOCAL_RANK).
     dinfo, dev = distributed.setup(resolve_device(device))
     lock = None

@@ -87,7 +87,7 @@ def test_get_linear_unknown_name_lists_available_layers():
 def test_architecture_descriptor_and_bad_sizes():
     arch = architecture(SMALL)
     assert arch == {"class": "SkullAutoEncoder", "size": 32, "channels": [4, 8, 16, 8], "strides": [2, 2, 2, 2],
-                    "latent_size": 8, "norm": "group"}
+                    "latent_size": 8, "norm": "group", "out_channels": 1 if SMALL.loss == "sigmoid_dice" else 2}
     assert architecture(ModelConfig()) != architecture(SMALL)
     with pytest.raises(ConfigError, match="model.size"):
         build_model(ModelConfig(size=48))
