@@ -128,11 +128,14 @@ def flatness(
     samples: Annotated[int, typer.Option(help="Hutchinson probes.")] = 64,
     max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N cases.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    ratio: Annotated[Optional[list[float]], typer.Option("--ratio", help="Report the lambda giving this ||grad FAM|| / ||grad Dice|| (repeatable; default 0.01 and 0.1).")] = None,
+    paper_lam: Annotated[Optional[list[float]], typer.Option("--paper-lam", help="Report the lambda equivalent to this lambda of the authors' objective (repeatable; default 0.0006, 0.002, 0.02).")] = None,
 ) -> None:
-    """Print Tr(H), ||w||^2, kappa-hat and neuron-wise kappa of the configured layer on a data set."""
+    """Print Tr(H), ||w||^2, kappa-hat and neuron-wise kappa of the configured layer on a data set, and what lambda means there."""
     from .flatness import flatness_command
 
-    flatness_command(checkpoint=checkpoint, data=data, split=split, samples=samples, max_cases=max_cases, device=device)
+    flatness_command(checkpoint=checkpoint, data=data, split=split, samples=samples, max_cases=max_cases, device=device,
+                     ratios=tuple(ratio) if ratio else (0.01, 0.1), paper_lams=tuple(paper_lam) if paper_lam else (0.0006, 0.002, 0.02))
 
 
 @app.command()

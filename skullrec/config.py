@@ -8,6 +8,7 @@ an out-of-range value raises :class:`ConfigError` naming the key, e.g.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -48,7 +49,7 @@ class ModelConfig:
     # MONAI DiceLoss(sigmoid=True); "softmax_dice" = two channels (background, bone),
     # DiceLoss(to_onehot_y=True, softmax=True) as the FAM authors' code. Stored configs written before
     # this key existed were sigmoid_dice (see LEGACY_DEFAULTS).
-    loss: Literal["sigmoid_dice", "softmax_dice"] = "sigmoid_dice"
+    loss: Literal["sigmoid_dice", "softmax_dice"] = "softmax_dice"
 
 
 @dataclass
@@ -60,10 +61,14 @@ class FamConfig:
     samples: int = 1  # Hutchinson probes per estimate
     gradient: Literal["full", "detached"] = "full"
     norm: Literal["squared", "frobenius"] = "squared"
-    trace: Literal["signed", "abs", "relu"] = "abs"
+    # signed: the paper's formula. It is bounded below where Tr(H) > 0, which softmax_dice gives from
+    # initialisation on (benchmarks/trace_sign_losses.py, docs/flatness.md); abs / relu remain for
+    # sigmoid_dice, whose trace starts negative (they need a whole-batch estimator: check_unbiased).
+    trace: Literal["signed", "abs", "relu"] = "signed"
     # How v^T H v and its full gradient are computed: "autograd" (third-order backward, ~3.9x a plain
     # step on CPU), or the output-space estimators of skullrec.fast_flatness: "fd" (whole batch, ~2.3x),
-    # "fd-half", "fd-quarter" (a random quarter of the batch, unbiased, ~1.35x), "outspace" (exact).
+    # "fd-half", "fd-quarter" (a random quarter of the batch, unbiased for trace=signed, ~1.35x; refused
+    # with abs / relu, which would shape a subset's estimate), "outspace" (exact).
     estimator: str = "fd-quarter"
     every: int = 1  # add the regulariser every k-th step (amortisation)
 
@@ -82,7 +87,8 @@ class SamConfig:
 class TrainConfig:
     """Optimisation, logging and checkpoints."""
 
-    method: Literal["baseline", "fam", "sam", "asam"] = "baseline"
+    # fam_authors: the FAM authors' public objective (see AUTHORS_FAM below and docs/flatness.md).
+    method: Literal["baseline", "fam", "fam_authors", "sam", "asam"] = "baseline"
     epochs: int = 200
     batch_size: int = 4
     lr: float = 1e-4
@@ -194,19 +200,49 @@ def validate(cfg: Config) -> Config:
     for key, ok, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
-    if cfg.train.method == "fam" and cfg.fam.lam == 0:
-        raise ConfigError("fam.lam: method 'fam' needs lam > 0 (use method 'baseline' for lam = 0)")
+    if cfg.train.method in FAM_METHODS and cfg.fam.lam == 0:
+        raise ConfigError(f"fam.lam: method '{cfg.train.method}' needs lam > 0 (use method 'baseline' for lam = 0)")
     if cfg.train.method == "sam" and cfg.sam.adaptive:
         raise ConfigError("sam.adaptive: adaptive SAM is method 'asam' (train.method=asam), not 'sam'")
-    if cfg.train.method != "fam" and cfg.fam.lam != 0:
+    if cfg.train.method not in FAM_METHODS and cfg.fam.lam != 0:
         # A silently ignored lambda would make a mislabelled run; say which method applies it.
-        raise ConfigError(f"fam.lam: only method 'fam' uses lam, got lam {cfg.fam.lam} with method '{cfg.train.method}'")
+        raise ConfigError(f"fam.lam: only methods fam and fam_authors use lam, got lam {cfg.fam.lam} with method '{cfg.train.method}'")
     return cfg
+
+
+FAM_METHODS = ("fam", "fam_authors")
+# What method fam_authors fixes (the authors' public code, kampmichael/RelativeFlatnessAndGeneralization,
+# skullrec/run_training_SkullRec.py + FAMloss.py): a two-channel softmax Dice loss, the penalty
+# ||W||_F * Tr(H) with Tr(H) a detached constant and not shaped. The loss scaling (80 * DiceLoss with
+# reduction "sum", the trace of that unscaled sum) is AUTHORS_LOSS_SCALE, applied by the trainer.
+AUTHORS_FIXED: dict[tuple[str, str], str] = {
+    ("model", "loss"): "softmax_dice",
+    ("fam", "norm"): "frobenius",
+    ("fam", "gradient"): "detached",
+    ("fam", "trace"): "signed",
+}
+AUTHORS_LOSS_SCALE = 80.0
+
+
+def _fix_authors_keys(values: dict[str, Any]) -> None:
+    """For train.method fam_authors, set the keys it fixes; a conflicting explicit value is an error."""
+    train = values.get("train")
+    if not isinstance(train, dict) or train.get("method") != "fam_authors":
+        return
+    for (section, key), fixed in AUTHORS_FIXED.items():
+        node = values.setdefault(section, {})
+        if not isinstance(node, dict):
+            return  # the type check reports the malformed section
+        if key in node and node[key] != fixed:
+            raise ConfigError(f"{section}.{key}: method fam_authors fixes it to {fixed!r}, got {node[key]!r}")
+        node[key] = fixed
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain mapping."""
-    return validate(_from_dict(Config, values or {}))
+    values = copy.deepcopy(values or {})  # _fix_authors_keys fills keys in; never in the caller's mapping
+    _fix_authors_keys(values)
+    return validate(_from_dict(Config, values))
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

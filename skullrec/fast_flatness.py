@@ -354,6 +354,35 @@ def _outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_f
     return _finish(reg, weight, trace)
 
 
+def exact_trace_per_sample(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Exact Tr(H) of decodeL's weight for each sample's own loss, (B,), by the output-space factorisation.
+
+    For one sample z = W l + b, so H_W = (l l^T) (x) H_z and Tr(H_W) = ||l||^2 Tr(H_z), where H_z is the
+    64 x 64 Hessian of that sample's loss in decodeL's output. Only features with z_o > 0 pass the ReLU
+    after decodeL, so only those diagonal entries can be non-zero: one double backward through the
+    decoder per active feature instead of 512 Hessian-vector products in weight space. The batch loss
+    is a mean of per-sample losses (no cross-sample coupling), so the batch's Tr(H) is the mean of these.
+    Nothing here builds a graph for the caller (a measurement, not a penalty).
+    """
+    net = _unwrap(model)
+    with torch.no_grad():
+        latent = net.encode(x)
+    out = []
+    for n in range(x.shape[0]):
+        ln = latent[n : n + 1]
+        z = net.decodeL(ln).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(net.decode_features(z), y[n : n + 1])
+            (g,) = torch.autograd.grad(loss, z, create_graph=True)
+            active = torch.nonzero(z[0] > 0).flatten().tolist()
+            diag = z.new_zeros(())
+            for i, o in enumerate(active):
+                (h,) = torch.autograd.grad(g[0, o], z, retain_graph=i + 1 < len(active))
+                diag = diag + h[0, o]
+        out.append(diag.detach() * ln.pow(2).sum())
+    return torch.stack(out)
+
+
 def _prepare(model: nn.Module) -> None:
     """Attach the taps where the estimators can apply (a SkullAutoEncoder); other models use autograd."""
     net = _unwrap(model)
@@ -390,4 +419,5 @@ __all__ = [
     "detach_taps",
     "fd_quadratic_form",
     "outspace_quadratic_form",
+    "exact_trace_per_sample",
 ]

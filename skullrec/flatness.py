@@ -320,6 +320,7 @@ class FamRegularizer:
         prepare = getattr(ESTIMATORS[cfg.estimator], "prepare", None)
         if prepare is not None:
             prepare(model)
+        check_unbiased(cfg)
         if cfg.lam > 0 and cfg.gradient == "full" and any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules()):
             raise ConfigError(
                 "fam.gradient: 'full' needs third derivatives, which torch computes wrongly through InstanceNorm; "
@@ -346,6 +347,70 @@ class FamRegularizer:
     ) -> FamTerm:
         """The regulariser on one batch; ``loss = loss_fn(model(x), y)`` must still have its graph."""
         return ESTIMATORS[self.cfg.estimator](self, model, x, y, loss_fn, loss, generator)
+
+
+# Estimators that evaluate the curvature on a random subset of the batch: their *signed* estimate is
+# unbiased for the batch's v^T H v, but |.| or max(., 0) of a subset's estimate is not the shaped batch
+# value (E|q_subset| >= |E q_subset|, and the per-sample traces need not share a sign).
+SUBSET_ESTIMATORS = ("fd-half", "fd-quarter")
+
+
+def check_unbiased(cfg: FamConfig, world_size: int = 1) -> None:
+    """Refuse (ConfigError) a regularising configuration whose penalty would be a biased estimate.
+
+    fam.trace abs / relu shape a *subset's* estimate when the estimator draws a random part of the batch,
+    or when DDP ranks each shape their own shard's estimate before averaging: both are biased against
+    the shaped whole-batch value (measured in docs/performance.md). Monitoring (lam = 0) only reads the
+    signed trace and is always allowed. Whole-batch estimators with abs / relu keep a bias bounded by
+    the probe spread (tests/test_estimator_bias.py).
+    """
+    if cfg.lam <= 0 or cfg.trace == "signed":
+        return
+    if cfg.estimator in SUBSET_ESTIMATORS:
+        raise ConfigError(
+            f"fam.trace: '{cfg.trace}' of a random-subset estimate (fam.estimator={cfg.estimator}) is biased; "
+            "use fam.trace=signed (unbiased) or a whole-batch estimator (fam.estimator=fd, outspace or autograd)"
+        )
+    if world_size > 1:
+        raise ConfigError(
+            f"fam.trace: '{cfg.trace}' under DDP shapes each rank's shard estimate (biased); use fam.trace=signed "
+            "with several processes, or train in one process"
+        )
+
+
+def grad_ratio(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    reg: FamRegularizer,
+    generator: torch.Generator | None = None,
+    *,
+    lam: float = 1.0,
+    loss_scale: float = 1.0,
+    penalty_scale: float = 1.0,
+) -> dict[str, float]:
+    """||grad(lam * penalty_scale * penalty)|| / ||grad(loss_scale * loss)|| on one batch, over all parameters and per layer.
+
+    Keys: ``all`` (every parameter of the model) and each regularised layer's name (its weight only).
+    The gradients are taken with ``torch.autograd.grad``: nothing accumulates in ``.grad``, and the
+    model's weights are untouched. ``lam = 1`` gives the ratio per unit lambda (ratio is linear in lam).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn(model(x), y)
+    term = reg(model, x, y, loss_fn, loss, generator)
+    g_loss = torch.autograd.grad(loss_scale * loss, params, retain_graph=True, allow_unused=True)
+    g_pen = torch.autograd.grad(lam * penalty_scale * term.penalty, params, allow_unused=True)
+
+    def norm(gs: Sequence[Tensor | None], keep: Callable[[Tensor], bool] = lambda p: True) -> float:
+        total = sum(float(g.detach().double().pow(2).sum()) for p, g in zip(params, gs) if g is not None and keep(p))
+        return math.sqrt(total)
+
+    out = {"all": norm(g_pen) / max(norm(g_loss), 1e-300)}
+    for name, w in zip(reg.layers, reg.weights(model)):
+        is_w = lambda p, w=w: p is w  # noqa: E731
+        out[name] = norm(g_pen, is_w) / max(norm(g_loss, is_w), 1e-300)
+    return out
 
 
 def _load_plugins() -> None:
@@ -458,9 +523,66 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass
+class LambdaScale:
+    """What lambda means for one checkpoint and batch (see docs/flatness.md, "lambda on a scale").
+
+    Attributes:
+        fam: the FAM options the ratios refer to (method fam).
+        ratio_per_lam: ||grad FAM|| / ||grad Dice|| at lam = 1, ``all`` parameters and per layer.
+        authors_ratio_per_lam: the same under the authors' objective (80 * sum Dice, ||W||_F * Tr(H) detached).
+        lam_for_ratio: target ratio -> lam giving it (over all parameters).
+        lam_equivalent: paper lam -> lam of method fam with the same gradient ratio as the authors' objective.
+        lam_penalty_match: paper lam -> lam with the same penalty value, lam_p / 80 / N(W) (norm-dependent).
+    """
+
+    fam: FamConfig
+    cases: int
+    ratio_per_lam: dict[str, float]
+    authors_ratio_per_lam: dict[str, float]
+    lam_for_ratio: dict[float, float]
+    lam_equivalent: dict[float, float]
+    lam_penalty_match: dict[float, float]
+
+
+def lambda_scale(
+    model: nn.Module, cfg: Any, x: Tensor, y: Tensor, ratios: Sequence[float], paper_lams: Sequence[float], seed: int = 0,
+) -> LambdaScale:
+    """Gradient ratios per unit lambda on the batch (x, y) and the lambdas they imply.
+
+    Ours: method fam with the checkpoint's fam options (today's defaults for another method's checkpoint
+    that is not fam), whole-batch estimator. The authors': their objective on the same model and batch
+    (``skullrec.trainer.objective_scales`` of method fam_authors). Since both ratios are linear in lambda,
+    lam_for_ratio = r / ratio_per_lam and lam_equivalent = lam_p * authors_ratio / ratio.
+    """
+    import dataclasses
+
+    from .config import AUTHORS_FIXED, AUTHORS_LOSS_SCALE, FamConfig
+    from .model import loss_function, out_channels
+
+    fam = cfg.fam if cfg.train.method == "fam" else FamConfig(layers=list(cfg.fam.layers))
+    fam = dataclasses.replace(fam, lam=1.0, estimator="fd" if fam.estimator in SUBSET_ESTIMATORS else fam.estimator)
+    authors = dataclasses.replace(fam, **{k: v for (sec, k), v in AUTHORS_FIXED.items() if sec == "fam"})
+    loss_fn = loss_function(cfg.model.loss)
+    n_sum = float(x.shape[0] * out_channels(cfg.model.loss))
+    ours = grad_ratio(model, x, y, loss_fn, FamRegularizer(fam, model), torch.Generator().manual_seed(seed))
+    theirs = grad_ratio(model, x, y, loss_fn, FamRegularizer(authors, model), torch.Generator().manual_seed(seed),
+                        loss_scale=AUTHORS_LOSS_SCALE * n_sum, penalty_scale=n_sum)
+    model.zero_grad(set_to_none=True)
+    w = sum(float(get_w.detach().pow(2).sum()) for get_w in FamRegularizer(fam, model).weights(model))
+    norm = w if fam.norm == "squared" else math.sqrt(w)
+    return LambdaScale(
+        fam=fam, cases=int(x.shape[0]), ratio_per_lam=ours, authors_ratio_per_lam=theirs,
+        lam_for_ratio={r: r / ours["all"] for r in ratios},
+        lam_equivalent={lp: lp * theirs["all"] / ours["all"] for lp in paper_lams},
+        # Same penalty value: lam * N(W) * T(Tr) = (lam_p / 80) * ||W||_F * Tr (divide the authors' objective by 80 * n * C).
+        lam_penalty_match={lp: lp / AUTHORS_LOSS_SCALE * math.sqrt(w) / norm for lp in paper_lams},
+    )
+
+
 def flatness_command(
     checkpoint: Path, data: Path, split: str = "train", samples: int = 64, max_cases: int | None = None, device: str = "auto",
-    seed: int = 0,
+    seed: int = 0, ratios: Sequence[float] = (0.01, 0.1), paper_lams: Sequence[float] = (0.0006, 0.002, 0.02),
 ) -> list[LayerFlatness]:
     """Print Tr(H) (Hutchinson mean +- SE, exact where cheap), ||w||^2, kappa_hat and neuron-wise kappa."""
     from .checkpoint import load_checkpoint
@@ -499,6 +621,19 @@ def flatness_command(
         print(f"  kappa_hat      {r.kappa_hat:.6g} +- {r.kappa_hat_se:.2g} (SE){exact_k}")
         exact_nw = f"   exact {r.kappa_nw_exact:.6g}" if r.kappa_nw_exact is not None else ""
         print(f"  kappa (neuron) {r.kappa_nw_mean:.6g} +- {r.kappa_nw_se:.2g} (SE){exact_nw}")
+    if len(x) and (ratios or paper_lams):
+        n = min(4, len(x))  # the trainer's batch (metrics.jsonl's fam_grad_ratio uses the first training batch too)
+        ls = lambda_scale(model, cfg, x[:n], y[:n], ratios, paper_lams, seed)
+        f = ls.fam
+        print(f"lambda scale (first {n} cases; method fam: norm {f.norm}, gradient {f.gradient}, trace {f.trace}, estimator {f.estimator})")
+        print("  ratio ||grad FAM|| / ||grad Dice|| per unit lambda: "
+              + ", ".join(f"{k} {v:.4g}" for k, v in ls.ratio_per_lam.items())
+              + "; authors' objective: " + ", ".join(f"{k} {v:.4g}" for k, v in ls.authors_ratio_per_lam.items()))
+        for r, lam in ls.lam_for_ratio.items():
+            print(f"  lambda for ratio {r:g}: {lam:.4g}")
+        for lp in paper_lams:
+            print(f"  paper lambda {lp:g} (authors' objective) = lambda {ls.lam_equivalent[lp]:.4g} here by gradient ratio, "
+                  f"{ls.lam_penalty_match[lp]:.4g} by penalty value")
     return results
 
 
@@ -520,4 +655,9 @@ __all__ = [
     "shape_trace",
     "measure_layer",
     "flatness_command",
+    "grad_ratio",
+    "lambda_scale",
+    "LambdaScale",
+    "check_unbiased",
+    "SUBSET_ESTIMATORS",
 ]

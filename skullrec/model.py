@@ -165,15 +165,18 @@ def out_channels(loss: str) -> int:
     raise ConfigError(f"model.loss: must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
-def loss_function(loss: str = "sigmoid_dice") -> nn.Module:
+def loss_function(loss: str | None = None) -> nn.Module:
     """The training loss on logits (MONAI DiceLoss, activation inside: never apply it twice).
 
+    ``None``: the default ``ModelConfig().loss`` (what a model built from default settings outputs).
     Both are means of per-sample losses (``batch=False``, ``reduction="mean"``), which the fast FAM
     estimators and DDP rely on. ``softmax_dice`` averages the Dice losses of the background and bone
     channels (``include_background=True``), as the FAM authors' ``DiceLoss(to_onehot_y=True, softmax=True)``.
     """
     from monai.losses import DiceLoss
 
+    if loss is None:
+        loss = ModelConfig().loss
     if out_channels(loss) == 1:
         return DiceLoss(sigmoid=True)
     return DiceLoss(to_onehot_y=True, softmax=True)

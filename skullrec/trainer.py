@@ -47,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     save_training_state,
 )
-from .config import Config, ConfigError, config_from_dict, dump_config, load_config, load_stored_config, upgrade_stored
+from .config import FAM_METHODS, Config, ConfigError, config_from_dict, dump_config, load_config, load_stored_config, upgrade_stored
 from .data import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
 from .io import InputError, atomic_write_text
 
@@ -128,23 +128,28 @@ def train_step(
     sam: bool = False,
     generator: torch.Generator | None = None,
     amp: str = "none",
+    loss_scale: float = 1.0,
+    penalty_scale: float = 1.0,
 ) -> StepResult:
     """One step: Dice loss (+ lam * FAM penalty when ``reg`` is given), backward, optimizer update.
 
     ``sam=True`` makes the two-pass SAM/ASAM update (``optimizer`` is a :class:`skullrec.sam.SAM`);
     otherwise a plain ``optimizer.step()`` (for a SAM wrapper before ``sam.start_epoch``: its base
     optimizer's step). Never syncs with the host: everything returned stays on the device.
+    The objective is ``loss_scale * loss + lam * penalty_scale * penalty`` (method fam_authors: the
+    authors' 80 * sum-reduced Dice loss and the trace of the sum, see :func:`objective_scales`);
+    ``StepResult.loss`` is always the unscaled (mean) Dice loss.
     """
     device = x.device
     optimizer.zero_grad(set_to_none=True)
     with _amp_context(amp, device):
         logits = model(x)
         loss = loss_fn(logits.float(), y)
-        total = loss
+        total = loss * loss_scale if loss_scale != 1.0 else loss
         out = StepResult(loss=loss.detach())
         if reg is not None:
             term = reg(model, x, y, loss_fn, loss, generator)
-            total = loss + lam * term.penalty
+            total = total + (lam * penalty_scale) * term.penalty
             out.penalty = term.penalty.detach()
             out.trace = term.trace.detach()
             out.norm_sq = term.norm_sq.detach()
@@ -158,6 +163,24 @@ def train_step(
     else:
         getattr(optimizer, "base_optimizer", optimizer).step()
     return out
+
+
+def objective_scales(cfg: Config, batch: int) -> tuple[float, float]:
+    """(loss_scale, penalty_scale) of the training objective for a batch of ``batch`` samples.
+
+    1, 1 for every method but fam_authors. fam_authors trains the authors' objective
+    ``80 * DiceLoss_sum + lam * ||W||_F * Tr(H[DiceLoss_sum])``: MONAI's "sum" reduction adds the
+    per-sample, per-channel Dice losses, i.e. batch * C times the mean loss (C = 2 channels), and the
+    Hessian of that sum is batch * C times the mean's. Computing it from the mean loss keeps the fast,
+    unbiased estimators (they need a mean of per-sample losses) and the logged values comparable.
+    """
+    if cfg.train.method != "fam_authors":
+        return 1.0, 1.0
+    from .config import AUTHORS_LOSS_SCALE
+    from .model import out_channels
+
+    n_sum = float(batch * out_channels(cfg.model.loss))
+    return AUTHORS_LOSS_SCALE * n_sum, n_sum
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -490,6 +513,10 @@ def train(
         steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
         last_record: dict[str, Any] = records[-1] if records else {}
         distributed.check_batch_size(cfg.train.batch_size, dinfo)
+        if method in FAM_METHODS:
+            from .flatness import check_unbiased
+
+            check_unbiased(cfg.fam, dinfo.world_size)
         net = distributed.wrap(model, dinfo, dev)  # DDP when distributed; `model` stays the plain module
         interrupt = _Interrupt()
         with interrupt:
@@ -509,10 +536,12 @@ def train(
                 for i in range(first, steps_per_epoch):
                     x, y = data.train.batch(distributed.shard(batches[i], dinfo))
                     global_step = (epoch - 1) * steps_per_epoch + i
-                    use_reg = method == "fam" and global_step % cfg.fam.every == 0
+                    use_reg = method in FAM_METHODS and global_step % cfg.fam.every == 0
+                    loss_scale, penalty_scale = objective_scales(cfg, x.shape[0])
                     out = train_step(
                         net, x, y, loss_fn, optimizer,
                         reg=reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=cfg.train.amp,
+                        loss_scale=loss_scale, penalty_scale=penalty_scale,
                     )
                     n = x.shape[0]
                     sums["loss"] += out.loss.to(torch.float64) * n
@@ -557,8 +586,12 @@ def train(
                     val = {name: evaluate_dsc(model, split, 2 * cfg.train.batch_size, cfg.train.amp) for name, split in data.evals.items()}
                     record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
                     record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
-                if validate and reg is not None and method != "fam":
+                if validate and reg is not None and method not in FAM_METHODS:
                     record.update(_monitor(model, data.train, cfg, reg, loss_fn, epoch, dev))
+                    # What lambda = 1 would give here: divide a target ratio by it to choose lambda.
+                    record["monitor_fam_grad_ratio_per_lam"] = fam_grad_ratio(model, data.train, cfg, loss_fn, epoch, dev, lam=1.0)
+                if method in FAM_METHODS:
+                    record["fam_grad_ratio"] = fam_grad_ratio(model, data.train, cfg, loss_fn, epoch, dev)
                 score, by = (record["val_dsc_mean"], "val_dsc_mean") if "val_dsc_mean" in record else (-record["dice_loss"], "train_dice_loss")
                 meta = {"epoch": epoch, "method": method, "dice_loss": record["dice_loss"], "val_dsc": record.get("val_dsc")}
                 if epoch in cfg.train.checkpoint_epochs:
@@ -607,6 +640,32 @@ def _monitor(model, split: TensorSplit, cfg: Config, reg: Any, loss_fn, epoch: i
     return {"monitor_trace": trace, "monitor_kappa_hat": trace * norm_sq}
 
 
+def fam_grad_ratio(model: torch.nn.Module, split: TensorSplit, cfg: Config, loss_fn: Callable, epoch: int,
+                   dev: torch.device, lam: float | None = None) -> dict[str, float]:
+    """||grad(lam * FAM)|| / ||grad(Dice loss)|| of the training objective on the first training batch.
+
+    Over all parameters (``all``) and on each regularised layer's weight. The objective's own scaling
+    (fam_authors: 80 * sum) and lam (``cfg.fam.lam`` unless given) apply. Measured with the whole-batch
+    form of the configured estimator (a subset estimator's noise would make the per-epoch ratio jump;
+    its expectation is the same) and its own probe stream, so training is unaffected.
+    """
+    import dataclasses
+
+    from .flatness import SUBSET_ESTIMATORS, FamRegularizer, grad_ratio
+
+    fam = cfg.fam
+    if fam.estimator in SUBSET_ESTIMATORS:
+        fam = dataclasses.replace(fam, estimator="fd")
+    x, y = split.batch(torch.arange(min(cfg.train.batch_size, len(split)), device=split.defective.device))
+    loss_scale, penalty_scale = objective_scales(cfg, x.shape[0])
+    reg = FamRegularizer(fam, model)
+    gen = make_generator(dev, cfg.seed, epoch, STREAM_MONITOR)
+    out = grad_ratio(model, x, y, loss_fn, reg, gen, lam=fam.lam if lam is None else lam,
+                     loss_scale=loss_scale, penalty_scale=penalty_scale)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def _summary_line(r: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {r['epoch']}/{epochs}", f"loss {_fmt(r['dice_loss'])}"]
     if r.get("trace") is not None:
@@ -614,6 +673,8 @@ def _summary_line(r: dict[str, Any], epochs: int) -> str:
     elif r.get("monitor_trace") is not None:
         parts += [f"TrH {_fmt(r['monitor_trace'], '.3g')}", f"kappa {_fmt(r['monitor_kappa_hat'], '.3g')}"]
     parts.append(f"|w|^2 {_fmt(r['norm_sq'], '.4g')}")
+    if r.get("fam_grad_ratio"):
+        parts.append(f"ratio {_fmt(r['fam_grad_ratio']['all'], '.3g')}")
     for name, v in (r.get("val_dsc") or {}).items():
         parts.append(f"DSC {name} {_fmt(v)}")
     parts.append(f"{r['seconds']:.1f} s")

@@ -159,7 +159,8 @@ def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
     split = load_split(data, "eval_set2")
     model, _, _ = load_checkpoint(out / "runs" / "fam_seed1" / "ckpt_epoch002.safetensors", device=torch.device("cpu"))
     with torch.no_grad():
-        recon = (model.eval()(torch.as_tensor(split.defective, dtype=torch.float32)[:, None]) > 0)[:, 0].numpy()
+        out_ = model.eval()(torch.as_tensor(split.defective, dtype=torch.float32)[:, None])
+        recon = ((out_[:, 1] > out_[:, 0]) if out_.shape[1] == 2 else (out_[:, 0] > 0)).numpy()  # bone channel wins
     for i, cid in enumerate(split.ids):
         pred, truth = recon[i] & (split.defective[i] == 0), (split.complete[i] == 1) & (split.defective[i] == 0)
         assert truth.any()

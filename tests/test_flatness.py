@@ -294,7 +294,7 @@ def _decoder_penalty(norm_layer: nn.Module, g: torch.Generator):
     def penalty(W, tw):
         z = (lat @ W.T).reshape(2, 2, 2, 2, 2)
         h = norm_layer(F.conv_transpose3d(z, tw, stride=2, padding=1, output_padding=1))
-        loss = loss_function()(torch.tanh(h), y)
+        loss = loss_function("sigmoid_dice")(torch.tanh(h), y)
         return fam_term(loss, W, probes=[probe], gradient="full").penalty
 
     return penalty, (W.requires_grad_(), tw.requires_grad_())
@@ -327,7 +327,7 @@ def test_instancenorm_third_order_gradient_is_wrong_in_this_torch():
 
 def test_fam_regularizer_resolves_layers_and_matches_kappa_simplified():
     model = build_model(SMALL, seed=0)
-    cfg = FamConfig(lam=0.1, layers=["decodeL", "mu"], samples=3, gradient="full", trace="abs")
+    cfg = FamConfig(lam=0.1, layers=["decodeL", "mu"], samples=3, gradient="full", trace="abs", estimator="autograd")
     reg = FamRegularizer(cfg, model)
     x = (torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1)) > 0.6).float()
     loss_fn = loss_function()

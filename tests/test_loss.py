@@ -230,4 +230,22 @@ def test_softmax_training_predict_and_flatness(tmp_path, capsys):
     capsys.readouterr()
     out = flatness_command(run / "last.safetensors", root, split="train", samples=4, max_cases=2, device="cpu")
     assert np.isfinite(out[0].trace_mean)
-    assert "Tr(H)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Tr(H)" in printed and "lambda for ratio 0.1:" in printed and "paper lambda 0.02 (authors' objective) = lambda" in printed
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_dice", "softmax_dice"])
+def test_exact_trace_per_sample_equals_the_dense_hessian(loss):
+    """||l||^2 Tr(H_z) per sample == the trace of the dense 512 x 512 weight Hessian of that sample's loss."""
+    from skullrec.flatness import exact_trace
+
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(**SMALL, loss=loss), seed=2).double()
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.rand(2, 1, 32, 32, 32, generator=gen) > 0.6).double()
+    y = ((torch.rand(2, 1, 32, 32, 32, generator=gen) > 0.6) | (x > 0)).double()
+    loss_fn = loss_function(loss)
+    got = ff.exact_trace_per_sample(model, x, y, loss_fn)
+    ref = torch.stack([exact_trace(loss_fn(model(x[n : n + 1]), y[n : n + 1]), model.decodeL.weight) for n in range(2)])
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-14), (got, ref)
+    assert float(ref.abs().min()) > 0

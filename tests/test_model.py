@@ -24,8 +24,12 @@ def _input(n: int, size: int, seed: int) -> torch.Tensor:
 def test_default_architecture_sizes():
     model = build_model(ModelConfig(), seed=0)
     n_params = sum(p.numel() for p in model.parameters())
-    # VarAutoEncoder(channels (20,40,80,160,8), 5 stride-2 stages) has 979,634 parameters; minus logvar (64*8 + 8).
-    assert n_params == 979_634 - (64 * 8 + 8) == 979_114
+    # VarAutoEncoder(channels (20,40,80,160,8), 5 stride-2 stages) has 979,634 parameters with one output
+    # channel; minus logvar (64*8 + 8). The default softmax_dice head has a second output channel: the last
+    # transposed convolution (20 -> C, 3^3 kernel, bias) gains 20*27 + 1 = 541 weights.
+    one = build_model(ModelConfig(loss="sigmoid_dice"), seed=0)
+    assert sum(p.numel() for p in one.parameters()) == 979_634 - (64 * 8 + 8) == 979_114
+    assert ModelConfig().loss == "softmax_dice" and n_params == 979_114 + 20 * 27 + 1
     assert tuple(model.decodeL.weight.shape) == (64, 8)
     assert tuple(model.mu.weight.shape) == (8, 64)
     assert model.bottleneck_shape == (8, 2, 2, 2)
@@ -41,7 +45,7 @@ def test_forward_is_deterministic_logits_and_composes():
     model.train()  # even in training mode: no sampling of the latent
     x = _input(2, 32, 2)
     out1, out2 = model(x), model(x)
-    assert out1.shape == (2, 1, 32, 32, 32)
+    assert out1.shape == (2, 2, 32, 32, 32)  # softmax_dice (the default): background and bone
     assert torch.equal(out1, out2)
     lat = model.encode(x)
     assert lat.shape == (2, 8)

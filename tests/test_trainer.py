@@ -131,7 +131,7 @@ def _tiny(data_root: Path, method: str = "fam"):
 def test_train_step_adds_lam_times_penalty_to_the_gradient(data_root: Path) -> None:
     """With SGD(lr=1) the update equals minus the gradient of loss + lam * penalty, computed independently."""
     cfg, x, y = _tiny(data_root)
-    loss_fn, lam = DiceLoss(sigmoid=True), 0.5
+    loss_fn, lam = DiceLoss(to_onehot_y=True, softmax=True), 0.5
     model = build_model(cfg.model, seed=0)
     ref = build_model(cfg.model, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
@@ -155,7 +155,7 @@ def test_sam_step_uses_the_gradient_at_the_perturbed_point(data_root: Path, adap
     """SAM/ASAM around SGD(lr=1): the update is minus the gradient at w + e, e computed here by hand."""
     sam_mod = pytest.importorskip("skullrec.sam")
     cfg, x, y = _tiny(data_root, "sam")
-    loss_fn, rho, eta = DiceLoss(sigmoid=True), 0.05, 0.01
+    loss_fn, rho, eta = DiceLoss(to_onehot_y=True, softmax=True), 0.05, 0.01
     model = build_model(cfg.model, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     opt = sam_mod.SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=1.0)
@@ -178,7 +178,7 @@ def test_sam_step_uses_the_gradient_at_the_perturbed_point(data_root: Path, adap
 def test_train_step_returns_device_tensors_without_reg(data_root: Path) -> None:
     cfg, x, y = _tiny(data_root, "baseline")
     model = build_model(cfg.model, seed=0)
-    out = train_step(model, x, y, DiceLoss(sigmoid=True), torch.optim.Adam(model.parameters(), lr=1e-4))
+    out = train_step(model, x, y, DiceLoss(to_onehot_y=True, softmax=True), torch.optim.Adam(model.parameters(), lr=1e-4))
     assert isinstance(out.loss, torch.Tensor) and out.loss.ndim == 0 and not out.loss.requires_grad
     assert out.penalty is None and out.trace is None
 
@@ -209,7 +209,9 @@ def test_run_folder_metrics_and_checkpoints(reference_runs: dict[str, Path], dat
     for split_name in ("eval_set1", "eval_set2"):
         split = load_split(data_root, split_name)
         with torch.no_grad():
-            pred = (model(torch.from_numpy(split.defective[:, None]).float()) > 0).numpy()[:, 0]
+            out = model(torch.from_numpy(split.defective[:, None]).float())
+            # bone where the bone channel wins (softmax_dice, the default) / where the one logit is > 0
+            pred = ((out[:, 1] > out[:, 0]) if out.shape[1] == 2 else (out[:, 0] > 0)).numpy()
         truth = split.complete.astype(bool)
         dsc = [2 * (p & t).sum() / (p.sum() + t.sum()) for p, t in zip(pred, truth)]
         assert last["val_dsc"][split_name] == pytest.approx(float(np.mean(dsc)), abs=1e-6)
