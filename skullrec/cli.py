@@ -2,7 +2,7 @@
 
 Each command is a thin wrapper: it parses options and calls one function of the module that owns
 the work, so the modules stay usable from Python. Heavy modules are imported inside the commands
-to keep ``skullrec --help`` fast. A user mistake (:class:`skullrec.io.InputError`) is printed as
+to keep ``skullrec --help`` fast. A user mistake (:class:`skullrec.errors.InputError`) is printed as
 one line ``error: ...`` on stderr with exit code 2, never as a traceback; Ctrl-C exits with 130.
 """
 
@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .io import InputError
+from .errors import InputError
 
 app = typer.Typer(
     name="skullrec",

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ..io import InputError, Volume
+from ..errors import InputError
+from ..io import Volume
 from .resample import BONE_FRACTION, DEFAULT_MARGIN_MM, DEFAULT_SIZE, bone_box, prepare_pair
-
 
 # ---------------------------------------------------------------------------------------------
 # `skullrec prepare`: a folder of real skulls -> a data set in the layout of skullrec.data.layout
@@ -36,7 +36,7 @@ def case_seed(seed: int, cid: str, stream: int) -> list[int]:
 
 def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
     """Read one case, cut its defects on the source grid, prepare and write every split it belongs to."""
-    from .defects import DefectError
+    from ..errors import DefectError
 
     try:
         return _prepare_case_unchecked(job)
@@ -46,8 +46,8 @@ def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
-    from .layout import write_case
     from ..io import read_volume
+    from .layout import write_case
 
     cid, root, size, margin = job["cid"], Path(job["root"]), job["size"], job["margin_mm"]
     complete = read_volume(job["complete"], threshold=job["threshold"])
@@ -149,8 +149,8 @@ def prepare_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .layout import check_output_dir, staged_output, write_manifest
     from ..io import list_volumes
+    from .layout import check_output_dir, staged_output, write_manifest
 
     if size < 8:
         raise InputError(f"--size: must be >= 8, got {size}")

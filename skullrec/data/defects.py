@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..io import InputError
+from ..errors import DefectError
 
 # Removed bone fraction (of the complete skull's bone voxels) every defect must fall in.
 # Set 1: the real SkullFix range (min 0.063, 5th-95th percentile 0.065-0.104, max 0.117 over the
@@ -65,9 +65,6 @@ SET2_SHAPES = ("sphere", "ellipsoid", "balls", "noisy_ellipsoid")
 MAX_DRAWS = 24  # fresh draws before giving up
 MAX_RESIZES = 5  # size adjustments of one draw towards the fraction range
 
-
-class DefectError(InputError):
-    """No defect with the required removed fraction could be cut into this skull."""
 
 
 # ---------------------------------------------------------------------------------------------

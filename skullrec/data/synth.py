@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from ..io import InputError, Volume
+from ..errors import InputError
+from ..io import Volume
 
 # SkullFix's array layout: +axis0 = patient left, +axis1 = posterior, +axis2 = superior. In RAS
 # world coordinates that is a flip of the first two axes.

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import InputError, Volume, atomic_write_text, list_volumes, read_volume
+from ..errors import InputError
+from ..io import Volume, atomic_write_text, list_volumes, read_volume
 from .metrics import DEFAULT_HD95, HD95_DEFINITIONS, METRIC_KEYS, TARGETS, batch_metrics, case_metrics
 
 CSV_COLUMNS: tuple[str, ...] = ("case", "target", *METRIC_KEYS)

@@ -8,12 +8,11 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..io import atomic_write_bytes
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only; sweep imports this module
     from .sweep import ExperimentConfig

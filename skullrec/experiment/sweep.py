@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..config import ConfigError, _from_dict, apply_overrides, dump_config, load_config
-from ..io import InputError, atomic_write_text, json_default
+from ..config import _from_dict, apply_overrides, dump_config, load_config
+from ..errors import ConfigError, InputError
+from ..io import atomic_write_text, json_default
 from .report import figures, table2, table2_markdown, versus_reference, versus_reference_markdown
 
 
@@ -203,9 +204,9 @@ def evaluate_runs(
     import torch
     from rich.progress import Progress
 
-    from ..nets.checkpoint import load_checkpoint
     from ..data.layout import load_split
     from ..evaluation.evaluate import evaluate_arrays
+    from ..nets.checkpoint import load_checkpoint
     from ..training.trainer import checkpoint_path
 
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import ConfigError
-from ..io import InputError
+from ..errors import ConfigError, InputError
 
 # Dense layer Hessians need one Hessian-vector product per weight and numel^2 memory: refuse above this.
 MAX_EXACT_WEIGHTS = 4096

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..io import InputError
+from ..errors import InputError
+from ..utils import resolve_device
 from .hessian import MAX_EXACT_WEIGHTS, _grads, hessian_vector_products, neuronwise_from_hessian, neuronwise_quad_forms, rademacher
-
 
 # ----------------------------------------------------------------------------------------------
 # `skullrec flatness`
@@ -106,14 +106,6 @@ def measure_layer(
     return out
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device: must be cpu, cuda or auto, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device: cuda requested but no GPU is available")
-    return torch.device(device)
 
 
 def flatness_command(
@@ -121,13 +113,13 @@ def flatness_command(
     seed: int = 0,
 ) -> list[LayerFlatness]:
     """Print Tr(H) (Hutchinson mean +- SE, exact where cheap), ||w||^2, kappa_hat and neuron-wise kappa."""
-    from ..nets.checkpoint import load_checkpoint
     from ..data.layout import load_split
     from ..nets.autoencoder import loss_function
+    from ..nets.checkpoint import load_checkpoint
 
     if samples < 2:
         raise InputError(f"--samples: need at least 2 probes for a standard error, got {samples}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model, cfg, _meta = load_checkpoint(checkpoint, device=dev)
     model.eval()
     split_data = load_split(data, split, max_cases=max_cases)

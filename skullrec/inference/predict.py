@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..io import InputError, Volume, atomic_write_bytes, atomic_write_text, write_nifti
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
+from ..errors import InputError
+from ..io import Volume, atomic_write_bytes, atomic_write_text, write_nifti
+from ..utils import resolve_device
 from .mesh import mesh_from_mask, stl_bytes
 
 # Implant components smaller than this are dropped. 100 mm^3 is ~7 voxels of a 64^3 SkullFix grid
@@ -165,10 +167,9 @@ def predict_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..nets.checkpoint import load_checkpoint
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
-    from ..training.trainer import resolve_device
+    from ..nets.checkpoint import load_checkpoint
 
     if batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {batch_size}")

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from monai.networks.nets import VarAutoEncoder
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
+from ..errors import ConfigError
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:

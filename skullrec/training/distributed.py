@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..io import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,6 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device | None = None) -
     return DDP(model, device_ids=ids, static_graph=False, find_unused_parameters=False)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP wrapper (what checkpoints and evaluation use)."""
-    return getattr(model, "module", model)
 
 
 def shard(index: torch.Tensor, info: DistInfo) -> torch.Tensor:

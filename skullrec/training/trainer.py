@@ -40,11 +40,13 @@ from typing import Any
 import torch
 import yaml
 
-from . import distributed
-from ..nets.checkpoint import architecture, load_training_state, save_checkpoint, save_training_state
-from ..config import Config, ConfigError, config_from_dict, dump_config, load_config
+from ..config import Config, config_from_dict, dump_config, load_config
 from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
-from ..io import InputError, atomic_write_text
+from ..errors import ConfigError, InputError
+from ..io import atomic_write_text
+from ..nets.checkpoint import architecture, load_training_state, save_checkpoint, save_training_state
+from ..utils import resolve_device
+from . import distributed
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -75,20 +77,6 @@ def run_finished(run_dir: str | Path) -> bool:
     return int(state.get("epoch", 0)) >= cfg.train.epochs and int(state.get("step", 0)) == 0
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' as given (InputError if unusable)."""
-    name = str(device).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {device}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
-    return dev
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,7 +656,6 @@ def train_command(
 __all__ = [
     "checkpoint_path",
     "run_finished",
-    "resolve_device",
     "StepResult",
     "train_step",
     "make_optimizer",

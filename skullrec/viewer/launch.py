@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ..io import InputError
+from ..errors import InputError
 from .helpers import DEFAULT_MAX_UPLOAD_MB
 
 ENV_DATA = "SKULLREC_VIEW_DATA"

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SKULLFIX_TRAINING
 from skimage.measure import block_reduce
 from typer.testing import CliRunner
 
-from conftest import SKULLFIX_TRAINING
-from skullrec.data import resample as P
-from skullrec.data import build as B
 from skullrec.cli import app
-from skullrec.io import InputError, Volume, read_volume, write_nifti
+from skullrec.data import build as B
+from skullrec.data import resample as P
+from skullrec.errors import InputError
+from skullrec.io import Volume, read_volume, write_nifti
 
 REAL = SKULLFIX_TRAINING
 

@@ -20,10 +20,20 @@ from torch.func import functional_call
 import skullrec.flatness.hessian as fl
 import skullrec.flatness.measure as fm
 import skullrec.flatness.regularizer as fr
-from skullrec.config import Config, ConfigError, FamConfig, ModelConfig
-from skullrec.flatness.hessian import FamTerm, exact_trace, fam_term, hutchinson_trace, kappa_neuronwise, kappa_simplified, layer_hessian, neuronwise_quad_forms, rademacher
+from skullrec.config import Config, FamConfig, ModelConfig
+from skullrec.errors import ConfigError, InputError
+from skullrec.flatness.hessian import (
+    FamTerm,
+    exact_trace,
+    fam_term,
+    hutchinson_trace,
+    kappa_neuronwise,
+    kappa_simplified,
+    layer_hessian,
+    neuronwise_quad_forms,
+    rademacher,
+)
 from skullrec.flatness.regularizer import FamRegularizer, register_estimator
-from skullrec.io import InputError
 from skullrec.nets.autoencoder import build_model, loss_function
 
 torch.set_num_threads(1)

@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from monai.losses import DiceLoss
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import REPO
-from skullrec.nets.checkpoint import load_checkpoint, load_training_state
 from skullrec.cli import app
 from skullrec.config import load_config
 from skullrec.data.layout import load_split, write_case
+from skullrec.errors import InputError
 from skullrec.flatness.regularizer import FamRegularizer
-from skullrec.io import InputError
 from skullrec.nets.autoencoder import build_model, get_linear
+from skullrec.nets.checkpoint import load_checkpoint, load_training_state
 from skullrec.training.trainer import checkpoint_path, run_finished, train, train_command, train_step
 
 SMOKE = REPO / "configs" / "smoke.yaml"
