@@ -1,9 +1,9 @@
 """Evidence for the default loss: the sign of Tr(H) of decodeL along training, sigmoid vs softmax Dice.
 
 For each ``model.loss`` (sigmoid_dice, softmax_dice) this trains the 64^3 autoencoder as a baseline with
-the project's trainer (``skullrec.trainer.train_command``, same seed, same data, same schedule) and
+the project's trainer (``skullrec.cli.train_command``, same seed, same data, same schedule) and
 measures the *exact* per-sample Tr(H) of decodeL's weight (float64 copy of the model,
-``skullrec.fast_flatness.exact_trace_per_sample``: ||l||^2 Tr(H_z), no Hutchinson noise) on fixed
+``skullrec.flatness.fast.exact_trace_per_sample``: ||l||^2 Tr(H_z), no Hutchinson noise) on fixed
 training cases at initialisation, 10 %, 50 % and the end of training. Then, for the loss whose trace
 stays positive, it trains FAM with ``fam.trace=signed`` (the paper's regulariser as written) at the
 given lambdas and reports whether it trains stably (finite loss, ||w||^2 not exploding, Tr(H) staying
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def per_sample_traces(ckpt: Path | None, cfg, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Exact per-sample Tr(H) of decodeL (float64) for a checkpoint, or the seeded initial model when None."""
-    from skullrec.checkpoint import load_checkpoint
-    from skullrec.fast_flatness import exact_trace_per_sample
-    from skullrec.model import build_model, loss_function
+    from skullrec.flatness.fast import exact_trace_per_sample
+    from skullrec.nets.autoencoder import build_model, loss_function
+    from skullrec.nets.checkpoint import load_checkpoint
 
     model = build_model(cfg.model, seed=cfg.seed) if ckpt is None else load_checkpoint(ckpt)[0]
     model = model.double().train()
@@ -41,7 +41,7 @@ def per_sample_traces(ckpt: Path | None, cfg, x: torch.Tensor, y: torch.Tensor) 
 
 
 def train_run(name: str, overrides: list[str], out: Path) -> tuple[Path, list[dict]]:
-    from skullrec.trainer import train_command
+    from skullrec.cli import train_command
 
     run_dir = out / name
     train_command(config=ROOT / "configs" / "baseline.yaml", overrides=overrides, run_dir=run_dir, resume=None,
@@ -66,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from skullrec.config import load_config
-    from skullrec.data import load_tensor_split
+    from skullrec.data.cache import load_tensor_split
 
     runs = Path(args.runs)
     e10, e50 = max(1, round(args.epochs * 0.1)), max(1, round(args.epochs * 0.5))

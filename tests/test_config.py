@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skullrec.config import Config, ConfigError, dump_config, load_config
+from skullrec.config import Config, dump_config, load_config
+from skullrec.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -61,12 +62,12 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("train: {epochs: three}\n", r"train\.epochs: expected an integer, got 'three'"),
         ("train: {epochs: 2.5}\n", r"train\.epochs: expected an integer"),
         ("train: {deterministic: 1}\n", r"train\.deterministic: expected true or false"),
-        ("train: {method: adamw}\n", r"train\.method: must be one of baseline, fam, sam, asam, got 'adamw'"),
+        ("train: {method: adamw}\n", r"train\.method: must be one of baseline, fam, fam_authors, sam, asam, got 'adamw'"),
         ("train: {checkpoint_epochs: 100}\n", r"train\.checkpoint_epochs: expected a list"),
         ("train: {checkpoint_epochs: [100, x]}\n", r"train\.checkpoint_epochs\[1\]: expected an integer"),
         ("train: {method: fam}\nfam: {lam: -1}\n", r"fam\.lam: must be >= 0, got -1\.0"),
         ("train: {method: fam}\nfam: {lam: 0}\n", r"fam\.lam: method 'fam' needs lam > 0"),
-        ("train: {method: sam}\nfam: {lam: 0.1}\n", r"fam\.lam: only method 'fam' uses lam"),
+        ("train: {method: sam}\nfam: {lam: 0.1}\n", r"fam\.lam: only methods fam and fam_authors use lam"),
         ("fam: {lam: -0.5}\n", r"fam\.lam: must be >= 0"),
         ("fam: {lam: abc}\n", r"fam\.lam: expected a number, got 'abc'"),
         ("sam: {rho: 0}\n", r"sam\.rho: must be > 0"),
