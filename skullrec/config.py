@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -241,6 +242,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return validate(_from_dict(Config, values))
 
 
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings (value parsed as YAML) to a nested mapping, in place."""
     for item in overrides:
@@ -251,6 +255,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-5 as a string (it wants 1.0e-5); Python's repr of small lambdas is 1e-05.
+            value = float(value)
         node = values
         parts = key.strip().split(".")
         for part in parts[:-1]:

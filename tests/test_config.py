@@ -102,3 +102,13 @@ def test_bad_override_names_the_key() -> None:
 def test_dump_is_plain_yaml() -> None:
     values = yaml.safe_load(dump_config(load_config(CONFIGS / "asam.yaml")))
     assert values["train"]["method"] == "asam" and values["sam"]["rho"] == 0.5
+
+
+def test_set_accepts_scientific_floats_without_a_dot():
+    """--set fam.lam=1e-05 (Python's repr of small lambdas) is a number, not YAML 1.1's string."""
+    from skullrec.config import load_config
+
+    cfg = load_config(None, ["train.method=fam", "fam.lam=1e-05"])
+    assert cfg.fam.lam == 1e-05
+    assert load_config(None, ["train.method=fam", "fam.lam=2.5E-7"]).fam.lam == 2.5e-7
+    assert load_config(None, ["name=1e5x"]).name == "1e5x"  # not a number: stays a string
