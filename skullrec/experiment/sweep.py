@@ -39,6 +39,7 @@ import yaml
 from ..config import _from_dict, apply_overrides, dump_config, load_config
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text, json_default
+from ..training.run_dir import CONFIG_FILE, SWEEP_CONFIGS, SWEEP_RUNS, checkpoint_path, run_finished, sweep_config, sweep_log, sweep_run_dir
 from ..utils import Progress, resolve_device
 from .report import figures, table2, table2_markdown, versus_reference, versus_reference_markdown
 
@@ -131,18 +132,12 @@ def run_overrides(exp: ExperimentConfig, spec: MethodSpec, seed: int) -> list[st
     return sets + list(exp.set) + list(spec.set)
 
 
-def _run_dir(out: Path, spec: MethodSpec, seed: int) -> Path:
-    return out / "runs" / f"{spec.name}_seed{seed}"
-
-
 def _train_run(cfg_path: Path, run_dir: Path, device: str, log_path: Path) -> tuple[Path, int, float]:
     """Train (or resume) one run in a subprocess; returns (run_dir, exit code, seconds)."""
-    from ..training.trainer import run_finished
-
     if run_finished(run_dir):
         return run_dir, 0, 0.0
     cmd = [sys.executable, "-m", "skullrec", "train", "--config", str(cfg_path), "--device", device]
-    cmd += ["--resume", str(run_dir)] if (run_dir / "config.yaml").is_file() else ["--run-dir", str(run_dir)]
+    cmd += ["--resume", str(run_dir)] if (run_dir / CONFIG_FILE).is_file() else ["--run-dir", str(run_dir)]
     t0 = time.perf_counter()
     with open(log_path, "a") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -154,8 +149,8 @@ def train_sweep(
 ) -> dict[tuple[str, int], Path]:
     """Train every (method, seed) run not yet finished; returns the run folders. ``done(message)`` per finished run."""
     done = done or (lambda msg: None)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_RUNS).mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_CONFIGS).mkdir(parents=True, exist_ok=True)
     tasks = []
     # Seed-major order: every method's seed-0 run finishes before any seed-1 run starts, so a sweep
     # stopped early still holds complete seeds that can be tabulated (``--set 'seeds=[0]'``).
@@ -163,20 +158,20 @@ def train_sweep(
         for spec in exp.methods:
             overrides = run_overrides(exp, spec, seed)
             cfg = load_config(exp.base_config, overrides)  # validates every run before any training starts
-            cfg_path = out / "configs" / f"{spec.name}_seed{seed}.yaml"
+            cfg_path = sweep_config(out, spec.name, seed)
             atomic_write_text(cfg_path, dump_config(cfg))
-            tasks.append(((spec.name, seed), cfg_path, _run_dir(out, spec, seed)))
+            tasks.append(((spec.name, seed), cfg_path, sweep_run_dir(out, spec.name, seed)))
     runs: dict[tuple[str, int], Path] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
-            pool.submit(_train_run, cfg_path, run_dir, device, out / "runs" / f"{key[0]}_seed{key[1]}.log"): key
+            pool.submit(_train_run, cfg_path, run_dir, device, sweep_log(out, *key)): key
             for key, cfg_path, run_dir in tasks
         }
         for fut in concurrent.futures.as_completed(futures):
             key = futures[fut]
             run_dir, rc, secs = fut.result()
             if rc != 0:
-                log = out / "runs" / f"{key[0]}_seed{key[1]}.log"
+                log = sweep_log(out, *key)
                 tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
                 raise InputError(f"run {key[0]} seed {key[1]} failed (exit {rc}): {' '.join(tail)}; see {log}")
             done(f"done {key[0]} seed {key[1]}" + (f" ({secs:.0f} s)" if secs else " (reused)"))
@@ -208,7 +203,6 @@ def evaluate_runs(
     from ..data.layout import load_split
     from ..evaluation.evaluate import evaluate_arrays
     from ..nets.checkpoint import load_checkpoint
-    from ..training.trainer import checkpoint_path
 
     dev = resolve_device(device)
     report = progress or (lambda done, total: None)
