@@ -40,12 +40,11 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
-from ..io import Volume
-from ..utils import Progress, seed_sequence
+from ..io import LPS_TO_RAS, Volume
+from ..utils import Progress, bounding_box, seed_sequence
 
 # SkullFix's array layout: +axis0 = patient left, +axis1 = posterior, +axis2 = superior. In RAS
-# world coordinates that is a flip of the first two axes.
-_LPS_INDEX_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# world coordinates that is a flip of the first two axes (io.LPS_TO_RAS).
 
 # Physical field of view of the default source grid (mm): the largest head the parameter ranges
 # below can produce, plus the pose, fits with a margin.
@@ -402,10 +401,10 @@ def _spread_cells(cells: np.ndarray, axis: int, n: int) -> np.ndarray:
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 6-connected piece: where two surfaces (orbit wall, cut plane, foramen) meet
     at a grazing angle, sampling can leave a few isolated voxels (1-4 voxels in 40 test skulls)."""
-    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(i.size == 0 for i in idx):
+    bb = bounding_box(mask)
+    if bb is None:
         return mask
-    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)  # label only the bone's bounding box
+    box = tuple(slice(lo, hi) for lo, hi in zip(*bb))  # label only the bone's bounding box
     labels, n = ndimage.label(mask[box])
     if n <= 1:
         return mask
@@ -444,7 +443,7 @@ def source_grid(size: int = 64) -> tuple[tuple[int, int, int], tuple[float, floa
 def source_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
     """RAS affine of a source grid in the SkullFix index layout, centred on the world origin."""
     aff = np.eye(4)
-    aff[:3, :3] = _LPS_INDEX_TO_RAS @ np.diag(np.asarray(spacing, dtype=np.float64))
+    aff[:3, :3] = LPS_TO_RAS @ np.diag(np.asarray(spacing, dtype=np.float64))
     aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2.0)
     return aff
 
@@ -461,15 +460,24 @@ def _case_streams(seed: int, index: int) -> tuple[np.random.SeedSequence, np.ran
 
 
 def make_case(
-    seed: int, index: int, shape: tuple[int, int, int], spacing: tuple[float, float, float], sets: tuple[int, ...] = (1,)
+    seed: int, index: int, shape: tuple[int, int, int], spacing: tuple[float, float, float], sets: tuple[int, ...] = (1,),
+    timing: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any], dict[int, tuple[np.ndarray, dict[str, Any]]]]:
-    """Case ``index`` of the data set with master ``seed``: (complete, shape params, {set: (defective, defect params)})."""
+    """Case ``index`` of the data set with master ``seed``: (complete, shape params, {set: (defective, defect params)}).
+
+    ``timing``, when given, accumulates the seconds spent in "generate" and "defects".
+    """
     from .defects import set1_defect, set2_defect
 
     s_skull, s1, s2 = _case_streams(seed, index)
+    t0 = time.perf_counter()
     complete, params = generate_skull(s_skull, shape, spacing)
+    t1 = time.perf_counter()
     cut = {1: (set1_defect, s1), 2: (set2_defect, s2)}
     out = {k: cut[k][0](complete, spacing, np.random.default_rng(cut[k][1])) for k in sets}
+    if timing is not None:
+        timing["generate"] = timing.get("generate", 0.0) + t1 - t0
+        timing["defects"] = timing.get("defects", 0.0) + time.perf_counter() - t1
     return complete, params, out
 
 
@@ -499,7 +507,6 @@ def write_synthetic(
     there, and every pair goes through :func:`skullrec.data.resample.prepare_pair` like a real SkullFix pair.
     ``progress(done, total)`` is called after each skull. The flags are checked by ``skullrec.cli.synth_command``.
     """
-    from .defects import set1_defect, set2_defect
     from .layout import check_output_dir, staged_output, write_case, write_manifest
     from .resample import DEFAULT_MARGIN_MM, prepare_pair
 
@@ -514,17 +521,8 @@ def write_synthetic(
         for index in range(total):
             is_eval = index >= n_train
             cid = f"syn{index:04d}"
-            s_skull, s1, s2 = _case_streams(seed, index)
-            t0 = time.perf_counter()
-            complete, params = generate_skull(s_skull, shape, spacing)
-            t1 = time.perf_counter()
-            cuts = [("eval_set1" if is_eval else "train", set1_defect, s1)]
-            if is_eval:
-                cuts.append(("eval_set2", set2_defect, s2))
-            cut = [(split, *fn(complete, spacing, np.random.default_rng(ss))) for split, fn, ss in cuts]
-            t2 = time.perf_counter()
-            timing["generate"] += t1 - t0
-            timing["defects"] += t2 - t1
+            complete, params, defects = make_case(seed, index, shape, spacing, sets=(1, 2) if is_eval else (1,), timing=timing)
+            cut = [("eval_set1" if is_eval else "train", *defects[1])] + ([("eval_set2", *defects[2])] if is_eval else [])
             cvol = Volume(complete.astype(np.uint8), affine)
             for split, defective, dparams in cut:
                 t3 = time.perf_counter()

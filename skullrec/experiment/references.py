@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-REFERENCES = ("mean_shape", "input", "nearest")
-# Candidate thresholds for the mean shape: the mean of N binary masks takes the values k/N, so every
-# level between two of them gives the same mask; the midpoints cover all distinct masks.
+from ..config import REFERENCES
 
 
 def dice_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -38,7 +36,9 @@ def mean_shape(train_complete: np.ndarray) -> tuple[np.ndarray, float]:
     """(mask, threshold): the voxel-wise mean of the training skulls at the DSC-maximising level (training skulls only)."""
     n = len(train_complete)
     mean = train_complete.astype(np.float64).mean(0)
-    levels = (np.arange(n) + 0.5) / n  # between k/n and (k+1)/n: all distinct masks
+    # The mean of n binary masks takes the values k/n, so every level between two of them gives the same
+    # mask; the midpoints cover all distinct masks.
+    levels = (np.arange(n) + 0.5) / n
     best_t, best = levels[0], -1.0
     for t in levels:
         score = float(dice_matrix((mean > t)[None], train_complete).mean())

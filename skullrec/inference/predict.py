@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..data.layout import implant_of
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
 from ..errors import InputError
 from ..io import Volume, atomic_write_bytes, atomic_write_text, write_nifti
@@ -90,8 +91,7 @@ def implant_from_reconstruction(
     docstring). On the model's own grid (the experiment's prepared volumes) it is complete AND NOT
     defective itself, so only the island removal acts. Returns (bool mask, number of islands removed).
     """
-    mask = np.asarray(complete, dtype=bool) & ~np.asarray(defective, dtype=bool) & np.asarray(added, dtype=bool)
-    return remove_small_islands(mask, affine, min_island_mm3)
+    return remove_small_islands(implant_of(complete, defective) & np.asarray(added, dtype=bool), affine, min_island_mm3)
 
 
 def _model_size(model: torch.nn.Module) -> int:
