@@ -65,7 +65,7 @@ def _exact(model, x, y, loss_fn) -> tuple[float, float]:
 def test_whole_batch_abs_relu_bias_is_within_the_probe_spread(estimator, trace):
     seed = _fresh_seed()
     model, x, y, gen = _setup(TINY, 4, seed)
-    loss_fn = loss_function()
+    loss_fn = loss_function("sigmoid_dice")  # the model of _setup(...) without a loss argument
     t, sd = _exact(model, x, y, loss_fn)
     reg = FamRegularizer(FamConfig(lam=1.0, estimator=estimator, trace=trace, norm="squared"), model)
     n2 = float(model.decodeL.weight.detach().pow(2).sum())
@@ -147,7 +147,7 @@ def test_one_sample_abs_bias_is_what_the_refusal_prevents():
     """Why the refusal: with mixed-sign per-sample traces, |.| of one sample's value is far from |batch Tr H|."""
     seed = 5
     model, x, y, _ = _setup(SMALL, 4, seed)
-    loss_fn = loss_function()
+    loss_fn = loss_function("sigmoid_dice")  # the model of _setup(...) without a loss argument
     per = ff.exact_trace_per_sample(model, x, y, loss_fn)
     whole = float(per.mean())
     # E over the uniformly drawn sample of |Tr H_n| (probe noise aside) vs |Tr H of the batch|.
