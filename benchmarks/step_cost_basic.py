@@ -14,11 +14,10 @@ import statistics
 import time
 
 import torch
-from monai.losses import DiceLoss
 
 from skullrec.config import Config
 from skullrec.flatness.regularizer import FamRegularizer
-from skullrec.nets.autoencoder import build_model
+from skullrec.nets.autoencoder import build_model, loss_function
 from skullrec.training.trainer import make_optimizer, train_step
 
 
@@ -46,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     x, y = _shells(args.batch, args.size, torch.Generator().manual_seed(0))
-    loss_fn = DiceLoss(sigmoid=True)
+    loss_fn = loss_function()  # the default model.loss (what build_model(ModelConfig()) outputs)
 
     methods = {
         "baseline": dict(method="baseline"),

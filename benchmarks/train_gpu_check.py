@@ -63,12 +63,11 @@ def _sets(root: Path, method: str, epochs: int, deterministic: bool) -> list[str
 
 
 def _sync_count(method: str, root: Path) -> int:
-    from monai.losses import DiceLoss
 
     from skullrec.config import load_config
     from skullrec.data.cache import load_training_data
     from skullrec.flatness.regularizer import FamRegularizer
-    from skullrec.nets.autoencoder import build_model
+    from skullrec.nets.autoencoder import build_model, loss_function
     from skullrec.training.trainer import make_optimizer, train_step
 
     cfg = load_config(REPO / "configs/smoke.yaml", _sets(root, method, 1, False))
@@ -80,12 +79,12 @@ def _sync_count(method: str, root: Path) -> int:
     idx = data.epoch_order(0, 1, 4)
     x, y = data.train.batch(idx[0])
     kw = dict(reg=reg, lam=cfg.fam.lam, sam=method == "sam", generator=gen)
-    train_step(model, x, y, DiceLoss(sigmoid=True), opt, **kw)  # warm-up (allocations, cuDNN)
+    train_step(model, x, y, loss_function(cfg.model.loss), opt, **kw)  # warm-up (allocations, cuDNN)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_step(model, x, y, DiceLoss(sigmoid=True), opt, **kw)
+        train_step(model, x, y, loss_function(cfg.model.loss), opt, **kw)
     torch.cuda.set_sync_debug_mode("default")
     for w in caught[:3]:
         print(f"    sync: {str(w.message)[:100]} ({Path(w.filename).name}:{w.lineno})")

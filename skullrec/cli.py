@@ -214,7 +214,7 @@ def train_command(
     device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
 ) -> None:
-    """Train the autoencoder (baseline, fam, sam or asam)."""
+    """Train the autoencoder (baseline, fam, fam_authors, sam or asam)."""
     from .training.run_dir import CONFIG_FILE
     from .training.trainer import run_training
 
