@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from . import distributed
+from .lookbehind import Lookbehind
 from ..nets.checkpoint import architecture, load_training_state, save_checkpoint, save_training_state
 from ..config import Config, ConfigError, config_from_dict, dump_config, load_config
 from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
@@ -126,7 +127,8 @@ def train_step(
 ) -> StepResult:
     """One step: Dice loss (+ lam * FAM penalty when ``reg`` is given), backward, optimizer update.
 
-    ``sam=True`` makes the two-pass SAM/ASAM update (``optimizer`` is a :class:`skullrec.training.sam.SAM`);
+    ``sam=True`` makes the two-pass SAM/ASAM update (``optimizer`` is a :class:`skullrec.training.sam.SAM`),
+    or the k + 1-pass Lookbehind-SAM update (a :class:`skullrec.training.lookbehind.Lookbehind`);
     otherwise a plain ``optimizer.step()`` (for a SAM wrapper before ``sam.start_epoch``: its base
     optimizer's step). Never syncs with the host: everything returned stays on the device.
     """
@@ -144,7 +146,16 @@ def train_step(
             out.trace = term.trace.detach()
             out.norm_sq = term.norm_sq.detach()
     total.backward()
-    if sam:
+    if sam and isinstance(optimizer, Lookbehind):  # Lookbehind-SAM: k accumulating ascents, then the slow-weight step
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with _amp_context(amp, device):
+                inner = loss_fn(model(x).float(), y)
+            inner.backward()
+            return inner
+
+        optimizer.step(closure)
+    elif sam:
         optimizer.first_step()
         optimizer.zero_grad(set_to_none=True)
         with _amp_context(amp, device):
@@ -156,13 +167,16 @@ def train_step(
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam (lr, weight_decay from cfg.train), wrapped in SAM / ASAM for those methods."""
+    """Adam (lr, weight_decay from cfg.train), wrapped in SAM / ASAM / Lookbehind for those methods."""
     kw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.method in ("sam", "asam"):
         from .sam import SAM
 
         # Method 'asam' is what selects the adaptive variant (config validation refuses sam + adaptive).
         return SAM(model.parameters(), torch.optim.Adam, rho=cfg.sam.rho, adaptive=cfg.train.method == "asam", eta=cfg.sam.eta, **kw)
+    if cfg.train.method == "lookbehind":
+        lb = cfg.lookbehind
+        return Lookbehind(model.parameters(), torch.optim.Adam, rho=lb.rho, k=lb.k, alpha=lb.alpha, **kw)
     return torch.optim.Adam(model.parameters(), **kw)
 
 
@@ -498,7 +512,7 @@ def train(
                     sums = {k: v.to(dev) for k, v in resumed["sums"].items()}
                     reg_steps, elapsed, first = int(resumed["reg_steps"]), float(resumed["elapsed"]), start_step
                     probes.set_state(resumed["probes"].cpu())  # a generator state is a CPU tensor, even for CUDA
-                use_sam = method in ("sam", "asam") and epoch >= cfg.sam.start_epoch
+                use_sam = method in ("sam", "asam", "lookbehind") and epoch >= cfg.sam.start_epoch
                 bar = _Progress(steps_per_epoch, epoch, cfg.train.epochs, first, progress)
                 t0 = time.perf_counter()
                 for i in range(first, steps_per_epoch):
