@@ -113,7 +113,7 @@ def train(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
     overwrite: OVERWRITE = False,
 ) -> None:
-    """Train the autoencoder (baseline, fam, sam or asam)."""
+    """Train the autoencoder (baseline, fam, sam, asam or lookbehind)."""
     from .training.trainer import train_command
 
     train_command(config=config, overrides=set_ or [], run_dir=run_dir, resume=resume, force=force, device=device, overwrite=overwrite)
@@ -189,6 +189,50 @@ def experiment(
     from .experiment.sweep import experiment_command
 
     experiment_command(config=config, out=out, scale=scale, overrides=set_ or [], device=device, jobs=jobs)
+
+
+@app.command()
+@user_errors
+def sites(
+    source: Annotated[Path, typer.Option("--in", help="Data set whose complete skulls are split (its train split by default).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: site1/ .. siteN/, each a data set.")],
+    n_sites: Annotated[int, typer.Option("--n-sites", help="Number of sites.")] = 3,
+    weight: Annotated[Optional[list[float]], typer.Option("--weight", help="Relative size of each site (repeat per site; default 1, 2, .., N).")] = None,
+    set2_fraction: Annotated[Optional[list[float]], typer.Option("--set2-fraction", help="Share of set-2 defects at each site (repeat per site; default 0 .. 1).")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Share of each site's skulls held out (eval_site).")] = 0.25,
+    split: Annotated[str, typer.Option(help="Split of --in to take the complete skulls from.")] = "train",
+    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N skulls.")] = None,
+    seed: SEED = 0,
+    overwrite: OVERWRITE = False,
+) -> None:
+    """Split one data set into N non-IID sites (different sizes and defect mixes) for 'skullrec federate'."""
+    from .federated.sites import sites_command
+
+    rows = sites_command(source, out, n_sites, seed, weight, set2_fraction, eval_fraction, split, max_cases, overwrite)
+    for r in rows:
+        typer.echo(f"{r['site']}: {r['train']} training + {r['held_out']} held-out skulls, {r['set2_cases']} with set-2 defects "
+                   f"(p = {r['set2_fraction']:.2f}) -> {r['folder']}")
+
+
+@app.command()
+@user_errors
+def federate(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Federation YAML (e.g. configs/federate.yaml).")] = None,
+    site: Annotated[Optional[list[Path]], typer.Option("--site", help="A site's data-set folder (repeatable; replaces the config's sites).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a federation key: --set rounds=5 (repeatable).")] = None,
+    train_set: Annotated[Optional[list[str]], typer.Option("--train-set", help="Override a training-config key: --train-set train.method=sam (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Federation folder (default from the config).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the federation in this folder (redoes an interrupted round).")] = None,
+    overwrite: OVERWRITE = False,
+) -> None:
+    """Federated training on Flower: FedAvg or FedAvg + SWA over site folders, each site training locally."""
+    from .federated.run import FederationFailed, federate_command
+
+    try:
+        federate_command(config, site or [], set_ or [], train_set or [], out, resume, overwrite)
+    except FederationFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
