@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from skullrec.errors import InputError
+from skullrec.io import Volume
 from skullrec.viewer import helpers as V
 from skullrec.viewer import launch as L
-from skullrec.io import InputError, Volume
 
 st.set_page_config(page_title="skullrec viewer", page_icon=":skull:", layout="wide")
 

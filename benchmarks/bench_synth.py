@@ -20,8 +20,8 @@ import torch
 from scipy import ndimage
 
 from skullrec.data import synth
-from skullrec.io import Volume, read_volume
 from skullrec.data.resample import largest_component_fraction, prepare_volume
+from skullrec.io import Volume, read_volume
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real-skulls/skullfix-autoimplant2020/raw/training_set/complete_skull"
 

@@ -85,9 +85,9 @@ def make_batch(batch: int, size: int, device: torch.device, seed: int = 0) -> tu
 
 def build_runner(name: str, size: int, batch: int, device: torch.device, seed: int = 0) -> Runner:
     """The step closure of one method (its own model and optimizer, same initial weights)."""
+    from skullrec.config import Config, FamConfig, ModelConfig
     from skullrec.flatness import hessian as flatness
     from skullrec.flatness.regularizer import FamRegularizer
-    from skullrec.config import Config, FamConfig, ModelConfig
     from skullrec.nets.autoencoder import build_model, loss_function
     from skullrec.training.trainer import make_optimizer, train_step
 

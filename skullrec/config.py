@@ -17,11 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .io import InputError
-
-
-class ConfigError(InputError):
-    """An invalid configuration value; the message names the key."""
+from .errors import ConfigError
 
 
 @dataclass

@@ -22,6 +22,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import InputError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
@@ -29,9 +31,6 @@ VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 # ITK's world space is LPS, NIfTI's is RAS: flipping the first two world axes converts between them.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-
-class InputError(Exception):
-    """A user-facing problem with an input (file, folder or option); the message is one line."""
 
 
 @dataclass

@@ -18,18 +18,9 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from ..errors import InputError
+from ..utils import derive_seed
 from .layout import load_split
-from ..io import InputError
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from a tuple of non-negative integers (independent streams per tuple).
-
-    numpy's SeedSequence hashes the whole tuple, so (seed, epoch) and (seed + 1, epoch - 1) give
-    unrelated streams, which ``seed * K + epoch`` arithmetic would not guarantee.
-    """
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
 def make_generator(device: torch.device | str, *keys: int) -> torch.Generator:
@@ -119,7 +110,6 @@ def load_training_data(cfg: DataConfig, size: int, device: torch.device | str) -
 
 
 __all__ = [
-    "derive_seed",
     "make_generator",
     "STREAM_SHUFFLE",
     "STREAM_PROBES",

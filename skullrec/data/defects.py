@@ -13,7 +13,7 @@ Two families (sizes in mm, so any grid spacing works; pass the spacing):
 
 Geometry is computed in the volume's *index frame in mm* (``index * spacing``) and assumes the
 SkullFix array layout: axis 0 towards the patient's left, axis 1 posterior, axis 2 superior
-(``skullrec.data.synth`` writes this layout; :func:`defects_command` reorients other inputs to it and
+(``skullrec.data.synth`` writes this layout; :func:`skullrec.cli.defects_command` reorients other inputs to it and
 back). Directions are given from the centre of the bone's bounding box as elevation (degrees
 above the axial plane) and azimuth (0 = +axis 0 = left, 90 = posterior, 180 = right,
 -90 = anterior), like the measurements.
@@ -27,13 +27,13 @@ skull defects, so the shapes are written here (vectorised numpy on the defect's 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ..io import InputError
+from ..errors import DefectError
 
 # Removed bone fraction (of the complete skull's bone voxels) every defect must fall in.
 # Set 1: the real SkullFix range (min 0.063, 5th-95th percentile 0.065-0.104, max 0.117 over the
@@ -65,9 +65,6 @@ SET2_SHAPES = ("sphere", "ellipsoid", "balls", "noisy_ellipsoid")
 MAX_DRAWS = 24  # fresh draws before giving up
 MAX_RESIZES = 5  # size adjustments of one draw towards the fraction range
 
-
-class DefectError(InputError):
-    """No defect with the required removed fraction could be cut into this skull."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,40 +399,14 @@ def _axcodes(path: Path) -> tuple[str, ...] | None:
         return None
 
 
-def defects_command(
-    complete: Path,
-    out: Path,
-    seed: int = 0,
-    eval_fraction: float = 0.2,
-    threshold: float | None = None,
-    overwrite: bool = False,
-    size: int = 64,
-) -> Path:
-    """Cut set-1 defects into the training skulls of a folder of complete skulls and set-1 + set-2 defects into the held-out ones.
-
-    The seeded split, the cutting on the source grid, the preparation to ``size``^3 with
-    :func:`skullrec.data.resample.prepare_pair` and the manifest are :func:`skullrec.data.build.prepare_command`
-    with no defective folder: one implementation, so real and synthetic skulls are treated alike.
-    """
-    from rich.console import Console
-
-    from ..io import list_volumes
-    from .build import prepare_command
-    from .resample import DEFAULT_MARGIN_MM
-
-    files = list_volumes(complete)  # InputError for a missing or empty folder
-    console = Console(stderr=True)
-    for path in files.values():
-        codes = _axcodes(path)
+def orientation_warnings(paths: Iterable[Path]) -> list[str]:
+    """One line per volume whose array axes do not point L, P, S like SkullFix's (defects are placed by array axes)."""
+    out = []
+    for path in paths:
+        codes = _axcodes(Path(path))
         if codes is not None and codes != SKULLFIX_AXCODES:
-            console.print(
-                f"warning: {path}: array axes point {''.join(codes)}, not LPS (left, posterior, superior) like SkullFix; "
+            out.append(
+                f"{path}: array axes point {''.join(codes)}, not LPS (left, posterior, superior) like SkullFix; "
                 "set-1 and set-2 defects will be placed relative to the array axes"
             )
-    t0 = time.perf_counter()
-    result = prepare_command(
-        complete=Path(complete), out=Path(out), defective=None, size=size, margin_mm=DEFAULT_MARGIN_MM,
-        eval_fraction=eval_fraction, seed=seed, threshold=threshold, overwrite=overwrite,
-    )
-    console.print(f"defects: {len(files)} skulls in {time.perf_counter() - t0:.1f} s -> {result}")
-    return result
+    return out

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ..io import InputError, Volume, affine_spacing, atomic_write_text, case_id, json_default, list_volumes, read_volume, write_nifti
+from ..errors import InputError
+from ..io import Volume, affine_spacing, atomic_write_text, case_id, json_default, list_volumes, read_volume, write_nifti
 
 SPLITS = ("train", "eval_set1", "eval_set2")
 KINDS = ("complete", "defective", "implant")

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..io import InputError, Volume
+from ..errors import InputError
+from ..io import Volume
 
 DEFAULT_SIZE = 64
 DEFAULT_MARGIN_MM = 4.0

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import io as _io
 import itertools
-import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..io import atomic_write_bytes
-from typing import TYPE_CHECKING
+from ..training.run_dir import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:  # annotations only; sweep imports this module
     from .sweep import ExperimentConfig
@@ -157,13 +156,6 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _epoch_records(run_dir: Path) -> list[dict]:
-    """The per-epoch records of a run's ``metrics.jsonl``, in epoch order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return sorted(records, key=lambda r: r.get("epoch", 0))
-
-
 def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list[dict], out: Path) -> list[Path]:
     """Figure 1 (training Dice-loss curves per method) and Figure 2 (boxplots per method and set)."""
     import matplotlib
@@ -174,7 +166,7 @@ def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for spec in exp.methods:
-        curves = [_epoch_records(runs[(spec.name, s)]) for s in exp.seeds if (spec.name, s) in runs]
+        curves = [read_metrics(Path(runs[(spec.name, s)]) / METRICS_FILE) for s in exp.seeds if (spec.name, s) in runs]
         curves = [[m["dice_loss"] for m in c if "dice_loss" in m] for c in curves]
         n = min((len(c) for c in curves), default=0)
         if n == 0:

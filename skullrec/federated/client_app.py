@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError, config_from_dict
-from ..data.cache import STREAM_PROBES, TrainingData, derive_seed, load_training_data, make_generator
-from ..io import InputError
-from ..training.trainer import _torch_settings, evaluate_dsc, make_optimizer, train_step
-
-SAM_LIKE = ("sam", "asam", "lookbehind")
+from ..config import Config, config_from_dict
+from ..data.cache import STREAM_PROBES, TrainingData, load_training_data, make_generator
+from ..errors import ConfigError, InputError
+from ..training.trainer import SAM_LIKE, _torch_settings, evaluate_dsc, make_optimizer, train_step
+from ..utils import derive_seed
 
 
 def site_seed(cfg: Config, site: str) -> int:

@@ -34,9 +34,10 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import Config, ConfigError, _from_dict, apply_overrides, dump_config, load_config
-from ..io import InputError, atomic_write_text
-from .server_app import METRICS, STATE, read_metrics, read_state
+from ..config import Config, _from_dict, apply_overrides, dump_config, load_config
+from ..errors import ConfigError, InputError
+from ..io import atomic_write_text
+from .server_app import read_metrics, read_state
 from .sites import check_sites
 
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -59,6 +60,10 @@ class FederateConfig:
     round_timeout: float = 3600.0  # seconds the server waits for the sites' replies in one round
     checkpoint_rounds: list[int] = field(default_factory=list)  # keep round_NNN.safetensors of these rounds
     evaluate: bool = True  # after each round, every site scores the global model on its eval_site cases
+    # A real federation: the name of a SuperLink connection in Flower's config ($FLWR_HOME/config.toml,
+    # default ~/.flwr/config.toml). Then nothing is started here and ``sites`` are the site names the
+    # hospitals' SuperNodes were started with (--node-config "site='NAME' data-root='...'"), not folders.
+    superlink: str | None = None
 
 
 class FederationFailed(RuntimeError):
@@ -91,6 +96,7 @@ def load_federation_config(path: Path | None, overrides: list[str], sites: list[
         ("min_sites", fed.min_sites is None or 1 <= fed.min_sites <= max(len(fed.sites), 1), "must lie in 1..number of sites"),
         ("checkpoint_rounds", all(1 <= r <= fed.rounds for r in fed.checkpoint_rounds), "must lie in 1..rounds"),
         ("sites", len(fed.sites) >= 2, f"need at least 2 site folders (--site DIR, repeatable), got {len(fed.sites)}"),
+        ("sites", fed.superlink is None or len(set(fed.sites)) == len(fed.sites), "site names must be distinct"),
     ]
     for key, ok, msg in checks:
         if not ok:
@@ -183,6 +189,9 @@ class LocalFederation:
             os.killpg(proc.pid, sig)
 
     def stop(self) -> None:
+        # The SuperLink's SuperExec starts its own session (and the ServerApp in it), so the process
+        # groups do not cover everything: collect the whole process tree first, end it last.
+        tree = [pid for proc in self.procs.values() for pid in _descendants(proc.pid)]
         for key in list(self.procs)[::-1]:  # the SuperNodes first, the SuperLink last
             self.kill(key, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -192,9 +201,29 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 self.kill(key, signal.SIGKILL)
                 proc.wait()
-        # Children (SuperExec, app processes) may outlive their parent's TERM: end each group.
+        # Children (SuperExec, app processes) may outlive their parent's TERM: end each group and each child.
         for key in self.procs:
             self.kill(key, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first-level first), from /proc (Linux); [] elsewhere."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def _toml_str(s: str) -> str:
@@ -257,9 +286,19 @@ def setup_federation(fed: FederateConfig, out: Path, resume: bool = False, overw
                 raise ConfigError(f"--set: rounds must be >= the rounds done ({read_state(out)['round']}), round_timeout > 0")
             stored.update({k: getattr(checked, k) for k in changes})
             atomic_write_text(out / "federate.yaml", yaml.safe_dump(stored, sort_keys=False))
-        check_sites([Path(s["root"]) for s in stored["site_folders"]], cfg.model.size)
+        if not stored.get("superlink"):
+            check_sites([Path(s["root"]) for s in stored["site_folders"]], cfg.model.size)
         return cfg, stored
     cfg = load_config(fed.train_config, fed.train_set)
+    if fed.superlink is not None:  # remote sites: their folders live on their own machines
+        _prepare_out(out, False, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        stored = dataclasses.asdict(fed)
+        stored["out"] = str(out.resolve())
+        stored["site_folders"] = [{"name": n, "root": None} for n in fed.sites]
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        atomic_write_text(out / "federate.yaml", yaml.safe_dump(stored, sort_keys=False))
+        return cfg, stored
     for s in fed.sites:
         if "'" in s:
             raise InputError(f"{s}: a site folder name must not contain a quote (')")
@@ -285,6 +324,8 @@ def run_federation(out: Path, stored: dict[str, Any], *, on_start: Callable[[Loc
     committed (the ServerApp is stopped; it commits a round in one atomic write of its state file)."""
     out = Path(out).resolve()
     echo = echo or (lambda s: print(s, flush=True))
+    if stored.get("superlink"):
+        return _run_remote(out, stored, echo)
     sites = {s["name"]: Path(s["root"]) for s in stored["site_folders"]}
     dead: list[str] = []
     with local_federation(out, sites) as lf:
@@ -313,6 +354,12 @@ def run_federation(out: Path, stored: dict[str, Any], *, on_start: Callable[[Loc
 
             _append_metrics(out, {"round": state["round"] + 1, "status": "failed", "sites": {}, "errors": {},
                                   "missing": sorted(dead), "reason": "SuperNode exited"})
+    return _outcome(out, stored)
+
+
+def _outcome(out: Path, stored: dict[str, Any]) -> dict[str, Any]:
+    """The final state, or FederationFailed naming the failed round and the missing sites."""
+    state = read_state(out)
     if not _finished(out, stored):
         last = (read_metrics(out) or [{}])[-1]
         if last.get("status") == "failed":
@@ -323,6 +370,16 @@ def run_federation(out: Path, stored: dict[str, Any], *, on_start: Callable[[Loc
             )
         raise FederationFailed(f"{out}: the federation stopped after round {state['round']} of {stored['rounds']}; see {out / 'logs' / 'server.log'}")
     return state
+
+
+def _run_remote(out: Path, stored: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
+    """``flwr run`` against the named SuperLink connection of the user's Flower config (a real federation)."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    args = [_flower_bin("flwr"), "run", str(APP_DIR), str(stored["superlink"]), "--stream", "--run-config", f"out={_toml_str(str(out))}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _copy_log(proc, out / "logs" / "server.log", echo)
+    proc.wait()
+    return _outcome(out, stored)
 
 
 def _copy_log(proc: subprocess.Popen, path: Path, echo: Callable[[str], None]) -> None:
@@ -341,31 +398,30 @@ def _finished(out: Path, stored: dict[str, Any]) -> bool:
     return int(read_state(out)["round"]) >= int(stored["rounds"])
 
 
-def federate_command(config: Path | None, sites: list[Path], overrides: list[str], train_overrides: list[str],
-                     out: Path | None, resume: Path | None, overwrite: bool) -> dict[str, Any]:
-    """``skullrec federate``: check everything, then run (or resume) the federation; returns the final state."""
+def federate(config: Path | None, sites: list[Path], overrides: list[str], train_overrides: list[str],
+             out: Path | None, resume: Path | None, overwrite: bool, echo: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """Check everything, then run (or resume) the federation; returns the folder and its final state.
+
+    ``echo`` gets the progress lines (what is starting, one line per round)."""
     if resume is not None:
         folder = Path(resume)
         cfg, stored = setup_federation(FederateConfig(), folder, resume=True, resume_overrides=overrides)
         if _finished(folder, stored):
-            print(f"{folder}: all {stored['rounds']} rounds done; nothing to do", flush=True)
-            return read_state(folder)
-        print(f"resuming {folder} after round {read_state(folder)['round']}", flush=True)
+            echo(f"{folder}: all {stored['rounds']} rounds done; nothing to do")
+            return folder, read_state(folder)
+        echo(f"resuming {folder} after round {read_state(folder)['round']}")
     else:
         fed = load_federation_config(config, overrides, sites)
         if train_overrides:
             fed.train_set = list(fed.train_set) + list(train_overrides)
         folder = Path(out) if out is not None else Path(fed.out)
         cfg, stored = setup_federation(fed, folder, overwrite=overwrite)
-        print(
+        echo(
             f"federating {stored['name']}: {len(stored['sites'])} sites ({', '.join(stored['sites'])}), {stored['rounds']} rounds of "
-            f"{stored['local_epochs']} local epoch(s), {stored['strategy']}, local method {cfg.train.method} -> {folder}",
-            flush=True,
+            f"{stored['local_epochs']} local epoch(s), {stored['strategy']}, local method {cfg.train.method} -> {folder}"
         )
-    state = run_federation(folder, stored)
-    print(f"done: {folder / 'final.safetensors'} (round {state['round']}, metrics in {folder / METRICS}, state {folder / STATE})", flush=True)
-    return state
+    return folder, run_federation(folder, stored, echo=echo)
 
 
 __all__ = ["FederateConfig", "FederationFailed", "load_federation_config", "setup_federation", "run_federation",
-           "LocalFederation", "local_federation", "federate_command", "APP_DIR"]
+           "LocalFederation", "local_federation", "federate", "APP_DIR"]

@@ -41,7 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
-from ..io import InputError, atomic_write_bytes, atomic_write_text
+from ..errors import InputError
+from ..io import atomic_write_bytes, atomic_write_text
 from ..nets.checkpoint import load_checkpoint, save_checkpoint
 
 STATE = "state.safetensors"

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..data.defects import set1_defect, set2_defect
 from ..data.layout import load_split, splits_in, staged_output, write_case, write_manifest
-from ..io import InputError
+from ..errors import InputError
 
 SITE_EVAL = "eval_site"
 
@@ -137,27 +137,19 @@ def make_sites(
     return folders
 
 
-def sites_command(
-    source: Path, out: Path, n_sites: int, seed: int, weights: list[float] | None, set2_fraction: list[float] | None,
-    eval_fraction: float, split: str, max_cases: int | None, overwrite: bool,
-) -> list[dict[str, Any]]:
-    """``skullrec sites``: make the split; returns one summary per site (name, cases, held out, set-2 share)."""
-    folders = make_sites(
-        source, out, n_sites, seed=seed, split=split, weights=weights, set2_fraction=set2_fraction,
-        eval_fraction=eval_fraction, max_cases=max_cases, overwrite=overwrite,
-    )
+def summarise_sites(folders: list[Path]) -> list[dict[str, Any]]:
+    """One row per site written by :func:`make_sites`: name, folder, training / held-out cases, set-2 share and count."""
     from ..data.layout import read_manifest
 
     rows = []
     for f in folders:
         m = read_manifest(f)
-        train = [c for c in m["cases"] if c["split"] == "train"]
         rows.append({
-            "site": f.name, "folder": str(f), "train": len(train), "held_out": m["meta"]["held_out"],
-            "set2_fraction": m["meta"]["set2_fraction"],
+            "site": Path(f).name, "folder": str(f), "train": sum(1 for c in m["cases"] if c["split"] == "train"),
+            "held_out": m["meta"]["held_out"], "set2_fraction": m["meta"]["set2_fraction"],
             "set2_cases": sum(1 for c in m["cases"] if c["defect"].get("set") == 2),
         })
     return rows
 
 
-__all__ = ["SITE_EVAL", "check_site", "check_sites", "site_plan", "make_sites", "sites_command"]
+__all__ = ["SITE_EVAL", "check_site", "check_sites", "site_plan", "make_sites", "summarise_sites"]

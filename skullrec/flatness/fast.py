@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..utils import unwrap
 from .hessian import FamTerm, rademacher, shape_trace
 from .regularizer import register_estimator
 
@@ -74,8 +75,6 @@ FD_EPS = 3e-2
 _KINKED = (nn.ReLU, nn.PReLU, nn.LeakyReLU)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DistributedDataParallel / DataParallel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +111,7 @@ def attach_taps(model: nn.Module) -> _Taps:
     unaffected. Call before the forward pass whose loss the regulariser uses; the estimators fall
     back to recomputing that pass (once) when the taps are missing.
     """
-    net = _unwrap(model)
+    net = unwrap(model)
     taps = getattr(net, "_fast_fam_taps", None)
     if taps is not None:
         return taps
@@ -142,7 +141,7 @@ def attach_taps(model: nn.Module) -> _Taps:
 
 def detach_taps(model: nn.Module) -> None:
     """Remove the hooks of :func:`attach_taps` (e.g. before saving or timing a plain model)."""
-    net = _unwrap(model)
+    net = unwrap(model)
     taps = getattr(net, "_fast_fam_taps", None)
     if taps is not None:
         for h in taps.handles:
@@ -191,7 +190,7 @@ def _frozen(taps: _Taps, idx: Tensor | None, reps: int) -> Iterator[None]:
 
 def _applicable(reg: Any, model: nn.Module, x: Tensor, loss_fn: Callable) -> str | None:
     """None when the output-space estimators apply, else why not (then plain autograd is used)."""
-    net = _unwrap(model)
+    net = unwrap(model)
     if list(reg.layers) != ["decodeL"]:
         return f"fam.layers is {list(reg.layers)} (the fast estimators cover exactly ['decodeL'])"
     if not all(hasattr(net, a) for a in ("decodeL", "decoder", "decode_features", "bottleneck_shape")):
@@ -315,7 +314,7 @@ def _fd_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Cal
     why = _applicable(reg, model, x, loss_fn)
     if why is not None:
         return _fallback(name, why, reg, model, x, y, loss_fn, loss, generator)
-    net = _unwrap(model)
+    net = unwrap(model)
     taps = attach_taps(net)
     latent, z, logits, _ = _forward_pieces(net, taps, x)
     weight = net.decodeL.weight
@@ -343,7 +342,7 @@ def _outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_f
     why = _applicable(reg, model, x, loss_fn)
     if why is not None and "autocast" not in why:  # exact autograd: fine under autocast
         return _fallback("outspace", why, reg, model, x, y, loss_fn, loss, generator)
-    net = _unwrap(model)
+    net = unwrap(model)
     taps = attach_taps(net)
     latent, z, logits, recomputed = _forward_pieces(net, taps, x)
     if recomputed:  # the given loss does not depend on the recomputed z
@@ -357,7 +356,7 @@ def _outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_f
 
 def _prepare(model: nn.Module) -> None:
     """Attach the taps where the estimators can apply (a SkullAutoEncoder); other models use autograd."""
-    net = _unwrap(model)
+    net = unwrap(model)
     if isinstance(getattr(net, "decodeL", None), nn.Module) and isinstance(getattr(net, "decoder", None), nn.Module):
         attach_taps(net)
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, FamConfig
+from ..config import FamConfig
+from ..errors import ConfigError
 from .hessian import GRADIENTS, NORMS, TRACES, FamTerm, _check_option, fam_term
-
 
 # ----------------------------------------------------------------------------------------------
 # The regulariser used by the trainer, with a registry of estimators of the penalty.

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-
 import numpy as np
-
 
 
 def mesh_from_mask(mask: np.ndarray, affine: np.ndarray, level: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ around the whole skull. Where the model *added* bone (prediction AND NOT prepare
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..io import InputError, Volume, atomic_write_bytes, atomic_write_text, write_nifti
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
+from ..errors import InputError
+from ..io import Volume, atomic_write_bytes, atomic_write_text, write_nifti
+from ..utils import Progress, resolve_device
 from .mesh import mesh_from_mask, stl_bytes
 
 # Implant components smaller than this are dropped. 100 mm^3 is ~7 voxels of a 64^3 SkullFix grid
@@ -148,7 +151,7 @@ def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, m
     )
 
 
-def predict_command(
+def predict_folder(
     checkpoint: Path,
     inp: Path,
     out: Path,
@@ -157,57 +160,54 @@ def predict_command(
     threshold: float | None = None,
     device: str = "auto",
     overwrite: bool = False,
-) -> Path:
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
     ``threshold`` binarises non-binary *inputs* (value > T); the model output is thresholded at 0.5.
+    Returns one row per case (also written to out/predict.json); ``progress(done, total)`` is called
+    after each case and ``warn(message)`` for each empty implant.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..nets.checkpoint import load_checkpoint
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
-    from ..training.trainer import resolve_device
+    from ..nets.checkpoint import load_checkpoint
 
-    if batch_size < 1:
-        raise InputError(f"--batch-size: must be >= 1, got {batch_size}")
     check_output_dir(out, overwrite)
     files = list_volumes(inp)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
-    console = Console(stderr=True)
     summary: list[dict[str, Any]] = []
     with staged_output(out, overwrite) as staging:
         ids = list(files)
-        columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("predict", total=len(ids))
-            # Read only one batch at a time: a 512^3 input is ~130 MB as uint8 plus float work arrays.
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                vols = [read_volume(files[cid], threshold=threshold) for cid in chunk]
-                for cid, vol in zip(chunk, vols):
-                    if not vol.data.any():
-                        raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
-                recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
-                for cid, vol, rec in zip(chunk, vols, recs):
-                    write_nifti(staging / "complete" / f"{cid}.nii.gz", rec.complete.data, vol.affine, vol.header)
-                    write_nifti(staging / "implant" / f"{cid}.nii.gz", rec.implant.data, vol.affine, vol.header)
-                    row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty}
-                    if stl:
-                        for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):
-                            verts, faces = mesh_from_mask(mask, vol.affine)
-                            if len(faces) == 0:
-                                continue  # an empty implant has no surface: reported below, no file
-                            atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, f"skullrec {cid} {kind} (mm)"))
-                    if rec.implant_empty:
-                        progress.console.print(f"[yellow]{cid}: empty implant (the model added no bone outside the defective skull)[/]")
-                    summary.append(row)
-                    progress.advance(task)
+        if progress is not None:
+            progress(0, len(ids))
+        # Read only one batch at a time: a 512^3 input is ~130 MB as uint8 plus float work arrays.
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            vols = [read_volume(files[cid], threshold=threshold) for cid in chunk]
+            for cid, vol in zip(chunk, vols):
+                if not vol.data.any():
+                    raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
+            recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
+            for cid, vol, rec in zip(chunk, vols, recs):
+                write_nifti(staging / "complete" / f"{cid}.nii.gz", rec.complete.data, vol.affine, vol.header)
+                write_nifti(staging / "implant" / f"{cid}.nii.gz", rec.implant.data, vol.affine, vol.header)
+                row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty}
+                if stl:
+                    for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):
+                        verts, faces = mesh_from_mask(mask, vol.affine)
+                        if len(faces) == 0:
+                            continue  # an empty implant has no surface: reported below, no file
+                        atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, f"skullrec {cid} {kind} (mm)"))
+                if rec.implant_empty and warn is not None:
+                    warn(f"{cid}: empty implant (the model added no bone outside the defective skull)")
+                summary.append(row)
+                if progress is not None:
+                    progress(len(summary), len(ids))
         report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta, "input": str(inp), "device": str(dev),
                   "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
-    n_empty = sum(r["implant_empty"] for r in summary)
-    console.print(f"{len(summary)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")
-    return Path(out)
+    return summary
+
+

@@ -29,8 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..config import Config, ConfigError, config_from_dict
-from ..io import InputError, atomic_write_bytes, json_default
+from ..config import Config, config_from_dict
+from ..errors import ConfigError, InputError
+from ..io import atomic_write_bytes, json_default
 
 FORMAT = "skullrec-checkpoint/1"
 STATE_FORMAT = "skullrec-training-state/1"

@@ -22,7 +22,7 @@ Semantics (docs/performance.md):
   regulariser (identical whenever the shards' estimates share a sign).
 * The model is wrapped without ``static_graph=True`` (with the FAM double backward it lets ranks drift
   apart silently) and without ``find_unused_parameters`` (every parameter gets a gradient every step;
-  tests/test_ddp.py checks that the ranks stay bit-identical).
+  tests/training/test_distributed.py checks that the ranks stay bit-identical).
 * Only rank 0 writes (run folder, metrics, checkpoints); the others compute the same validation.
 """
 
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..io import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,6 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device | None = None) -
     return DDP(model, device_ids=ids, static_graph=False, find_unused_parameters=False)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP wrapper (what checkpoints and evaluation use)."""
-    return getattr(model, "module", model)
 
 
 def shard(index: torch.Tensor, info: DistInfo) -> torch.Tensor:

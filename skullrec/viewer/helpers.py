@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..io import InputError, Volume, case_id, is_volume_file, list_volumes, read_volume
+from ..errors import InputError
+from ..io import Volume, case_id, is_volume_file, list_volumes, read_volume
 
 DEFAULT_RESULTS_ROOT = Path("results")
 DEFAULT_MAX_UPLOAD_MB = 256

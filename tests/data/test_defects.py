@@ -9,12 +9,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SKULLFIX_TRAINING
 from typer.testing import CliRunner
 
-from conftest import SKULLFIX_TRAINING
-from skullrec.data import defects
-from skullrec.data import synth
 from skullrec.cli import app
+from skullrec.data import defects, synth
 from skullrec.data.defects import SET1_FRACTION, SET2_FRACTION, SET2_REGIONS, SET2_SHAPES, set1_defect, set2_defect
 from skullrec.io import read_volume, write_nifti
 

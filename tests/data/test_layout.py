@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from skullrec.data.layout import load_split, read_manifest, staged_output, write_case, write_manifest
-from skullrec.io import InputError, read_volume
+from skullrec.errors import InputError
+from skullrec.io import read_volume
 
 
 def _pair(rng: np.random.Generator, shape=(12, 10, 8)):

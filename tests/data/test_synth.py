@@ -11,10 +11,10 @@ import pytest
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from skullrec.data import synth
 from skullrec.cli import app
-from skullrec.io import Volume
+from skullrec.data import synth
 from skullrec.data.resample import prepare_volume
+from skullrec.io import Volume
 
 GRID64 = synth.source_grid(64)  # (112, 144, 112) voxels of 1.5 mm
 SMALL = synth.source_grid(32)  # (56, 72, 56) voxels of 3 mm: fast CLI runs

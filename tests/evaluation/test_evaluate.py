@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from skullrec.cli import app
 from skullrec.evaluation.evaluate import evaluate_arrays, summarise, summary_path
-from skullrec.io import write_nifti
 from skullrec.evaluation.metrics import case_metrics
+from skullrec.io import write_nifti
 
 SHAPE = (18, 20, 16)
 SPACING = (1.2, 0.9, 1.6)

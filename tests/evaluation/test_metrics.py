@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import SKULLFIX_TRAINING
 from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from conftest import SKULLFIX_TRAINING
 from skullrec.evaluation.metrics import BORDER_MM, METRIC_KEYS, batch_metrics, border_dice, border_region, case_metrics, worst_distance
 
 SEEDS = range(6)

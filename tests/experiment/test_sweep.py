@@ -6,13 +6,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import REPO
 from scipy import stats
 
-from conftest import REPO
-from skullrec.config import ConfigError
+from skullrec.errors import ConfigError
 from skullrec.experiment.report import table2, versus_reference, versus_reference_markdown
 from skullrec.experiment.sweep import ExperimentConfig, MethodSpec, _pairwise_dsc, load_experiment, run_overrides
-
 
 
 def test_paper_config_loads_and_scale_shrinks_epochs_and_checkpoints():
@@ -111,8 +110,8 @@ def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
     """A 2-method x 2-seed sweep on 16^3 shells, scored as skulls and as implants: tables, figures,
     collapse rows, implant scores equal to a direct computation; a rerun reuses everything."""
+    from skullrec.cli import experiment_command
     from skullrec.data.layout import write_case
-    from skullrec.experiment.sweep import experiment_command
 
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
@@ -144,8 +143,8 @@ def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
     # the implant rows are Dice(reconstruction AND NOT defective, complete AND NOT defective), recomputed here
     import torch
 
-    from skullrec.nets.checkpoint import load_checkpoint
     from skullrec.data.layout import load_split
+    from skullrec.nets.checkpoint import load_checkpoint
 
     split = load_split(data, "eval_set2")
     model, _, _ = load_checkpoint(out / "runs" / "fam_seed1" / "ckpt_epoch002.safetensors", device=torch.device("cpu"))

@@ -181,3 +181,49 @@ def test_bad_site_folders_get_one_line_errors(sites: dict[str, Path], tmp_path: 
     assert code == 2 and "need at least 2 site folders" in text and text.count("\n") == 1, text
     code, text = _cli("federate", "--resume", str(tmp_path / "nodata"))
     assert code == 2 and "not a federation folder (no federate.yaml)" in text, text
+
+
+def test_server_side_swa_is_the_running_mean_of_the_global_models_across_a_resume(tmp_path: Path) -> None:
+    """fedavg-swa from round 2 of 4: SWA = mean of the global models of rounds 2, 3, 4, also when the server
+    restarts after round 2 (the SWA mean and its count come back from state.safetensors)."""
+    from flwr.app import ArrayRecord
+
+    from skullrec.config import load_config
+    from skullrec.federated.server_app import SkullFedAvg, initial_state
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", TRAIN_SET)
+    fed = {"sites": ["a", "b"], "strategy": "fedavg-swa", "swa_start": 2, "rounds": 4, "checkpoint_rounds": [], "evaluate": False}
+    globals_ = [build_model(cfg.model, seed=s).state_dict() for s in (11, 12, 13, 14)]  # stand-ins for 4 rounds' FedAvg
+
+    def commit(strategy, server_round: int) -> None:
+        r = strategy.offset + server_round
+        strategy.pending = {"round": r, "arrays": ArrayRecord(globals_[r - 1]), "errors": {}, "missing": [], "train": {},
+                            "sites": {"a": {"num-examples": 1, "dice_loss": 0.5}, "b": {"num-examples": 3, "dice_loss": 0.7}}}
+        strategy.aggregate_evaluate(server_round, [])
+
+    first = SkullFedAvg(tmp_path, cfg, fed, {"round": 0, "swa_n": 0}, None)
+    commit(first, 1)
+    assert not (tmp_path / "swa.safetensors").exists()
+    commit(first, 2)
+    _, state, swa = initial_state(tmp_path, cfg)  # a new server process
+    assert state == {"round": 2, "swa_n": 1} and swa is not None
+    second = SkullFedAvg(tmp_path, cfg, fed, state, swa)
+    commit(second, 1)
+    commit(second, 2)
+    mean = {k: np.mean([g[k].double().numpy() for g in globals_[1:]], axis=0) for k in globals_[0]}
+    _assert_weights(tmp_path / "swa.safetensors", mean)
+    _assert_weights(tmp_path / "final.safetensors", mean)
+    _assert_weights(tmp_path / "last.safetensors", {k: v.double().numpy() for k, v in globals_[3].items()})
+    assert read_state(tmp_path) == {"round": 4, "swa_n": 3}
+    records = read_metrics(tmp_path)
+    assert [r["round"] for r in records] == [1, 2, 3, 4] and records[0]["dice_loss"] == pytest.approx((0.5 + 3 * 0.7) / 4)
+
+
+def test_remote_superlink_mode_names_sites_without_folders(tmp_path: Path) -> None:
+    fed = load_federation_config(None, ["superlink=hospitals", f"train_config={REPO / 'configs' / 'baseline.yaml'}"],
+                                 [Path("hospitalA"), Path("hospitalB")])
+    _, stored = setup_federation(fed, tmp_path / "fed")
+    assert stored["superlink"] == "hospitals" and stored["sites"] == ["hospitalA", "hospitalB"]
+    assert [s["root"] for s in stored["site_folders"]] == [None, None]
+    with pytest.raises(Exception, match="site names must be distinct"):
+        load_federation_config(None, ["superlink=h"], [Path("x"), Path("x")])

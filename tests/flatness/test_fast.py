@@ -18,8 +18,8 @@ import math
 import pytest
 import torch
 
-from skullrec.flatness import fast as ff
 from skullrec.config import FamConfig, ModelConfig
+from skullrec.flatness import fast as ff
 from skullrec.flatness.hessian import exact_trace, fam_term, rademacher
 from skullrec.flatness.regularizer import FamRegularizer
 from skullrec.nets.autoencoder import build_model, loss_function

@@ -13,10 +13,10 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
+from skullrec.cli import app, predict_command
 from skullrec.data import resample as P
-from skullrec.inference import predict as Q
 from skullrec.inference import mesh as M
-from skullrec.cli import app
+from skullrec.inference import predict as Q
 from skullrec.io import Volume, read_volume, write_nifti
 
 SIZE = 32
@@ -164,13 +164,13 @@ def test_predict_command_writes_nifti_and_stl_on_the_input_grid(tmp_path: Path, 
     complete, defective = _skull_pair()
     _write_inputs(tmp_path / "in", defective)
     model = _oracle(complete, defective)
-    from skullrec.nets import checkpoint
     from skullrec import config
+    from skullrec.nets import checkpoint
 
     cfg = config.config_from_dict({"model": {"size": SIZE}})
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (model, cfg, {"epoch": 1}))
     out = tmp_path / "out"
-    Q.predict_command(checkpoint=tmp_path / "fake.safetensors", inp=tmp_path / "in", out=out, stl=True, batch_size=2, device="cpu")
+    predict_command(checkpoint=tmp_path / "fake.safetensors", inp=tmp_path / "in", out=out, stl=True, batch_size=2, device="cpu")
     report = json.loads((out / "predict.json").read_text())
     assert [c["case_id"] for c in report["cases"]] == ["a", "b"]
     lo, hi = _world_bbox(defective)
@@ -202,22 +202,22 @@ def test_predict_command_reports_an_empty_implant(tmp_path: Path, monkeypatch: p
     _write_inputs(tmp_path / "in", defective)
     (tmp_path / "in" / "b.nrrd").unlink()
     model = _oracle(complete, defective, empty=True)
-    from skullrec.nets import checkpoint
     from skullrec import config
+    from skullrec.nets import checkpoint
 
     cfg = config.config_from_dict({"model": {"size": SIZE}})
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (model, cfg, {}))
     out = tmp_path / "out"
-    Q.predict_command(checkpoint=tmp_path / "c", inp=tmp_path / "in", out=out, stl=True, device="cpu")
+    predict_command(checkpoint=tmp_path / "c", inp=tmp_path / "in", out=out, stl=True, device="cpu")
     assert read_volume(out / "implant" / "a.nii.gz").data.sum() == 0
     assert json.loads((out / "predict.json").read_text())["cases"][0]["implant_empty"] is True
     assert not (out / "stl" / "a_implant.stl").exists()
 
 
 def test_predict_cli_with_a_real_tiny_checkpoint(tmp_path: Path) -> None:
-    from skullrec.nets.checkpoint import save_checkpoint
     from skullrec.config import config_from_dict
     from skullrec.nets.autoencoder import build_model
+    from skullrec.nets.checkpoint import save_checkpoint
 
     cfg = config_from_dict({"model": {"size": SIZE, "channels": [2, 2, 2, 2, 2]}})
     ckpt = save_checkpoint(tmp_path / "m.safetensors", build_model(cfg.model, seed=0), cfg, epoch=0)

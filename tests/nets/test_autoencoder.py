@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from skullrec.config import ConfigError, ModelConfig
+from skullrec.config import ModelConfig
+from skullrec.errors import ConfigError
 from skullrec.nets.autoencoder import SkullAutoEncoder, architecture, build_model, get_linear, linear_layers, loss_function
 
 torch.set_num_threads(1)

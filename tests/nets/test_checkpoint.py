@@ -12,10 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from skullrec.nets.checkpoint import architecture, load_checkpoint, load_training_state, read_checkpoint, save_checkpoint, save_training_state
 from skullrec.config import Config
-from skullrec.io import InputError
+from skullrec.errors import InputError
 from skullrec.nets.autoencoder import build_model
+from skullrec.nets.checkpoint import (
+    architecture,
+    load_checkpoint,
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+    save_training_state,
+)
 
 
 def _tiny_cfg(**model: object) -> Config:

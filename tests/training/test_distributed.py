@@ -22,8 +22,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from skullrec.training import distributed
 from skullrec.config import FamConfig, ModelConfig
+from skullrec.training import distributed
+from skullrec.utils import unwrap
 
 SMALL = ModelConfig(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
 MODES = {
@@ -64,7 +65,7 @@ def _train(info: distributed.DistInfo) -> dict[str, dict[str, torch.Tensor]]:
             idx = distributed.shard(torch.arange(BATCH), info)
             gen = torch.Generator().manual_seed(7 + step)  # the same probes on every rank
             train_step(model, x[idx], y[idx], loss_function(), opt, reg=reg, lam=fam.lam if fam else 0.0, generator=gen)
-        out[mode] = {k: v.detach().clone() for k, v in distributed.unwrap(model).state_dict().items()}
+        out[mode] = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
     return out
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from skullrec.data.layout import write_case, write_manifest
 from skullrec.io import read_volume, write_nifti
 

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import REPO
+
+from skullrec.cli import view_command
+from skullrec.errors import InputError
+from skullrec.io import Volume, read_volume
 from skullrec.viewer import helpers as V
 from skullrec.viewer import launch as L
-from skullrec.io import InputError, Volume, read_volume
 
 APP = REPO / "app" / "viewer.py"
 SPACING = (1.5, 1.5, 2.0)
@@ -67,9 +69,9 @@ def dataset(tmp_path: Path) -> Path:
 
 def small_checkpoint(path: Path, seed: int = 0) -> Path:
     """An untrained 32^3 autoencoder whose output bias makes the reconstruction non-empty."""
-    from skullrec.nets.checkpoint import save_checkpoint
     from skullrec.config import config_from_dict
     from skullrec.nets.autoencoder import build_model
+    from skullrec.nets.checkpoint import save_checkpoint
 
     cfg = config_from_dict({"name": "tiny", "model": {"size": 32, "channels": [4, 8, 8, 4], "strides": [2, 2, 2, 2]}})
     model = build_model(cfg.model, seed=seed)
@@ -111,7 +113,7 @@ def test_view_command_runs_streamlit_headless_on_localhost(monkeypatch, dataset:
             return 0
 
     monkeypatch.setattr(L.subprocess, "Popen", FakePopen)
-    L.view_command(data=dataset, runs=runs, results=None, host="127.0.0.1", port=8765)
+    view_command(data=dataset, runs=runs, results=None, host="127.0.0.1", port=8765)
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == APP
     opts = dict(zip(cmd[5::2], cmd[6::2]))
@@ -121,11 +123,11 @@ def test_view_command_runs_streamlit_headless_on_localhost(monkeypatch, dataset:
     assert seen["env"][L.ENV_DATA] == str(dataset.resolve()) and seen["env"][L.ENV_RUNS] == str(runs.resolve())
 
     with pytest.raises(InputError, match="--port"):
-        L.view_command(data=None, runs=None, results=None, host="127.0.0.1", port=0)
+        view_command(data=None, runs=None, results=None, host="127.0.0.1", port=0)
     with pytest.raises(InputError, match="nowhere.*--data"):
-        L.view_command(data=dataset / "nowhere", runs=None, results=None, host="127.0.0.1", port=8501)
+        view_command(data=dataset / "nowhere", runs=None, results=None, host="127.0.0.1", port=8501)
     with pytest.raises(InputError, match="no such results CSV"):
-        L.view_command(data=None, runs=None, results=dataset / "x.csv", host="127.0.0.1", port=8501)
+        view_command(data=None, runs=None, results=dataset / "x.csv", host="127.0.0.1", port=8501)
 
 
 def test_view_cli_reports_bad_folder_in_one_line(dataset: Path) -> None:
@@ -450,9 +452,9 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     assert labels == ["DSC (skull)", "HD (skull)", "HD95 (skull)", "DSC (implant)"]
     assert at.metric[1].value.endswith(" mm") and at.metric[2].value.endswith(" mm")
     # The metric values are those of skullrec.evaluation.metrics on the reconstruction the page made.
-    from skullrec.nets.checkpoint import load_checkpoint
     from skullrec.evaluation.metrics import case_metrics
     from skullrec.inference.predict import reconstruct
+    from skullrec.nets.checkpoint import load_checkpoint
 
     case = V.load_case(L.settings_from_env().data, "eval_set1", "007")
     model, _, _ = load_checkpoint(L.settings_from_env().runs[0] / "b" / "last.safetensors")
