@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DefectError
+from ..io import LPS_TO_RAS
+from ..utils import bounding_box
 
 # Removed bone fraction (of the complete skull's bone voxels) every defect must fall in.
 # Set 1: the real SkullFix range (min 0.063, 5th-95th percentile 0.065-0.104, max 0.117 over the
@@ -73,11 +75,12 @@ MAX_RESIZES = 5  # size adjustments of one draw towards the fraction range
 
 
 def _bbox_mm(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(i.size == 0 for i in idx):
+    """(lowest, highest) bone voxel centre per axis, in mm from the array origin."""
+    bb = bounding_box(mask)
+    if bb is None:
         raise DefectError("the complete skull has no bone voxels")
-    lo = np.array([i[0] for i in idx], dtype=np.float64)
-    hi = np.array([i[-1] for i in idx], dtype=np.float64)
+    lo = np.array(bb[0], dtype=np.float64)
+    hi = np.array(bb[1], dtype=np.float64) - 1.0
     return lo * spacing, hi * spacing
 
 
@@ -393,7 +396,7 @@ def _axcodes(path: Path) -> tuple[str, ...] | None:
         direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
         # ITK directions are LPS; in RAS the first two world axes flip
         aff = np.eye(4)
-        aff[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction
+        aff[:3, :3] = LPS_TO_RAS @ direction
         return tuple(nib.aff2axcodes(aff))
     except Exception:  # an unreadable header is reported by the reader later, with the file name
         return None

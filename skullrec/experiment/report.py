@@ -1,5 +1,4 @@
-"""The experiment's tables and figures: Table 2 (mean ± 95 % CI over seeds), differences to the baseline, plots.
-"""
+"""The experiment's tables and figures: Table 2 (mean ± 95 % CI over seeds), differences to the baseline, plots."""
 
 from __future__ import annotations
 
@@ -7,15 +6,13 @@ import io as _io
 import itertools
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from ..config import ExperimentConfig
 from ..io import atomic_write_bytes
 from ..training.run_dir import METRICS_FILE, read_metrics
-
-if TYPE_CHECKING:  # annotations only; sweep imports this module
-    from .sweep import ExperimentConfig
 
 
 def _t975(n: int) -> float:

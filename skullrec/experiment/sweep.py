@@ -29,88 +29,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from ..config import _from_dict, apply_overrides, dump_config, load_config
-from ..errors import ConfigError, InputError
+from ..config import ExperimentConfig, MethodSpec, dump_config, load_config, load_experiment
+from ..data.layout import implant_of
+from ..errors import InputError
 from ..io import atomic_write_text, json_default
 from ..training.run_dir import CONFIG_FILE, SWEEP_CONFIGS, SWEEP_RUNS, checkpoint_path, run_finished, sweep_config, sweep_log, sweep_run_dir
 from ..utils import Progress, resolve_device
 from .report import figures, table2, table2_markdown, versus_reference, versus_reference_markdown
-
-
-@dataclass
-class MethodSpec:
-    """One arm of the sweep: a label and config overrides for the training config."""
-
-    name: str
-    method: str = "baseline"
-    lam: float = 0.0
-    set: list[str] = field(default_factory=list)  # extra --set overrides for this arm
-
-
-@dataclass
-class ExperimentConfig:
-    """A sweep over methods and seeds on one data set."""
-
-    name: str = "experiment"
-    out: str = "results/experiment"
-    base_config: str = "configs/baseline.yaml"  # training config every run starts from
-    data_root: str = "data/synthetic"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 200
-    checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
-    max_train_cases: int | None = None
-    max_eval_cases: int | None = None
-    eval_splits: list[str] = field(default_factory=lambda: ["eval_set1", "eval_set2"])
-    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="baseline")])
-    set: list[str] = field(default_factory=list)  # overrides applied to every run
-    hd95: str = "max"
-    targets: list[str] = field(default_factory=lambda: ["skull", "implant"])  # scored from one reconstruction
-    collapse_threshold: float = 0.95  # flag runs whose mean pairwise reconstruction DSC exceeds this
-    reference: str | None = "baseline"  # method the others are compared with, seed by seed (vs_reference.*)
-    synth_if_missing: dict[str, Any] | None = None  # e.g. {n_train: 100, n_eval: 20, seed: 0}
-
-
-def load_experiment(path: Path, overrides: list[str], scale: float | None) -> ExperimentConfig:
-    """Read and validate an experiment YAML; ``scale`` shrinks epochs and case counts."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such experiment config")
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    apply_overrides(values, overrides)
-    try:
-        cfg: ExperimentConfig = _from_dict(ExperimentConfig, values)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if not cfg.methods or not cfg.seeds:
-        raise ConfigError(f"{path}: methods and seeds must not be empty")
-    if len({m.name for m in cfg.methods}) != len(cfg.methods):
-        raise ConfigError(f"{path}: methods: names must be unique")
-    if cfg.hd95 not in ("max", "pooled"):
-        raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
-    if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:
-        raise ConfigError(f"{path}: targets must be a non-empty list of distinct skull|implant, got {cfg.targets}")
-    if cfg.reference is not None and cfg.reference not in {m.name for m in cfg.methods}:
-        raise ConfigError(f"{path}: reference: {cfg.reference!r} is not one of the methods")
-    if any(e > cfg.epochs or e < 1 for e in cfg.checkpoint_epochs):
-        raise ConfigError(f"{path}: checkpoint_epochs must lie in 1..epochs")
-    if scale is not None:
-        if not 0 < scale <= 1:
-            raise ConfigError(f"--scale: must be in (0, 1], got {scale}")
-        old = cfg.epochs
-        cfg.epochs = max(1, round(old * scale))
-        cfg.checkpoint_epochs = sorted({max(1, round(e * cfg.epochs / old)) for e in cfg.checkpoint_epochs})
-        if cfg.max_train_cases is not None:
-            cfg.max_train_cases = max(2, round(cfg.max_train_cases * scale))
-    return cfg
 
 
 def run_overrides(exp: ExperimentConfig, spec: MethodSpec, seed: int) -> list[str]:
@@ -232,7 +164,7 @@ def evaluate_runs(
                     truth = split.complete if target == "skull" else split.implant
                     # the model's own implant: what it added where the input has no bone (predict also drops
                     # islands < 100 mm^3; scored here without that post-processing, measured to move DSC by ~0.01)
-                    pred = recon if target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
+                    pred = recon if target == "skull" else implant_of(recon, split.defective).astype(np.uint8)
                     case_rows += evaluate_arrays(pred, truth, split.spacings, defective=split.defective, hd95=exp.hd95,
                                                  ids=split.ids, target=target)
                 if split_name not in truth_pairwise:

@@ -180,7 +180,6 @@ __all__ = [
     "current",
     "check_batch_size",
     "wrap",
-    "unwrap",
     "shard",
     "all_reduce_mean",
     "epoch_sums",
