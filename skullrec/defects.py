@@ -13,8 +13,8 @@ Two families (sizes in mm, so any grid spacing works; pass the spacing):
 
 Geometry is computed in the volume's *index frame in mm* (``index * spacing``) and assumes the
 SkullFix array layout: axis 0 towards the patient's left, axis 1 posterior, axis 2 superior
-(``skullrec.synth`` writes this layout; :func:`defects_command` reorients other inputs to it and
-back). Directions are given from the centre of the bone's bounding box as elevation (degrees
+(``skullrec.synth`` writes this layout, and :func:`skullrec.io.read_volume` reorients every file to
+it, so files in any axis order get their defects at the same anatomical place). Directions are given from the centre of the bone's bounding box as elevation (degrees
 above the axial plane) and azimuth (0 = +axis 0 = left, 90 = posterior, 180 = right,
 -90 = anterior), like the measurements.
 
@@ -374,34 +374,6 @@ def set2_defect(
 # command
 # ---------------------------------------------------------------------------------------------
 
-SKULLFIX_AXCODES = ("L", "P", "S")
-
-
-def _axcodes(path: Path) -> tuple[str, ...] | None:
-    """Orientation codes of a volume file from its header alone (None if the header has no orientation)."""
-    import nibabel as nib
-
-    name = path.name.lower()
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            img = nib.load(str(path))
-            if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
-                return None
-            return tuple(nib.aff2axcodes(img.affine))
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
-        # ITK directions are LPS; in RAS the first two world axes flip
-        aff = np.eye(4)
-        aff[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction
-        return tuple(nib.aff2axcodes(aff))
-    except Exception:  # an unreadable header is reported by the reader later, with the file name
-        return None
-
-
 def defects_command(
     complete: Path,
     out: Path,
@@ -422,15 +394,10 @@ def defects_command(
     from .io import list_volumes
     from .prepare import DEFAULT_MARGIN_MM, prepare_command
 
+    # Every volume is read in the canonical voxel order (skullrec.io.CANONICAL_AXCODES, SkullFix's
+    # L, P, S), so the defects land at the same anatomical place whatever order the files use.
     files = list_volumes(complete)  # InputError for a missing or empty folder
     console = Console(stderr=True)
-    for path in files.values():
-        codes = _axcodes(path)
-        if codes is not None and codes != SKULLFIX_AXCODES:
-            console.print(
-                f"warning: {path}: array axes point {''.join(codes)}, not LPS (left, posterior, superior) like SkullFix; "
-                "set-1 and set-2 defects will be placed relative to the array axes"
-            )
     t0 = time.perf_counter()
     result = prepare_command(
         complete=Path(complete), out=Path(out), defective=None, size=size, margin_mm=DEFAULT_MARGIN_MM,

@@ -5,6 +5,15 @@ Every volume in skullrec is a :class:`Volume`: a 3D array indexed (i, j, k) like
 NRRD files come in ITK's LPS world space; :func:`read_volume` converts them so that a NRRD and
 the NIfTI written from it describe the same physical points.
 
+**One canonical voxel order.** Files store the same head in any of 48 axis orders / flips, and
+the model, the crop and the defect geometry all assume one: SkullFix's, array axis 0 towards the
+patient's left, axis 1 posterior, axis 2 superior (nibabel axis codes ``L, P, S``,
+:data:`CANONICAL_AXCODES`). :func:`read_volume` brings every volume to that order with nibabel's
+orientation tools (only permutations and flips of whole axes, so no voxel is resampled); an oblique
+grid gets the closest axis order and keeps its tilt in the affine. The volume remembers its
+:class:`SourceGrid`, and :func:`write_volume` / :func:`to_source_grid` put results back onto the
+input's own voxel order, affine and header exactly.
+
 User mistakes (missing file, corrupt gzip, 4D data, NaN, non-binary values, ...) raise
 :class:`InputError` with a one-line message that names the file; the CLI prints it and exits 2.
 """
@@ -29,9 +38,36 @@ VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 # ITK's world space is LPS, NIfTI's is RAS: flipping the first two world axes converts between them.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
+# The voxel order every Volume is read into (SkullFix's: axis 0 -> left, 1 -> posterior, 2 -> superior).
+CANONICAL_AXCODES = ("L", "P", "S")
+
 
 class InputError(Exception):
     """A user-facing problem with an input (file, folder or option); the message is one line."""
+
+
+@dataclass(frozen=True)
+class SourceGrid:
+    """The grid a volume was stored on before :func:`read_volume` reoriented it to :data:`CANONICAL_AXCODES`.
+
+    Attributes:
+        shape: the file's array shape.
+        affine: the file's voxel-to-world affine (RAS+ mm).
+        ornt: nibabel orientation transform (3, 2) from the file's voxel order to the canonical one
+            (identity rows ``[[0, 1], [1, 1], [2, 1]]`` when the file already is canonical).
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    ornt: np.ndarray
+
+    @property
+    def is_canonical(self) -> bool:
+        """True when the file's voxel order already is the canonical one (nothing was permuted or flipped)."""
+        return bool(np.array_equal(self.ornt, _IDENTITY_ORNT))
+
+
+_IDENTITY_ORNT = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
 
 
 @dataclass
@@ -39,17 +75,28 @@ class Volume:
     """A 3D volume and where it lives in space.
 
     Attributes:
-        data: array of shape (X, Y, Z); uint8 {0, 1} for masks, float for raw images.
-        affine: (4, 4) voxel index -> RAS+ mm.
+        data: array of shape (X, Y, Z); uint8 {0, 1} for masks, float for raw images. Volumes from
+            :func:`read_volume` are in the canonical voxel order (:data:`CANONICAL_AXCODES`).
+        affine: (4, 4) voxel index -> RAS+ mm (of ``data`` as it is, i.e. of the canonical order).
         header: the NIfTI header the volume was read with (None for NRRD); written back by
             :func:`write_nifti` so that outputs keep the input's header fields.
         path: where it was read from (None for volumes built in memory).
+        source: the file's own grid (None for volumes built in memory: their grid is their own);
+            :func:`write_volume` writes results back onto it.
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header | None = None
     path: Path | None = field(default=None, compare=False)
+    source: SourceGrid | None = field(default=None, compare=False)
+
+    def like(self, data: np.ndarray) -> "Volume":
+        """A volume with new ``data`` (same shape) on this volume's grid, header, path and source grid."""
+        data = np.asarray(data)
+        if data.shape != self.data.shape:
+            raise ValueError(f"Volume.like: shape {data.shape} differs from {self.data.shape}")
+        return Volume(data=data, affine=self.affine, header=self.header, path=self.path, source=self.source)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -64,6 +111,43 @@ class Volume:
 def affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along each array axis of a 4x4 affine (its column norms)."""
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, SourceGrid]:
+    """Reorient ``data`` (on ``affine``) to :data:`CANONICAL_AXCODES`: (data, affine, source grid).
+
+    Only whole-axis permutations and flips (nibabel.orientations), so voxel values are untouched
+    and the result describes the same physical points; for an oblique affine the closest axis
+    order is taken and the remaining tilt stays in the returned affine.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    shape = tuple(int(n) for n in data.shape[:3])
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(CANONICAL_AXCODES)
+    )
+    source = SourceGrid(shape=shape, affine=affine.copy(), ornt=ornt)
+    if source.is_canonical:
+        return data, affine, source
+    out = nib.orientations.apply_orientation(data, ornt)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    return out, new_affine, source
+
+
+def to_source_grid(data: np.ndarray, source: SourceGrid | None) -> np.ndarray:
+    """Undo :func:`to_canonical`: canonical-order ``data`` back in the file's own voxel order (a copy)."""
+    data = np.asarray(data)
+    if source is None or source.is_canonical:
+        return np.ascontiguousarray(data)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(CANONICAL_AXCODES), _ornt_of_source(source))
+    out = np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
+    if out.shape[:3] != source.shape:  # a wrong-shaped array would be written on the wrong grid
+        raise ValueError(f"to_source_grid: shape {out.shape} does not match the source grid {source.shape}")
+    return out
+
+
+def _ornt_of_source(source: SourceGrid) -> np.ndarray:
+    """The file's own orientation (the one :func:`to_canonical` started from), recovered from the transform."""
+    return nib.orientations.io_orientation(source.affine)
 
 
 def case_id(path: str | Path) -> str:
@@ -194,7 +278,8 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
         data = to_mask(data, threshold=threshold, source=path)
     elif np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():
         raise InputError(f"{path}: volume contains NaN values")
-    return Volume(data=np.ascontiguousarray(data), affine=affine, header=header, path=path)
+    data, canon_affine, source = to_canonical(data, affine)
+    return Volume(data=np.ascontiguousarray(data), affine=canon_affine, header=header, path=path, source=source)
 
 
 def to_mask(data: np.ndarray, *, threshold: float | None = None, source: str | Path = "<array>") -> np.ndarray:
@@ -279,8 +364,11 @@ def write_nifti(
     img = nib.Nifti1Image(arr.astype(dtype, copy=False), np.asarray(affine, dtype=np.float64), header=hdr)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    # Keep the input header's qform/sform codes (e.g. 2 = aligned to another scan); 1 (scanner) when unset.
+    qcode = int(hdr["qform_code"]) if hdr is not None and int(hdr["qform_code"]) > 0 else 1
+    scode = int(hdr["sform_code"]) if hdr is not None and int(hdr["sform_code"]) > 0 else 1
+    img.set_qform(affine, code=qcode)
+    img.set_sform(affine, code=scode)
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
@@ -293,5 +381,12 @@ def write_nifti(
 
 
 def write_volume(path: str | Path, volume: Volume) -> Path:
-    """Write a :class:`Volume` as uint8 NIfTI, keeping its affine and header."""
-    return write_nifti(path, volume.data, volume.affine, volume.header)
+    """Write a :class:`Volume` as uint8 NIfTI on its file's own grid (voxel order, affine, header).
+
+    A volume read by :func:`read_volume` is held in the canonical order; writing it goes back to
+    the grid it came from, so an output overlays its input voxel for voxel in any viewer.
+    Volumes built in memory (``source`` None) are written as they are.
+    """
+    if volume.source is None:
+        return write_nifti(path, volume.data, volume.affine, volume.header)
+    return write_nifti(path, to_source_grid(volume.data, volume.source), volume.source.affine, volume.header)

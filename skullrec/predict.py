@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .io import InputError, Volume, atomic_write_bytes, atomic_write_text, write_nifti
+from .io import InputError, Volume, atomic_write_bytes, atomic_write_text, write_volume
 from .prepare import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
 
 # Implant components smaller than this are dropped. 100 mm^3 is ~7 voxels of a 64^3 SkullFix grid
@@ -38,7 +38,8 @@ class Reconstruction:
     """The result for one defective skull.
 
     Attributes:
-        complete: reconstructed complete skull on the input's grid (uint8, input affine and header).
+        complete: reconstructed complete skull on the input's grid (uint8, input affine, header and
+            source grid: :func:`skullrec.io.write_volume` writes it in the input file's own voxel order).
         implant: implant on the input's grid (uint8): complete AND NOT defective, cleaned.
         prepared_input: the ``size^3`` defective skull the model saw (its affine places it in mm).
         prepared_prob: the model's sigmoid probability at ``size^3`` (float32).
@@ -137,8 +138,8 @@ def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, m
         "prepared_spacing_mm": [round(s, 4) for s in prepared.spacing],
     }
     return Reconstruction(
-        complete=Volume(complete.astype(np.uint8), vol.affine, header, vol.path),
-        implant=Volume(implant.astype(np.uint8), vol.affine, header, vol.path),
+        complete=vol.like(complete.astype(np.uint8)),
+        implant=vol.like(implant.astype(np.uint8)),
         prepared_input=prepared,
         prepared_prob=prob.astype(np.float32),
         prepared_prediction=Volume(pred64.astype(np.uint8), prepared.affine, None, vol.path),
@@ -229,8 +230,9 @@ def predict_command(
                         raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
                 recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
                 for cid, vol, rec in zip(chunk, vols, recs):
-                    write_nifti(staging / "complete" / f"{cid}.nii.gz", rec.complete.data, vol.affine, vol.header)
-                    write_nifti(staging / "implant" / f"{cid}.nii.gz", rec.implant.data, vol.affine, vol.header)
+                    # Back on the input file's own grid: its voxel order, affine and header.
+                    write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
+                    write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
                     row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty}
                     if stl:
                         for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):

@@ -44,7 +44,8 @@ def toy_skull(n: int = 32, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def toy_affine() -> np.ndarray:
-    a = np.diag([*SPACING, 1.0])
+    # The canonical voxel order (axis 0 -> left, 1 -> posterior, 2 -> superior) that read_volume returns.
+    a = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
     a[:3, 3] = (-20.0, -30.0, 5.0)
     return a
 
@@ -300,8 +301,9 @@ def test_surface_trace_and_figure_are_in_mm() -> None:
     assert verts.dtype == np.float32 and faces.dtype == np.int32 and len(faces) > 1000
     # The surface lies within the bone's world bounding box, padded by one voxel.
     idx = np.argwhere(complete)
-    lo = toy_affine()[:3, :3] @ idx.min(0) + toy_affine()[:3, 3] - np.array(SPACING)
-    hi = toy_affine()[:3, :3] @ idx.max(0) + toy_affine()[:3, 3] + np.array(SPACING)
+    ends = [toy_affine()[:3, :3] @ i + toy_affine()[:3, 3] for i in (idx.min(0), idx.max(0))]
+    lo = np.minimum(*ends) - np.array(SPACING)
+    hi = np.maximum(*ends) + np.array(SPACING)
     assert np.all(verts >= lo - 1e-3) and np.all(verts <= hi + 1e-3)
     trace = V.mesh_trace(verts, faces, "implant", opacity=0.4)
     assert trace.type == "mesh3d" and trace.color == "rgb(240,80,30)" and trace.opacity == 0.4
@@ -442,9 +444,9 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     assert {"Defective skull", "Ground truth"} <= set(names)
     bone = next(t for t in traces if t["name"] == "Defective skull")
     assert bone["type"] == "mesh3d" and bone["opacity"] == 0.5
-    # Coordinates are in mm: x spans the bone's extent on the 1.5 mm grid starting at -20 mm.
+    # Coordinates are in mm: x spans the bone's extent on the 1.5 mm grid running from -20 mm leftwards (-x).
     x = array_of(bone["x"])
-    assert -20.0 - 1.5 <= x.min() and x.max() <= -20.0 + 31 * 1.5 + 1.5
+    assert -20.0 - 31 * 1.5 - 1.5 <= x.min() and x.max() <= -20.0 + 1.5
     labels = [m.label for m in at.metric]
     assert labels == ["DSC (skull)", "HD (skull)", "HD95 (skull)", "DSC (implant)"]
     assert at.metric[1].value.endswith(" mm") and at.metric[2].value.endswith(" mm")
