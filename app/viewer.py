@@ -1,8 +1,8 @@
 """skullrec viewer: look at a reconstruction and its implant, browse and compare results.
 
 Started by ``skullrec view`` (which passes the folders as SKULLREC_VIEW_* environment variables).
-Layout only: the numerical work is in skullrec.viewer (helpers), skullrec.predict (reconstruction,
-meshes), skullrec.checkpoint (safe loading) and skullrec.metrics.
+Layout only: the numerical work is in skullrec.viewer.helpers (helpers), skullrec.inference.predict (reconstruction,
+meshes), skullrec.nets.checkpoint (safe loading) and skullrec.evaluation.metrics.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from skullrec import viewer as V
-from skullrec.io import InputError, Volume
+from skullrec.errors import InputError
+from skullrec.io import Volume
+from skullrec.viewer import helpers as V
+from skullrec.viewer import launch as L
 
 st.set_page_config(page_title="skullrec viewer", page_icon=":skull:", layout="wide")
 
 try:
-    SETTINGS = V.settings_from_env()
+    SETTINGS = L.settings_from_env()
 except InputError as exc:
     st.error(str(exc))
     st.stop()
@@ -39,7 +41,7 @@ DATA_SOURCE, UPLOAD_SOURCE = "Data set", "Upload"
 @st.cache_resource(show_spinner="Loading checkpoint ...", max_entries=4)
 def load_model(path: str, mtime_ns: int):
     """The model of a checkpoint, loaded once per file version (safe loader: no pickle)."""
-    from skullrec.checkpoint import load_checkpoint
+    from skullrec.nets.checkpoint import load_checkpoint
 
     model, cfg, meta = load_checkpoint(path, device="cpu")
     model.eval()
@@ -59,8 +61,8 @@ def read_upload(name: str, digest: str, _payload: bytes, threshold: float | None
 # Few entries: a reconstructed 512^3 upload holds two full-size volumes.
 @st.cache_data(show_spinner="Reconstructing ...", max_entries=6)
 def reconstruct(input_key: str, ckpt: str, mtime_ns: int, _defective: Volume) -> tuple[Volume, Volume]:
-    """Complete skull and implant of one input on its own grid (skullrec.predict.reconstruct)."""
-    from skullrec.predict import reconstruct as _reconstruct
+    """Complete skull and implant of one input on its own grid (skullrec.inference.predict.reconstruct)."""
+    from skullrec.inference.predict import reconstruct as _reconstruct
 
     model, _, _ = load_model(ckpt, mtime_ns)
     rec = _reconstruct(model, [_defective], batch_size=1, device="cpu")[0]

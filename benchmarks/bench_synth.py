@@ -4,7 +4,7 @@
 
 1. Times ``generate_skull`` for N skulls on the 64^3 source grid on one thread (CPU seconds and
    wall seconds; the ratio to the 10 s budget for 100 skulls).
-2. Prepares synthetic and real complete skulls with ``skullrec.prepare.prepare_volume`` (same rule,
+2. Prepares synthetic and real complete skulls with ``skullrec.data.resample.prepare_volume`` (same rule,
    same margin) and prints bone fraction (bone voxels / size^3), largest-component share,
    bounding-box extents (mm) and mean thickness (4 * (mean EDT - half a voxel)) at the source grid.
 """
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from skullrec import synth
+from skullrec.data import synth
+from skullrec.data.resample import largest_component_fraction, prepare_volume
 from skullrec.io import Volume, read_volume
-from skullrec.prepare import largest_component_fraction, prepare_volume
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real-skulls/skullfix-autoimplant2020/raw/training_set/complete_skull"
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure_skullfix_defects import DEFAULT_ROOT, defect_stats, summarise  # noqa: E402
 
 from skullrec import synth  # noqa: E402
-from skullrec.defects import set1_defect  # noqa: E402
+from skullrec.data.defects import set1_defect  # noqa: E402
 from skullrec.io import read_volume  # noqa: E402
 
 FIELDS = ("removed_fraction", "implant_volume_ml", "implant_bbox_mm", "implant_pca_extent_mm", "implant_centroid_rel",

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skullrec.evaluate import evaluate_arrays, evaluate_folders, summarise, write_results
+from skullrec.evaluation.evaluate import evaluate_arrays, evaluate_folders, summarise, write_results
 from skullrec.io import write_nifti
 
 TARGET_S = 20.0

@@ -11,9 +11,9 @@ import time
 
 import torch
 
-import skullrec.flatness as fl
+import skullrec.flatness.hessian as fl
 from skullrec.config import ModelConfig
-from skullrec.model import build_model, loss_function
+from skullrec.nets.autoencoder import build_model, loss_function
 
 
 def timed(fn, repeats: int = 3) -> float:

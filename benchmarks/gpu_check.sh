@@ -69,10 +69,11 @@ stage() {  # stage NAME TIMEOUT CMD...: run, report failure or timeout, never ab
 stage "correctness on $GPU_CHECK_DEVICE" 100 "$PY" - <<'EOF'
 import torch
 from skullrec.config import FamConfig, ModelConfig
-from skullrec.flatness import FamRegularizer, rademacher
-from skullrec.model import build_model, loss_function
+from skullrec.flatness.hessian import rademacher
+from skullrec.flatness.regularizer import FamRegularizer
+from skullrec.nets.autoencoder import build_model, loss_function
 import os
-import skullrec.fast_flatness as ff
+import skullrec.flatness.fast as ff
 
 dev = torch.device(os.environ["GPU_CHECK_DEVICE"])
 amp_dev = dev.type
@@ -156,14 +157,14 @@ import torch
 sys.path.insert(0, "benchmarks")
 from step_cost import make_batch
 from skullrec.config import Config, FamConfig, ModelConfig, dump_config
-from skullrec.data import TensorSplit, TrainingData
+from skullrec.data.cache import TensorSplit, TrainingData
 from skullrec.io import atomic_write_text
-from skullrec.trainer import CONFIG_FILE, train
+from skullrec.training.trainer import CONFIG_FILE, train
 
 dev = torch.device(os.environ["GPU_CHECK_DEVICE"])
 N, EPOCHS = int(os.environ["GPU_CHECK_CASES"]), int(os.environ["GPU_CHECK_EPOCHS"])
 xs, ys = [], []
-for i in range(0, N, 4):  # N skull-like shells with box defects, on the device as uint8 (like skullrec.data)
+for i in range(0, N, 4):  # N skull-like shells with box defects, on the device as uint8 (like skullrec.data.cache)
     x, y = make_batch(min(4, N - i), 64, torch.device("cpu"), seed=i)
     xs.append(x); ys.append(y)
 x = torch.cat(xs).to(torch.uint8).to(dev); y = torch.cat(ys).to(torch.uint8).to(dev)

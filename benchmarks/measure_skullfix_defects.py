@@ -1,9 +1,9 @@
 """Measure the real SkullFix training defects (implant = complete AND NOT defective).
 
-What set-1 defects in skullrec.defects are matched against: implant voxel counts, removed fraction
+What set-1 defects in skullrec.data.defects are matched against: implant voxel counts, removed fraction
 of bone, implant extents in mm (axis-aligned bounding box and principal axes), centroid position
 relative to the skull's bounding box, the implant's direction from the skull centre, plus skull
-size and bone fraction (for skullrec.synth).
+size and bone fraction (for skullrec.data.synth).
 
     .venv/bin/python benchmarks/measure_skullfix_defects.py [--root DIR] [--jobs 2] [--out FILE.json]
 

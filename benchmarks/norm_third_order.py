@@ -18,8 +18,8 @@ import torch
 from torch.func import functional_call
 
 from skullrec.config import ModelConfig
-from skullrec.flatness import fam_term, rademacher
-from skullrec.model import build_model, loss_function
+from skullrec.flatness.hessian import fam_term, rademacher
+from skullrec.nets.autoencoder import build_model, loss_function
 
 
 def penalty_fn(model, x, y, probe):

@@ -45,7 +45,7 @@ def measure(args: tuple[str, str, int, float]) -> dict:
     complete_path, defective_path, size, margin_mm = args
     from scipy import ndimage
 
-    from skullrec import prepare as P
+    from skullrec.data import resample as P
     from skullrec.io import read_volume
 
     complete = read_volume(complete_path)

@@ -1,6 +1,6 @@
 """Cost of one training step for every method and FAM mode, as a ratio to a plain Dice+Adam step.
 
-A benchmark, not a test. Every method runs the trainer's own ``skullrec.trainer.train_step`` on its
+A benchmark, not a test. Every method runs the trainer's own ``skullrec.training.trainer.train_step`` on its
 own copy of the same model (same initial weights, same batch). Timing: the methods take turns, one
 step each per round (round-robin), so a change of machine load during the run hits all of them alike;
 the table gives the median over ``--steps`` rounds, as a ratio to the median plain step, the ratio
@@ -84,10 +84,11 @@ def make_batch(batch: int, size: int, device: torch.device, seed: int = 0) -> tu
 
 def build_runner(name: str, size: int, batch: int, device: torch.device, seed: int = 0) -> Runner:
     """The step closure of one method (its own model and optimizer, same initial weights)."""
-    from skullrec import flatness
     from skullrec.config import Config, FamConfig, ModelConfig
-    from skullrec.model import build_model, loss_function
-    from skullrec.trainer import make_optimizer, train_step
+    from skullrec.flatness import hessian as flatness
+    from skullrec.flatness.regularizer import FamRegularizer
+    from skullrec.nets.autoencoder import build_model, loss_function
+    from skullrec.training.trainer import make_optimizer, train_step
 
     method, fam_over, _ = METHODS[name]
     fam_over = dict(fam_over)
@@ -101,14 +102,14 @@ def build_runner(name: str, size: int, batch: int, device: torch.device, seed: i
     model.train()
     try:
         opt = make_optimizer(cfg, model)
-    except ImportError as exc:  # e.g. skullrec.sam not there yet
+    except ImportError as exc:  # e.g. skullrec.training.sam not there yet
         r = Runner(name, None)
         r.error = f"unavailable ({exc})"
         return r
     loss_fn = loss_function()
-    reg = flatness.FamRegularizer(cfg.fam, model) if method == "fam" else None
+    reg = FamRegularizer(cfg.fam, model) if method == "fam" else None
     if reg is not None and cfg.fam.estimator != "autograd":
-        from skullrec.fast_flatness import attach_taps
+        from skullrec.flatness.fast import attach_taps
 
         attach_taps(model)
     x, y = make_batch(batch, size, device, seed)

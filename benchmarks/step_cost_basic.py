@@ -1,7 +1,7 @@
 """Cost of one training step per method on the CPU, as a ratio to the plain (baseline) step.
 
 A benchmark, not a test: ``python benchmarks/step_cost_basic.py [--steps 10] [--batch 4] [--size 64]``.
-Runs skullrec.trainer.train_step exactly as training does (Dice loss, Adam, default 64^3 model) on
+Runs skullrec.training.trainer.train_step exactly as training does (Dice loss, Adam, default 64^3 model) on
 random shells, the methods interleaved round by round so that load changes on a shared machine hit
 all of them alike; prints the median seconds per step and the ratio to the baseline median.
 The full issue-6 benchmark (every FAM mode, memory, GPU) is benchmarks/step_cost.py.
@@ -17,9 +17,9 @@ import torch
 from monai.losses import DiceLoss
 
 from skullrec.config import Config
-from skullrec.flatness import FamRegularizer
-from skullrec.model import build_model
-from skullrec.trainer import make_optimizer, train_step
+from skullrec.flatness.regularizer import FamRegularizer
+from skullrec.nets.autoencoder import build_model
+from skullrec.training.trainer import make_optimizer, train_step
 
 
 def _shells(n: int, size: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

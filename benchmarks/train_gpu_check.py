@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from skullrec.dataset import write_case
-from skullrec.trainer import train_command
+from skullrec.data.layout import write_case
+from skullrec.training.trainer import train_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,10 +66,10 @@ def _sync_count(method: str, root: Path) -> int:
     from monai.losses import DiceLoss
 
     from skullrec.config import load_config
-    from skullrec.data import load_training_data
-    from skullrec.flatness import FamRegularizer
-    from skullrec.model import build_model
-    from skullrec.trainer import make_optimizer, train_step
+    from skullrec.data.cache import load_training_data
+    from skullrec.flatness.regularizer import FamRegularizer
+    from skullrec.nets.autoencoder import build_model
+    from skullrec.training.trainer import make_optimizer, train_step
 
     cfg = load_config(REPO / "configs/smoke.yaml", _sets(root, method, 1, False))
     data = load_training_data(cfg.data, 64, "cuda")
@@ -94,7 +94,7 @@ def _sync_count(method: str, root: Path) -> int:
 
 def _interrupted_run(root: Path, method: str, run: Path) -> None:
     """Train with a Ctrl-C (SIGINT to this process) after the 6th step: mid-epoch 2 of 4 steps."""
-    import skullrec.trainer as T
+    import skullrec.training.trainer as T
 
     orig, calls = T.train_step, [0]
 

@@ -2,7 +2,7 @@
 
 Each command is a thin wrapper: it parses options and calls one function of the module that owns
 the work, so the modules stay usable from Python. Heavy modules are imported inside the commands
-to keep ``skullrec --help`` fast. A user mistake (:class:`skullrec.io.InputError`) is printed as
+to keep ``skullrec --help`` fast. A user mistake (:class:`skullrec.errors.InputError`) is printed as
 one line ``error: ...`` on stderr with exit code 2, never as a traceback; Ctrl-C exits with 130.
 """
 
@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .io import InputError
+from .errors import InputError
 
 app = typer.Typer(
     name="skullrec",
@@ -50,7 +50,7 @@ SEED = Annotated[int, typer.Option(help="Seed for everything random (same seed, 
 @app.command()
 @user_errors
 def synth(
-    out: Annotated[Path, typer.Option("--out", help="Output data-set folder (layout: see skullrec.dataset).")] = Path("data/synthetic"),
+    out: Annotated[Path, typer.Option("--out", help="Output data-set folder (layout: see skullrec.data.layout).")] = Path("data/synthetic"),
     n_train: Annotated[int, typer.Option(help="Number of training skulls.")] = 100,
     n_eval: Annotated[int, typer.Option(help="Number of evaluation skulls (each gets a set-1 and a set-2 defect).")] = 20,
     size: Annotated[int, typer.Option(help="Edge length of the cubic volumes.")] = 64,
@@ -58,7 +58,7 @@ def synth(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Generate the procedural skull data set (the embedded default) with set-1 and set-2 defects."""
-    from .synth import synth_command
+    from .data.synth import synth_command
 
     synth_command(out=out, n_train=n_train, n_eval=n_eval, size=size, seed=seed, overwrite=overwrite)
 
@@ -74,7 +74,7 @@ def defects(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Cut set-1 (training-like) and set-2 (different) defects into any folder of complete skulls."""
-    from .defects import defects_command
+    from .data.defects import defects_command
 
     defects_command(complete=complete, out=out, seed=seed, eval_fraction=eval_fraction, threshold=threshold, overwrite=overwrite)
 
@@ -94,7 +94,7 @@ def prepare(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Turn real skulls (e.g. SkullFix NRRD) into a 64^3 data set in the project's layout."""
-    from .prepare import prepare_command
+    from .data.build import prepare_command
 
     prepare_command(
         complete=complete, out=out, defective=defective, size=size, margin_mm=margin_mm, eval_fraction=eval_fraction,
@@ -114,7 +114,7 @@ def train(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Train the autoencoder (baseline, fam, sam or asam)."""
-    from .trainer import train_command
+    from .training.trainer import train_command
 
     train_command(config=config, overrides=set_ or [], run_dir=run_dir, resume=resume, force=force, device=device, overwrite=overwrite)
 
@@ -130,7 +130,7 @@ def flatness(
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
 ) -> None:
     """Print Tr(H), ||w||^2, kappa-hat and neuron-wise kappa of the configured layer on a data set."""
-    from .flatness import flatness_command
+    from .flatness.measure import flatness_command
 
     flatness_command(checkpoint=checkpoint, data=data, split=split, samples=samples, max_cases=max_cases, device=device)
 
@@ -148,7 +148,7 @@ def predict(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
-    from .predict import predict_command
+    from .inference.predict import predict_command
 
     predict_command(checkpoint=checkpoint, inp=inp, out=out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite)
 
@@ -167,7 +167,7 @@ def evaluate(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""
-    from .evaluate import evaluate_command
+    from .evaluation.evaluate import evaluate_command
 
     evaluate_command(
         pred=pred, truth=truth, out=out, defective=defective, target=target, hd95=hd95,
@@ -186,7 +186,7 @@ def experiment(
     jobs: Annotated[int, typer.Option(help="Runs trained concurrently (useful on one GPU).")] = 1,
 ) -> None:
     """Train the whole method / lambda / seed sweep, evaluate both defect sets, write tables and figures."""
-    from .experiment import experiment_command
+    from .experiment.sweep import experiment_command
 
     experiment_command(config=config, out=out, scale=scale, overrides=set_ or [], device=device, jobs=jobs)
 
@@ -201,7 +201,7 @@ def view(
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
 ) -> None:
     """Open the Streamlit viewer for reconstructed skulls."""
-    from .viewer import view_command
+    from .viewer.launch import view_command
 
     view_command(data=data, runs=runs, results=results, host=host, port=port)
 

@@ -17,18 +17,14 @@ from typing import Any, Literal
 
 import yaml
 
-from .io import InputError
-
-
-class ConfigError(InputError):
-    """An invalid configuration value; the message names the key."""
+from .errors import ConfigError
 
 
 @dataclass
 class DataConfig:
     """Where the training data come from."""
 
-    root: str = "data/synthetic"  # a data set in the layout of skullrec.dataset
+    root: str = "data/synthetic"  # a data set in the layout of skullrec.data.layout
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["eval_set1", "eval_set2"])
     max_train_cases: int | None = None  # use only the first N training cases (None: all)
@@ -37,7 +33,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The convolutional autoencoder (see skullrec.model)."""
+    """The convolutional autoencoder (see skullrec.nets.autoencoder)."""
 
     size: int = 64  # input edge length; must be divisible by 2**len(strides)
     channels: list[int] = field(default_factory=lambda: [20, 40, 80, 160, 8])
@@ -48,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class FamConfig:
-    """Relative-flatness regulariser lam * kappa(w) of the named Linear layers (see skullrec.flatness)."""
+    """Relative-flatness regulariser lam * kappa(w) of the named Linear layers (see skullrec.flatness.hessian)."""
 
     lam: float = 0.0
     layers: list[str] = field(default_factory=lambda: ["decodeL"])
@@ -57,7 +53,7 @@ class FamConfig:
     norm: Literal["squared", "frobenius"] = "squared"
     trace: Literal["signed", "abs", "relu"] = "abs"
     # How v^T H v and its full gradient are computed: "autograd" (third-order backward, ~3.9x a plain
-    # step on CPU), or the output-space estimators of skullrec.fast_flatness: "fd" (whole batch, ~2.3x),
+    # step on CPU), or the output-space estimators of skullrec.flatness.fast: "fd" (whole batch, ~2.3x),
     # "fd-half", "fd-quarter" (a random quarter of the batch, unbiased, ~1.35x), "outspace" (exact).
     estimator: str = "fd-quarter"
     every: int = 1  # add the regulariser every k-th step (amortisation)
@@ -65,7 +61,7 @@ class FamConfig:
 
 @dataclass
 class SamConfig:
-    """SAM / ASAM (see skullrec.sam)."""
+    """SAM / ASAM (see skullrec.training.sam)."""
 
     rho: float = 0.05
     adaptive: bool = False  # True: ASAM

@@ -31,6 +31,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import InputError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
@@ -41,9 +43,6 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 # The voxel order every Volume is read into (SkullFix's: axis 0 -> left, 1 -> posterior, 2 -> superior).
 CANONICAL_AXCODES = ("L", "P", "S")
 
-
-class InputError(Exception):
-    """A user-facing problem with an input (file, folder or option); the message is one line."""
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skullrec.config import Config, ConfigError, dump_config, load_config
+from skullrec.config import Config, dump_config, load_config
+from skullrec.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,7 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from skullrec import io
-from skullrec.io import InputError, read_volume, write_nifti
+from skullrec.errors import InputError
+from skullrec.io import read_volume, write_nifti
 
 
 def _random_mask(shape=(7, 9, 5), seed=0) -> np.ndarray:

@@ -15,9 +15,9 @@ import SimpleITK as sitk
 import torch
 
 from skullrec import io as sio
-from skullrec import synth
-from skullrec.predict import reconstruct
-from skullrec.prepare import prepare_command
+from skullrec.data import synth
+from skullrec.data.build import prepare_command
+from skullrec.inference.predict import reconstruct
 
 SHAPE = (48, 56, 46)  # all different, so a wrong permutation cannot hide
 SPACING = (3.5, 3.2, 3.3)

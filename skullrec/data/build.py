@@ -1,0 +1,227 @@
+"""``skullrec prepare``: a folder of real skulls -> a data set in the layout of :mod:`skullrec.data.layout`.
+
+Each case is read, its defects are cut on the source grid (set 1 and set 2 for evaluation cases, set 1
+for training cases, unless defective skulls are given) and every output is prepared with
+:func:`skullrec.data.resample.prepare_pair`. Cases run in worker processes; seeds depend on the case id,
+not on the order in which workers finish.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import Volume
+from .resample import BONE_FRACTION, DEFAULT_MARGIN_MM, DEFAULT_SIZE, bone_box, prepare_pair
+
+# ---------------------------------------------------------------------------------------------
+# `skullrec prepare`: a folder of real skulls -> a data set in the layout of skullrec.data.layout
+# ---------------------------------------------------------------------------------------------
+
+SKULLFIX_SPLIT = "eval_skullfix"  # SkullFix's own defective skulls of the evaluation cases
+
+
+def case_seed(seed: int, cid: str, stream: int) -> list[int]:
+    """Seed entropy for one case's defect: independent of the order in which workers run cases."""
+    return [int(seed), zlib.crc32(cid.encode("utf-8")), int(stream)]
+
+
+def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Read one case, cut its defects on the source grid, prepare and write every split it belongs to."""
+    from ..errors import DefectError
+
+    try:
+        return _prepare_case_unchecked(job)
+    except DefectError as exc:
+        # The defect functions see arrays, not files: name the file here.
+        raise InputError(f"{job['complete']}: {exc}") from None
+
+
+def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
+    from ..io import read_volume
+    from .layout import write_case
+
+    cid, root, size, margin = job["cid"], Path(job["root"]), job["size"], job["margin_mm"]
+    complete = read_volume(job["complete"], threshold=job["threshold"])
+    if not complete.data.any():
+        raise InputError(f"{job['complete']}: no bone voxels (empty mask)")
+    given = None
+    if job["defective"] is not None:
+        given = read_volume(job["defective"], threshold=job["threshold"])
+        if given.shape != complete.shape:
+            raise InputError(f"{job['defective']}: shape {given.shape} differs from its complete skull {complete.shape}")
+        if not np.allclose(given.affine, complete.affine, atol=1e-3):
+            raise InputError(f"{job['defective']}: voxel-to-world affine differs from its complete skull's")
+        if not given.data.any():
+            raise InputError(f"{job['defective']}: no bone voxels (empty mask)")
+
+    # (split, defective source volume, defect description) for every output of this case
+    outputs: list[tuple[str, Volume, dict[str, Any]]] = []
+    if job["eval"]:
+        from .defects import set1_defect, set2_defect
+
+        for split, fn, stream in (("eval_set1", set1_defect, 1), ("eval_set2", set2_defect, 2)):
+            s = case_seed(job["seed"], cid, stream)
+            dmask, params = fn(complete.data.astype(bool), complete.spacing, np.random.default_rng(s))
+            outputs.append((split, Volume(dmask.astype(np.uint8), complete.affine, path=complete.path),
+                            {"defect": params, "defect_seed": s, "defect_source": split}))
+        if given is not None:
+            outputs.append((SKULLFIX_SPLIT, given, {"defect_source": "given", "defective_source": str(job["defective"])}))
+    elif given is not None:
+        outputs.append(("train", given, {"defect_source": "given", "defective_source": str(job["defective"])}))
+    else:
+        from .defects import set1_defect
+
+        s = case_seed(job["seed"], cid, 1)
+        dmask, params = set1_defect(complete.data.astype(bool), complete.spacing, np.random.default_rng(s))
+        outputs.append(("train", Volume(dmask.astype(np.uint8), complete.affine, path=complete.path),
+                        {"defect": params, "defect_seed": s, "defect_source": "set1"}))
+
+    records = []
+    for split, defective, extra in outputs:
+        c64, d64 = prepare_pair(complete, defective, size, margin)
+        box = bone_box(defective, margin)
+        counts = write_case(root, split, cid, c64.data, d64.data, c64.affine)
+        source_implant = int((complete.data.astype(bool) & ~defective.data.astype(bool)).sum())
+        # Complete-skull bone outside the defective-based box is lost from the prepared complete skull.
+        inside = int(complete.data[tuple(slice(max(lo, 0), max(hi, 0)) for lo, hi in zip(box.lo, box.hi))].astype(bool).sum())
+        records.append({
+            "split": split,
+            "case_id": cid,
+            "source": str(job["complete"]),
+            "seed": int(job["seed"]),
+            **extra,
+            "source_shape": list(complete.shape),
+            "source_spacing": [round(s, 6) for s in complete.spacing],
+            "box": box.to_dict(),
+            "spacing": [round(s, 6) for s in c64.spacing],
+            "source_implant_voxels": source_implant,
+            "source_implant_fraction": source_implant / int(complete.data.astype(bool).sum()),
+            "complete_bone_outside_box": int(complete.data.astype(bool).sum()) - inside,
+            **counts,
+        })
+    return records
+
+
+def split_cases(ids: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded train / eval split of case ids: (train ids, eval ids), both sorted.
+
+    ``eval_fraction`` 0 puts every case in train, 1 every case in the evaluation sets (an
+    evaluation-only data set); in between, at least one case lands on each side.
+    """
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise InputError(f"--eval-fraction: must be in [0, 1], got {eval_fraction}")
+    n_eval = int(round(eval_fraction * len(ids)))
+    if 0.0 < eval_fraction < 1.0 and len(ids) >= 2:
+        n_eval = min(max(n_eval, 1), len(ids) - 1)  # keep at least one case on each side
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED])).permutation(len(ids))
+    eval_ids = sorted(ids[i] for i in order[:n_eval])
+    return sorted(set(ids) - set(eval_ids)), eval_ids
+
+
+def prepare_command(
+    complete: Path,
+    out: Path,
+    defective: Path | None = None,
+    size: int = DEFAULT_SIZE,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    threshold: float | None = None,
+    max_cases: int | None = None,
+    overwrite: bool = False,
+    workers: int = 2,
+) -> Path:
+    """Prepare a folder of complete skulls (+ optional defective partners) as a ``size^3`` data set at ``out``.
+
+    Splits (seeded): train = complete + the given defective skull (or a set-1 defect when none is
+    given); eval_set1 / eval_set2 = set-1 / set-2 defects cut at full resolution on the held-out
+    skulls; eval_skullfix = the given defective skulls of the held-out cases.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..io import list_volumes
+    from .layout import check_output_dir, staged_output, write_manifest
+
+    if size < 8:
+        raise InputError(f"--size: must be >= 8, got {size}")
+    if margin_mm < 0:
+        raise InputError(f"--margin-mm: must be >= 0, got {margin_mm}")
+    if max_cases is not None and max_cases < 1:
+        raise InputError(f"--max-cases: must be >= 1, got {max_cases}")
+    check_output_dir(out, overwrite)  # fail before the slow part
+    cfiles = list_volumes(complete)
+    dfiles = list_volumes(defective) if defective is not None else {}
+    if defective is not None:
+        for cid, path in cfiles.items():
+            if cid not in dfiles:
+                raise InputError(f"{path}: no defective partner '{cid}' in {defective}")
+        for cid, path in dfiles.items():
+            if cid not in cfiles:
+                raise InputError(f"{path}: no complete partner '{cid}' in {complete}")
+    ids = list(cfiles)[:max_cases]
+    train_ids, eval_ids = split_cases(ids, eval_fraction, seed)
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+
+    with staged_output(out, overwrite) as staging:
+        jobs = [
+            {
+                "cid": cid, "root": str(staging), "size": size, "margin_mm": margin_mm, "seed": seed,
+                "threshold": threshold, "complete": str(cfiles[cid]),
+                "defective": str(dfiles[cid]) if cid in dfiles else None, "eval": cid in eval_ids,
+            }
+            for cid in ids
+        ]
+        records: list[dict[str, Any]] = []
+        columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        # Transient and on stderr: an error leaves just its one line, stdout stays clean.
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("prepare", total=len(jobs))
+            n_workers = max(1, min(workers, 2, len(jobs)))
+            if n_workers == 1:
+                for job in jobs:
+                    records.extend(_prepare_case(job))
+                    progress.advance(task)
+            else:
+                # One skull is ~60-130 M voxels; two processes at most keep memory and the shared CPUs sane.
+                with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn")) as pool:
+                    futures = [pool.submit(_prepare_case, job) for job in jobs]
+                    try:
+                        for fut in as_completed(futures):
+                            records.extend(fut.result())
+                            progress.advance(task)
+                    except BaseException:
+                        for f in futures:
+                            f.cancel()
+                        raise
+        order = {s: i for i, s in enumerate(("train", "eval_set1", "eval_set2", SKULLFIX_SPLIT))}
+        records.sort(key=lambda r: (order.get(r["split"], 9), r["case_id"]))
+        meta = {
+            "kind": "real",
+            "command": "skullrec prepare",
+            "complete_folder": str(complete),
+            "defective_folder": str(defective) if defective is not None else None,
+            "size": size,
+            "margin_mm": margin_mm,
+            "downsampling": f"partial-volume bone fraction > {BONE_FRACTION} (crop box from the defective skull)",
+            "eval_fraction": eval_fraction,
+            "seed": seed,
+            "threshold": threshold,
+            "train_ids": train_ids,
+            "eval_ids": eval_ids,
+        }
+        write_manifest(staging, records, meta)
+    counts = Counter(r["split"] for r in records)
+    console.print(f"prepared {len(ids)} skulls in {time.perf_counter() - t0:.0f} s -> {out} ("
+                  + ", ".join(f"{k} {counts[k]}" for k in order if counts[k]) + ")")
+    return Path(out)

@@ -1,0 +1,201 @@
+"""The on-disk data-set layout shared by synthetic and real skulls, and its manifest.
+
+Layout (every volume uint8 NIfTI, the same affine for the three files of a case)::
+
+    ROOT/
+      manifest.json                  # one record per case: split, id, source, seed, defect parameters
+      train/{complete,defective,implant}/CASE.nii.gz
+      eval_set1/{complete,defective,implant}/CASE.nii.gz   # defects like training (SkullFix-like)
+      eval_set2/{complete,defective,implant}/CASE.nii.gz   # other defect shapes, sizes and positions
+      [other splits, e.g. eval_skullfix for SkullFix's own defects]
+
+``implant = complete AND NOT defective`` exactly; :func:`write_case` derives it, never takes it.
+A whole data set is written into a staging folder and moved into place at the end
+(:func:`staged_output`), so an interrupted run never leaves a half-written ROOT behind and an
+existing ROOT is only replaced when the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import Volume, affine_spacing, atomic_write_text, case_id, json_default, list_volumes, read_volume, write_nifti
+
+SPLITS = ("train", "eval_set1", "eval_set2")
+KINDS = ("complete", "defective", "implant")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Split:
+    """All cases of one split, stacked.
+
+    Attributes:
+        ids: case ids, length N.
+        defective: (N, X, Y, Z) uint8.
+        complete: (N, X, Y, Z) uint8.
+        affines: (N, 4, 4) float64.
+    """
+
+    ids: list[str]
+    defective: np.ndarray
+    complete: np.ndarray
+    affines: np.ndarray
+
+    @property
+    def spacings(self) -> list[tuple[float, float, float]]:
+        """Voxel size in mm of each case (from its affine)."""
+        return [affine_spacing(a) for a in self.affines]
+
+    @property
+    def implant(self) -> np.ndarray:
+        return (self.complete & (1 - self.defective)).astype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def case_path(root: str | Path, split: str, kind: str, cid: str) -> Path:
+    """Path of one volume in the layout."""
+    return Path(root) / split / kind / f"{cid}.nii.gz"
+
+
+def write_case(
+    root: str | Path,
+    split: str,
+    cid: str,
+    complete: np.ndarray,
+    defective: np.ndarray,
+    affine: np.ndarray,
+    header: Any = None,
+) -> dict[str, int]:
+    """Write complete, defective and implant (= complete AND NOT defective) of one case.
+
+    Returns voxel counts for the manifest. Raises ValueError if the defective skull has bone
+    outside the complete skull or a different shape (a programming error, not a user one).
+    """
+    complete = np.asarray(complete).astype(bool)
+    defective = np.asarray(defective).astype(bool)
+    if complete.shape != defective.shape:
+        raise ValueError(f"case {cid}: complete {complete.shape} and defective {defective.shape} differ in shape")
+    implant = complete & ~defective
+    for kind, arr in (("complete", complete), ("defective", defective), ("implant", implant)):
+        write_nifti(case_path(root, split, kind, cid), arr, affine, header)
+    return {
+        "complete_voxels": int(complete.sum()),
+        "defective_voxels": int(defective.sum()),
+        "implant_voxels": int(implant.sum()),
+    }
+
+
+def write_manifest(root: str | Path, records: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
+    """Write ``ROOT/manifest.json`` atomically: ``{"meta": {...}, "cases": [...]}``."""
+    path = Path(root) / MANIFEST
+    payload = {"meta": meta or {}, "cases": records}
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False, default=json_default) + "\n")
+    return path
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """Read ``ROOT/manifest.json`` (InputError if missing or malformed)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path}: no manifest; is {root} a skullrec data set?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: malformed JSON ({exc})") from None
+
+
+def splits_in(root: str | Path) -> list[str]:
+    """Splits present under ROOT (folders holding a ``defective`` sub-folder), standard ones first."""
+    root = Path(root)
+    found = [p.name for p in sorted(root.iterdir()) if (p / "defective").is_dir()] if root.is_dir() else []
+    return [s for s in SPLITS if s in found] + [s for s in found if s not in SPLITS]
+
+
+def load_split(root: str | Path, split: str, max_cases: int | None = None) -> Split:
+    """Load one split of a data set into memory (InputError if missing, unpaired or inconsistent)."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise InputError(f"{folder}: split '{split}' not found in data set {root}")
+    defective_files = list_volumes(folder / "defective")
+    complete_files = list_volumes(folder / "complete")
+    missing = sorted(set(defective_files) ^ set(complete_files))
+    if missing:
+        raise InputError(f"{folder}: case '{missing[0]}' lacks its complete or defective partner")
+    ids = list(defective_files)[: max_cases or None]
+    defective, complete, affines = [], [], []
+    for cid in ids:
+        d = read_volume(defective_files[cid])
+        c = read_volume(complete_files[cid])
+        if d.shape != c.shape:
+            raise InputError(f"{defective_files[cid]}: shape {d.shape} differs from its complete skull {c.shape}")
+        defective.append(d.data)
+        complete.append(c.data)
+        affines.append(c.affine)
+    shapes = {a.shape for a in defective}
+    if len(shapes) > 1:
+        raise InputError(f"{folder}: cases have different shapes {sorted(shapes)}; run 'skullrec prepare' first")
+    return Split(ids=ids, defective=np.stack(defective), complete=np.stack(complete), affines=np.stack(affines))
+
+
+def check_output_dir(root: str | Path, overwrite: bool) -> Path:
+    """Refuse an output folder that already holds files unless ``overwrite`` is set."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise InputError(f"{root}: output folder already holds results; pass --overwrite to replace them")
+    return root
+
+
+@contextlib.contextmanager
+def staged_output(root: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging folder beside ``root``; on success it replaces ``root`` in one rename.
+
+    On error (or Ctrl-C) the staging folder is deleted and an existing ``root`` is untouched.
+    """
+    root = check_output_dir(root, overwrite)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if root.exists():
+        old = root.parent / f".{root.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+        root.rename(old)
+    staging.rename(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = [
+    "SPLITS",
+    "KINDS",
+    "MANIFEST",
+    "Split",
+    "Volume",
+    "case_id",
+    "case_path",
+    "write_case",
+    "write_manifest",
+    "read_manifest",
+    "splits_in",
+    "load_split",
+    "check_output_dir",
+    "staged_output",
+]

@@ -1,0 +1,1 @@
+"""The method/lambda/seed sweep and its tables and figures."""

@@ -1,0 +1,209 @@
+"""The experiment's tables and figures: Table 2 (mean ± 95 % CI over seeds), differences to the baseline, plots.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..io import atomic_write_bytes
+
+if TYPE_CHECKING:  # annotations only; sweep imports this module
+    from .sweep import ExperimentConfig
+
+
+def _t975(n: int) -> float:
+    """Two-sided 95 % Student-t quantile for n - 1 degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else float("nan")
+
+
+METRICS = (("dsc", "DSC"), ("hd_mm", "HD (mm)"), ("hd95_mm", "HD95 (mm)"))
+
+
+def _rows_by_seed(rows: list[dict]) -> dict[tuple, dict[int, list[dict]]]:
+    """Per-case rows grouped as (target, method, set, epoch) -> seed -> rows."""
+    out: dict[tuple, dict[int, list[dict]]] = {}
+    for r in rows:
+        out.setdefault((r.get("target", "skull"), r["method"], r["set"], r["epoch"]), {}).setdefault(r["seed"], []).append(r)
+    return out
+
+
+def _mean_ci95(per_seed: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95 % t-interval of per-seed values (NaN for one seed)."""
+    v = np.asarray(per_seed, dtype=np.float64)
+    ci = _t975(len(v)) * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(v.mean()), ci
+
+
+def table2(rows: list[dict], collapse: list[dict], exp: ExperimentConfig) -> list[dict]:
+    """Aggregate per-case rows into Table 2: per target, method, set, epoch: mean ± 95 % CI over seeds."""
+    methods = [m.name for m in exp.methods]
+    flags = {}
+    for c in collapse:
+        flags.setdefault((c["method"], c["epoch"], c["set"]), []).append(c["pairwise_dsc"])
+    by_seed = _rows_by_seed(rows)
+    table = []
+    for target, method, split, epoch in itertools.product(exp.targets, methods, exp.eval_splits, exp.checkpoint_epochs):
+        per_seed = by_seed.get((target, method, split, epoch))
+        if not per_seed:
+            continue
+        entry: dict[str, Any] = {"target": target, "method": method, "set": split, "epoch": epoch}
+        seeds = sorted(per_seed)
+        for key, _ in METRICS:
+            entry[key], entry[f"{key}_ci95"] = _mean_ci95([np.mean([r[key] for r in per_seed[s]]) for s in seeds])
+        entry["seeds"] = len(seeds)
+        entry["cases"] = sum(len(v) for v in per_seed.values()) // len(seeds)
+        entry["failed"] = sum(bool(r.get("failed")) for v in per_seed.values() for r in v)
+        pw = flags.get((method, epoch, split), [float("nan")])
+        entry["pairwise_dsc"] = float(np.mean(pw))
+        entry["collapsed"] = bool(entry["pairwise_dsc"] > exp.collapse_threshold)
+        table.append(entry)
+    return table
+
+
+def _fmt(mean: float, ci: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+
+
+TARGET_TITLES = {
+    "skull": "target skull: reconstructed complete skull vs true complete skull (the paper's scores)",
+    "implant": "target implant: reconstruction AND NOT defective vs true implant (AutoImplant's scores)",
+}
+
+
+def versus_reference(rows: list[dict], exp: ExperimentConfig) -> list[dict]:
+    """Each method minus the reference method, paired by seed: mean and 95 % t-interval of the per-seed
+    differences of the mean score over cases, per target, set and epoch.
+
+    Pairing by seed is what makes "method beats baseline" testable with three seeds: runs with the
+    same seed start from the same weights and see the same batches, so the seed-to-seed spread
+    that both share cancels out of the difference.
+    """
+    if exp.reference is None:
+        return []
+    by_seed = _rows_by_seed(rows)
+    out = []
+    for target, spec, split, epoch in itertools.product(exp.targets, exp.methods, exp.eval_splits, exp.checkpoint_epochs):
+        if spec.name == exp.reference:
+            continue
+        mine = by_seed.get((target, spec.name, split, epoch), {})
+        ref = by_seed.get((target, exp.reference, split, epoch), {})
+        seeds = [s for s in exp.seeds if s in mine and s in ref]
+        if not seeds:
+            continue
+        entry: dict[str, Any] = {"target": target, "method": spec.name, "reference": exp.reference, "set": split, "epoch": epoch}
+        for key, _ in METRICS:
+            entry[f"d_{key}"], entry[f"d_{key}_ci95"] = _mean_ci95(
+                [np.mean([r[key] for r in mine[s]]) - np.mean([r[key] for r in ref[s]]) for s in seeds]
+            )
+        entry["seeds"] = len(seeds)
+        out.append(entry)
+    return out
+
+
+def versus_reference_markdown(diffs: list[dict], exp: ExperimentConfig) -> str:
+    """The seed-paired differences to the reference method as markdown, one table per target."""
+    lines = [f"Method minus {exp.reference}, paired by seed: mean ± 95 % CI of the per-seed differences "
+             "(DSC: positive is better; HD, HD95: negative is better); `*` = the interval excludes 0"]
+    for target in exp.targets:
+        lines += ["", f"**{TARGET_TITLES[target]}**", "",
+                  "| method | set | epoch | ΔDSC | ΔHD (mm) | ΔHD95 (mm) | seeds |", "|---|---|---|---|---|---|---|"]
+        for e in (e for e in diffs if e["target"] == target):
+            cells = []
+            for key, digits in (("dsc", 3), ("hd_mm", 1), ("hd95_mm", 1)):
+                m, ci = e[f"d_{key}"], e[f"d_{key}_ci95"]
+                star = "*" if not math.isnan(ci) and abs(m) > ci else ""
+                cells.append(f"{m:+.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}") + star)
+            lines.append(f"| {e['method']} | {e['set']} | {e['epoch']} | {' | '.join(cells)} | {e['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def table2_markdown(table: list[dict], exp: ExperimentConfig) -> str:
+    """Table 2 as markdown: one table per target."""
+    lines = [
+        f"DSC / HD / HD95 (HD95 definition: {exp.hd95}) — mean ± 95 % CI over seeds "
+        f"(t-interval of per-seed means); `collapsed` = mean pairwise DSC of reconstructions of different cases "
+        f"> {exp.collapse_threshold}",
+    ]
+    for target in exp.targets:
+        lines += [
+            "",
+            f"**{TARGET_TITLES[target]}**",
+            "",
+            "| method | set | epoch | DSC | HD (mm) | HD95 (mm) | seeds × cases | failed | pairwise DSC | collapsed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in (e for e in table if e["target"] == target):
+            lines.append(
+                f"| {e['method']} | {e['set']} | {e['epoch']} | {_fmt(e['dsc'], e['dsc_ci95'], 3)} | "
+                f"{_fmt(e['hd_mm'], e['hd_mm_ci95'], 1)} | {_fmt(e['hd95_mm'], e['hd95_mm_ci95'], 1)} | "
+                f"{e['seeds']} × {e['cases']} | {e['failed']} | {e['pairwise_dsc']:.3f} | {'YES' if e['collapsed'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _epoch_records(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run's ``metrics.jsonl``, in epoch order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return sorted(records, key=lambda r: r.get("epoch", 0))
+
+
+def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list[dict], out: Path) -> list[Path]:
+    """Figure 1 (training Dice-loss curves per method) and Figure 2 (boxplots per method and set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for spec in exp.methods:
+        curves = [_epoch_records(runs[(spec.name, s)]) for s in exp.seeds if (spec.name, s) in runs]
+        curves = [[m["dice_loss"] for m in c if "dice_loss" in m] for c in curves]
+        n = min((len(c) for c in curves), default=0)
+        if n == 0:
+            continue
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        ax.plot(np.arange(1, n + 1), mean, label=spec.name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training Dice loss (mean over seeds)")
+    ax.set_title("Figure 1: training Dice loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(out / "fig1_training_loss.png")
+    _save_fig(fig, paths[-1])
+    plt.close(fig)
+
+    last = max(exp.checkpoint_epochs)
+    panels = list(itertools.product(exp.targets, exp.eval_splits))
+    fig, axes = plt.subplots(len(panels), len(METRICS), figsize=(4.2 * len(METRICS), 3.6 * len(panels)), squeeze=False)
+    names = [m.name for m in exp.methods]
+    for i, (target, split) in enumerate(panels):
+        for j, (key, label) in enumerate(METRICS):
+            data = [[r[key] for r in rows if r.get("target", "skull") == target and r["method"] == n
+                     and r["set"] == split and r["epoch"] == last] for n in names]
+            axes[i, j].boxplot(data, showfliers=True)
+            axes[i, j].set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=8)
+            axes[i, j].set_title(f"{target}, {split}: {label} (epoch {last})", fontsize=9)
+            axes[i, j].grid(alpha=0.3)
+    fig.suptitle("Figure 2: per-case scores, cases pooled over seeds")
+    fig.tight_layout()
+    paths.append(out / "fig2_boxplots.png")
+    _save_fig(fig, paths[-1])
+    plt.close(fig)
+    return paths

@@ -1,0 +1,1 @@
+"""Relative flatness: Hessian-trace maths, fast estimators, the FAM regulariser, measurement."""

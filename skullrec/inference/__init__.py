@@ -1,0 +1,1 @@
+"""Prediction on any input grid and surface meshes."""

@@ -1,0 +1,1 @@
+"""The autoencoder and its safe checkpoints."""

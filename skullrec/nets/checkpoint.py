@@ -1,0 +1,164 @@
+"""Safe checkpoints: model weights as safetensors, training state as a weights-only torch file.
+
+Nothing here ever unpickles arbitrary objects, so opening a checkpoint from an untrusted source
+cannot execute code:
+
+- a **model checkpoint** (``*.safetensors``) holds the state dict plus string metadata: the format
+  tag, the resolved config (JSON), the architecture descriptor ``skullrec.nets.autoencoder.architecture(cfg)``,
+  free-form ``meta`` (JSON: epoch, validation DSC, ...) and a SHA-256 of the tensor bytes, so that a
+  flipped byte in the data is reported instead of silently loaded (safetensors itself only checks
+  the header and the file length);
+- a **training state** (``state.pt``, what ``--resume`` needs: optimizer moments, epoch, step,
+  partial epoch sums, best score) is a dict of tensors and plain values written with ``torch.save``
+  and read back with ``torch.load(weights_only=True)``, whose restricted unpickler only rebuilds
+  tensors and builtin containers.
+
+Both are written atomically (temporary file + rename): a ``kill -9`` leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..config import Config, config_from_dict
+from ..errors import ConfigError, InputError
+from ..io import atomic_write_bytes, json_default
+
+FORMAT = "skullrec-checkpoint/1"
+STATE_FORMAT = "skullrec-training-state/1"
+
+
+def architecture(cfg: Config) -> str:
+    """The architecture descriptor of ``cfg``'s model: ``skullrec.nets.autoencoder.architecture(cfg.model)`` as JSON.
+
+    Two checkpoints with equal descriptors have interchangeable state dicts.
+    """
+    from .autoencoder import architecture as model_architecture
+
+    return json.dumps(model_architecture(cfg.model), sort_keys=True)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of all tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # A uint8 view gives the raw bytes for every dtype (bfloat16 has no numpy equivalent).
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, **meta: Any) -> Path:
+    """Write ``model``'s weights with ``cfg``, its architecture and JSON-able ``meta`` to ``path`` atomically."""
+    path = Path(path)
+    # clone(): safetensors refuses tensors that share storage, and a copy on the CPU is needed anyway.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(cfg.to_dict()),
+        "architecture": architecture(cfg),
+        "meta": json.dumps(meta, default=json_default),
+        "sha256": _digest(tensors),
+    }
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, str, dict[str, Any]]:
+    """Read and verify a checkpoint file without building a model: (tensors, cfg, architecture, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    payload = path.read_bytes()
+    if len(payload) < 8:
+        raise InputError(f"{path}: not a skullrec checkpoint (file is {len(payload)} bytes; truncated?)")
+    try:
+        tensors = st_load(payload)
+        header_len = int.from_bytes(payload[:8], "little")
+        metadata = json.loads(payload[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
+    if metadata.get("format") != FORMAT:
+        raise InputError(f"{path}: not a skullrec checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    if metadata.get("sha256") != _digest(tensors):
+        raise InputError(f"{path}: corrupt checkpoint (tensor data do not match their checksum)")
+    try:
+        cfg = config_from_dict(json.loads(metadata["config"]))
+        meta = json.loads(metadata.get("meta") or "{}")
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: checkpoint metadata unreadable ({type(exc).__name__}: {exc})") from None
+    except ConfigError as exc:
+        raise InputError(f"{path}: checkpoint config invalid for this skullrec version ({exc})") from None
+    return tensors, cfg, str(metadata.get("architecture", "")), meta
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", expect_architecture: str | None = None
+) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+    """Rebuild the model stored in ``path`` on ``device``: (model in eval mode, cfg, meta).
+
+    Refused with a one-line InputError: a missing, corrupt or truncated file; a checkpoint whose
+    architecture differs from what this version builds for its config, or from ``expect_architecture``.
+    """
+    from .autoencoder import build_model
+
+    path = Path(path)
+    tensors, cfg, arch, meta = read_checkpoint(path)
+    current = architecture(cfg)
+    if arch != current:
+        raise InputError(f"{path}: checkpoint architecture '{arch}' differs from the one this skullrec builds for its config ('{current}')")
+    if expect_architecture is not None and arch != expect_architecture:
+        raise InputError(f"{path}: checkpoint architecture '{arch}' is not the expected '{expect_architecture}'")
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{path}: weights do not fit architecture '{arch}' ({first})") from None
+    model.to(device).eval()
+    return model, cfg, meta
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a resume state (tensors, numbers, strings, lists, dicts only) atomically."""
+    buf = _io.BytesIO()
+    torch.save({"format": STATE_FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a resume state with ``torch.load(weights_only=True)`` (never executes code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no training state; nothing to resume")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: corrupt or truncated training state ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f"{path}: not a skullrec training state")
+    return state
+
+
+__all__ = [
+    "FORMAT",
+    "architecture",
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_checkpoint",
+    "save_training_state",
+    "load_training_state",
+]

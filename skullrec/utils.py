@@ -1,0 +1,70 @@
+"""Small helpers every layer uses: the device, the plain module inside a DDP wrapper, seeds, progress.
+
+One seed scheme: every random stream is a :class:`numpy.random.SeedSequence` of integer keys (a case
+id enters as its CRC-32), so two purposes never share a stream and a stream never depends on the
+order in which work runs. :func:`derive_seed` turns such a sequence into one integer for torch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import InputError
+
+if TYPE_CHECKING:  # torch is heavy; only the functions that need it import it
+    import torch
+    from torch import nn
+
+# A progress callback: called with (done, total) as work advances; total may be None when unknown.
+Progress = Callable[[int, "int | None"], None]
+
+
+def seed_key(key: int | str) -> int:
+    """An integer seed key: ints as given, strings (case ids) as their CRC-32."""
+    return zlib.crc32(key.encode("utf-8")) if isinstance(key, str) else int(key)
+
+
+def seed_sequence(*keys: int | str, spawn_key: tuple[int, ...] = ()) -> np.random.SeedSequence:
+    """The SeedSequence of ``keys`` (see module doc); ``spawn_key`` selects a child as ``.spawn`` would."""
+    entropy = [seed_key(k) for k in keys]
+    return np.random.SeedSequence(entropy[0] if len(entropy) == 1 and spawn_key else entropy, spawn_key=spawn_key)
+
+
+def derive_seed(*keys: int | str) -> int:
+    """A 63-bit seed from integer keys (independent streams per tuple of keys).
+
+    numpy's SeedSequence hashes the whole tuple, so (seed, epoch) and (seed + 1, epoch - 1) give
+    unrelated streams, which ``seed * K + epoch`` arithmetic would not guarantee.
+    """
+    state = seed_sequence(*keys).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' as given (InputError if unusable)."""
+    import torch
+
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {device}: expected cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: expected cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel / DataParallel wrapper (the model itself otherwise)."""
+    return getattr(model, "module", model)
+
+
+__all__ = ["Progress", "seed_key", "seed_sequence", "derive_seed", "resolve_device", "unwrap"]

@@ -1,0 +1,115 @@
+"""``skullrec view``: start the Streamlit page with the settings passed through ``SKULLREC_VIEW_*`` variables.
+
+The folders reach the page through environment variables rather than script arguments, so that
+``streamlit.testing.v1.AppTest`` (which cannot pass script arguments) configures the page the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import InputError
+from .helpers import DEFAULT_MAX_UPLOAD_MB
+
+ENV_DATA = "SKULLREC_VIEW_DATA"
+ENV_RUNS = "SKULLREC_VIEW_RUNS"
+ENV_RESULTS = "SKULLREC_VIEW_RESULTS"
+ENV_MAX_UPLOAD_MB = "SKULLREC_VIEW_MAX_UPLOAD_MB"
+DEFAULT_DATA = Path("data/synthetic")
+DEFAULT_RUNS = Path("runs")
+# `bash scripts/run.sh demo` (skullrec experiment) writes its runs under results/NAME/runs/, so the
+# default search covers results/ as well as runs/ (what `skullrec train` uses).
+DEFAULT_RUN_ROOTS = (DEFAULT_RUNS, Path("results"))
+
+
+def app_path() -> Path:
+    """Path of the Streamlit page ``app/viewer.py`` (next to the package in the repository)."""
+    path = Path(__file__).resolve().parents[2] / "app" / "viewer.py"
+    if not path.is_file():
+        raise InputError(f"{path}: the viewer page is missing; run 'skullrec view' from a source checkout")
+    return path
+
+
+@dataclass
+class ViewerSettings:
+    """What the page shows: the folders given to ``skullrec view`` and the upload size limit."""
+
+    data: Path = DEFAULT_DATA
+    runs: tuple[Path, ...] = DEFAULT_RUN_ROOTS
+    results: Path | None = None
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that carry these settings to the page."""
+        runs = os.pathsep.join(str(r) for r in self.runs)
+        env = {ENV_DATA: str(self.data), ENV_RUNS: runs, ENV_MAX_UPLOAD_MB: str(self.max_upload_mb)}
+        if self.results is not None:
+            env[ENV_RESULTS] = str(self.results)
+        return env
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None) -> ViewerSettings:
+    """Read :class:`ViewerSettings` from ``SKULLREC_VIEW_*`` variables (defaults where unset)."""
+    environ = os.environ if environ is None else environ
+    raw_mb = environ.get(ENV_MAX_UPLOAD_MB, "")
+    try:
+        max_mb = int(raw_mb) if raw_mb else DEFAULT_MAX_UPLOAD_MB
+    except ValueError:
+        raise InputError(f"{ENV_MAX_UPLOAD_MB}: expected a whole number of MB, got {raw_mb!r}") from None
+    results = environ.get(ENV_RESULTS) or None
+    return ViewerSettings(
+        data=Path(environ.get(ENV_DATA) or DEFAULT_DATA),
+        runs=tuple(Path(r) for r in environ[ENV_RUNS].split(os.pathsep) if r) if environ.get(ENV_RUNS) else DEFAULT_RUN_ROOTS,
+        results=Path(results) if results else None,
+        max_upload_mb=max_mb,
+    )
+
+
+def streamlit_command(app: Path, host: str, port: int, max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB) -> list[str]:
+    """The ``streamlit run`` command line: bound to ``host``, headless, no usage statistics."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(app),
+        "--server.address", host,
+        "--server.port", str(port),
+        "--server.headless", "true",
+        "--server.maxUploadSize", str(max_upload_mb),
+        "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+        "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",  # no "Deploy" button: this is a local tool
+    ]
+
+
+def view_command(data: Path | None, runs: Path | None, results: Path | None, host: str, port: int) -> None:
+    """Start the Streamlit viewer (blocks until Ctrl-C); defaults: data/synthetic, checkpoints under runs/ and results/."""
+    if not 1 <= int(port) <= 65535:
+        raise InputError(f"--port: must be between 1 and 65535, got {port}")
+    if results is not None and not Path(results).is_file():
+        raise InputError(f"{results}: no such results CSV")
+    for flag, folder in (("--data", data), ("--runs", runs)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(f"{folder}: no such folder (given as {flag})")
+    # Absolute paths: streamlit keeps the working directory, but the page must not depend on it.
+    settings = ViewerSettings(
+        data=Path(data or DEFAULT_DATA).resolve(),
+        runs=(Path(runs).resolve(),) if runs is not None else tuple(r.resolve() for r in DEFAULT_RUN_ROOTS),
+        results=Path(results).resolve() if results is not None else None,
+    )
+    env = {**os.environ, **settings.to_env()}
+    cmd = streamlit_command(app_path(), host, port, settings.max_upload_mb)
+    where = ", ".join(str(r) for r in settings.runs)
+    print(f"skullrec view: http://{host}:{port}  (data {settings.data}; checkpoints under {where}; Ctrl-C stops)", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        raise
+    if code != 0:
+        raise InputError(f"streamlit exited with code {code} (is port {port} free?)")
