@@ -26,6 +26,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -310,14 +311,67 @@ def json_default(obj: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def current_umask() -> int:
+    """The process umask (reading it needs setting it; it is put back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_public_dir(path: str | Path) -> Path:
+    """Give a folder made private by ``tempfile.mkdtemp`` (0700) the mode a plain mkdir would (0777 & ~umask)."""
+    path = Path(path)
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
+def exclusive_lock(lock_path: str | Path, busy: str) -> Any:
+    """Hold an exclusive OS lock (fcntl.flock) on ``lock_path`` for the life of the returned handle.
+
+    A second holder is refused at once with ``InputError(busy)``. The kernel drops the lock when
+    the process ends, even by kill -9, so a stale lock never blocks a later run. After locking,
+    the file is checked to still be the one at ``lock_path``: :func:`release_lock` may unlink it,
+    and a process that opened the old file just before would otherwise hold a lock nobody sees.
+    Returns None where ``fcntl`` is missing (Windows): the caller is then unguarded.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise InputError(busy) from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()  # the file was replaced under us: lock the current one
+    raise InputError(busy)
+
+
+def release_lock(handle: Any, lock_path: str | Path | None = None) -> None:
+    """Release a lock from :func:`exclusive_lock`; with ``lock_path``, remove the lock file first (still locked)."""
+    if handle is None:
+        return
+    if lock_path is not None:
+        Path(lock_path).unlink(missing_ok=True)
+    handle.close()
+
+
 def _atomic_target(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffix on the temporary name: nibabel chooses gzip from the file name.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-2:]) or ".tmp", dir=path.parent)
     # mkstemp makes the file private (0600); give the result the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(fd, 0o666 & ~umask)
+    os.chmod(fd, 0o666 & ~current_umask())
     return fd, Path(tmp)
 
 

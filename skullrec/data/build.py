@@ -158,7 +158,8 @@ def prepare_command(
         raise InputError(f"--margin-mm: must be >= 0, got {margin_mm}")
     if max_cases is not None and max_cases < 1:
         raise InputError(f"--max-cases: must be >= 1, got {max_cases}")
-    check_output_dir(out, overwrite)  # fail before the slow part
+    inputs = (complete, defective)  # replacing the output must never delete an input
+    check_output_dir(out, overwrite, inputs)  # fail before the slow part
     cfiles = list_volumes(complete)
     dfiles = list_volumes(defective) if defective is not None else {}
     if defective is not None:
@@ -173,7 +174,7 @@ def prepare_command(
     console = Console(stderr=True)
     t0 = time.perf_counter()
 
-    with staged_output(out, overwrite) as staging:
+    with staged_output(out, overwrite, inputs) as staging:
         jobs = [
             {
                 "cid": cid, "root": str(staging), "size": size, "margin_mm": margin_mm, "seed": seed,

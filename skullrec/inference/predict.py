@@ -174,13 +174,14 @@ def predict_command(
 
     if batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {batch_size}")
-    check_output_dir(out, overwrite)
+    inputs = (inp, checkpoint)  # replacing the output must never delete an input
+    check_output_dir(out, overwrite, inputs)
     files = list_volumes(inp)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
     console = Console(stderr=True)
     summary: list[dict[str, Any]] = []
-    with staged_output(out, overwrite) as staging:
+    with staged_output(out, overwrite, inputs) as staging:
         ids = list(files)
         columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:

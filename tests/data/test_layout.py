@@ -61,7 +61,7 @@ def test_staged_output_refuses_existing_results_and_keeps_them_on_failure(tmp_pa
     root = tmp_path / "ds"
     root.mkdir()
     (root / "old.txt").write_text("precious")
-    with pytest.raises(InputError, match="already holds results; pass --overwrite"):
+    with pytest.raises(InputError, match="is not empty; pass --overwrite"):
         with staged_output(root):
             pass
     with pytest.raises(RuntimeError):
