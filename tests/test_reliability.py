@@ -105,3 +105,143 @@ def test_outputs_get_the_users_umask(tmp_path: Path) -> None:
     assert mode(tmp_path / "out") == 0o755
     assert mode(tmp_path / "out" / "complete") == 0o755
     assert mode(tmp_path / "out" / "complete" / "a.nii.gz") == 0o644
+
+
+# ------------------------------------------------------------------------------------------
+# garbage is never written as a result
+# ------------------------------------------------------------------------------------------
+
+SIZE = 32
+
+
+def _tiny_checkpoint(path: Path, poison: str | None = None) -> Path:
+    """A real (untrained) checkpoint; ``poison``: 'one' puts one NaN into decodeL, 'all' makes every weight NaN."""
+    import torch
+
+    from skullrec.config import config_from_dict
+    from skullrec.nets.autoencoder import build_model
+    from skullrec.nets.checkpoint import save_checkpoint
+
+    cfg = config_from_dict({"model": {"size": SIZE, "channels": [2, 2, 2, 2, 2]}})
+    model = build_model(cfg.model, seed=0)
+    with torch.no_grad():
+        if poison == "one":
+            model.decodeL.weight[1, 3] = float("nan")
+        elif poison == "all":
+            for p in model.parameters():
+                p.fill_(float("nan"))
+    return save_checkpoint(path, model, cfg, epoch=0)
+
+
+def _shell(shape=(60, 64, 52), spacing=(2.5, 2.5, 2.5)) -> tuple[np.ndarray, np.ndarray]:
+    """An ellipsoidal bone shell of skull size (~150 x 160 x 130 mm) in the canonical order, and its affine."""
+    g = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape), indexing="ij")
+    r = np.sqrt((g[0] / 28) ** 2 + (g[1] / 30) ** 2 + (g[2] / 24) ** 2)
+    aff = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    return ((r <= 1) & (r >= 0.9)).astype(np.uint8), aff
+
+
+def _write_input(folder: Path, name: str, data: np.ndarray, affine: np.ndarray) -> Path:
+    from skullrec.io import write_nifti
+
+    return write_nifti(folder / name, data, affine)
+
+
+def test_non_finite_checkpoint_weights_are_refused_at_load(tmp_path: Path) -> None:
+    from skullrec.nets.checkpoint import load_checkpoint
+
+    for poison, where in (("one", "1 NaN/inf values in 'decodeL.weight'"), ("all", "and ")):
+        path = _tiny_checkpoint(tmp_path / f"{poison}.safetensors", poison)
+        with pytest.raises(InputError, match="checkpoint weights are not finite") as err:
+            load_checkpoint(path)
+        assert where in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+    load_checkpoint(_tiny_checkpoint(tmp_path / "ok.safetensors"))  # a finite one loads
+
+
+class _Const(__import__("torch").nn.Module):
+    """A stand-in model returning one constant logit everywhere (NaN, very negative, or bone)."""
+
+    size = SIZE
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        import torch
+
+        return torch.full_like(x, self.value)
+
+
+def test_reconstruct_flags_non_finite_logits_empty_results_and_implausible_inputs() -> None:
+    from skullrec.inference.predict import input_plausibility, reconstruct
+    from skullrec.io import Volume
+
+    shell, aff = _shell()
+    skull = Volume(shell, aff)
+    ok = reconstruct(_Const(8.0), [skull])[0]
+    assert ok.usable and ok.problems == [] and ok.warnings == []
+    nan = reconstruct(_Const(float("nan")), [skull])[0]
+    assert not nan.usable and "not finite" in nan.problems[0]
+    empty = reconstruct(_Const(-8.0), [skull])[0]
+    assert not empty.usable and "empty reconstruction" in empty.problems[0]
+    # One bone voxel: far from a skull, whatever the model says.
+    speck = np.zeros_like(shell)
+    speck[30, 30, 30] = 1
+    rec = reconstruct(_Const(8.0), [Volume(speck, aff)])[0]
+    assert not rec.usable and "far from a plausible skull" in rec.problems[0]
+    assert "16 mm^3 of bone (1 voxels)" in rec.problems[0]  # 2.5^3 = 15.6 mm^3
+    # Bone volume and extent computed independently: a 40 mm cube shell is a warning, not a problem.
+    small = np.zeros((40, 40, 40), np.uint8)
+    small[2:38, 2:38, 2:38] = 1
+    small[4:36, 4:36, 4:36] = 0
+    problems, warnings = input_plausibility(Volume(small, np.diag([1.0, 1.0, 1.0, 1.0])))
+    assert problems == [] and len(warnings) == 2
+    assert f"{(36**3 - 32**3) / 1000:.0f} cm^3" in warnings[0] and "spans 36 mm" in warnings[1]
+
+
+def _predict(args: list[str]):
+    from typer.testing import CliRunner
+
+    from skullrec.cli import app
+
+    return CliRunner().invoke(app, ["predict", "--device", "cpu", *args])
+
+
+def test_predict_writes_no_garbage_and_fails_when_nothing_is_usable(tmp_path: Path) -> None:
+    shell, aff = _shell()
+    inp = tmp_path / "in"
+    _write_input(inp, "skull.nii.gz", shell, aff)
+    speck = np.zeros_like(shell)
+    speck[30, 30, 30] = 1
+    _write_input(inp, "speck.nii.gz", speck, aff)
+    # NaN weights: refused before anything is written.
+    for poison in ("one", "all"):
+        ckpt = _tiny_checkpoint(tmp_path / f"{poison}.safetensors", poison)
+        res = _predict(["--checkpoint", str(ckpt), "--in", str(inp), "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2 and "checkpoint weights are not finite" in res.output, res.output
+        assert not (tmp_path / "o").exists()
+    # A model that outputs bone: the skull is written, the speck is reported and not written.
+    import json
+
+    from skullrec.config import config_from_dict
+    from skullrec.inference.predict import predict_command
+    from skullrec.nets import checkpoint
+
+    cfg = config_from_dict({"model": {"size": SIZE}})
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (_Const(8.0), cfg, {}))
+        predict_command(checkpoint=tmp_path / "x", inp=inp, out=tmp_path / "o", device="cpu")
+        assert sorted(p.name for p in (tmp_path / "o" / "complete").iterdir()) == ["skull.nii.gz"]
+        report = json.loads((tmp_path / "o" / "predict.json").read_text())
+        assert [c["case_id"] for c in report["cases"]] == ["skull"]
+        assert report["failed"][0]["case_id"] == "speck" and "far from a plausible skull" in report["failed"][0]["problems"][0]
+        # No usable result at all (NaN logits): exit-2 error, nothing written, no staging left.
+        mp.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (_Const(float("nan")), cfg, {}))
+        (inp / "speck.nii.gz").unlink()
+        with pytest.raises(InputError, match="no usable result: the model output is not finite"):
+            predict_command(checkpoint=tmp_path / "x", inp=inp, out=tmp_path / "o2", device="cpu")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["all.safetensors", "in", "o", "one.safetensors"]
+    finally:
+        mp.undo()

@@ -103,13 +103,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, 
     return tensors, cfg, str(metadata.get("architecture", "")), meta
 
 
+def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or inf (a diverged run, a damaged export): they would make every skull empty."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in sorted(tensors.items()) if t.is_floating_point()}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        first = next(iter(bad))
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise InputError(f"{path}: checkpoint weights are not finite ({bad[first]} NaN/inf values in '{first}'{more}); "
+                         "the run diverged or the file was altered")
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", expect_architecture: str | None = None
 ) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """Rebuild the model stored in ``path`` on ``device``: (model in eval mode, cfg, meta).
 
-    Refused with a one-line InputError: a missing, corrupt or truncated file; a checkpoint whose
-    architecture differs from what this version builds for its config, or from ``expect_architecture``.
+    Refused with a one-line InputError: a missing, corrupt or truncated file; NaN or inf weights; a
+    checkpoint whose architecture differs from what this version builds for its config, or from ``expect_architecture``.
     """
     from .autoencoder import build_model
 
@@ -120,6 +131,7 @@ def load_checkpoint(
         raise InputError(f"{path}: checkpoint architecture '{arch}' differs from the one this skullrec builds for its config ('{current}')")
     if expect_architecture is not None and arch != expect_architecture:
         raise InputError(f"{path}: checkpoint architecture '{arch}' is not the expected '{expect_architecture}'")
+    check_finite(path, tensors)
     model = build_model(cfg.model)
     try:
         model.load_state_dict(tensors, strict=True)

@@ -604,3 +604,30 @@ def test_broken_checkpoint_is_an_error_line_not_a_crash(app, runs: Path) -> None
     at.sidebar.selectbox(key="ckpt").set_value("runs/a/last.safetensors").run()
     at.sidebar.button(key="reconstruct").click().run()
     assert not at.error and [m.label for m in at.metric][0] == "DSC (skull)"
+
+
+def test_nan_checkpoint_and_implausible_upload_are_errors_not_results(app, runs: Path) -> None:
+    import torch
+
+    from skullrec.nets.checkpoint import load_checkpoint, save_checkpoint
+
+    model, cfg, _ = load_checkpoint(runs / "a" / "last.safetensors")
+    with torch.no_grad():
+        model.decodeL.weight[0, 0] = float("nan")
+    (runs / "nan").mkdir()
+    save_checkpoint(runs / "nan" / "last.safetensors", model, cfg)
+    at = app.run()
+    at.sidebar.selectbox(key="ckpt").set_value("runs/nan/last.safetensors").run()
+    at.sidebar.button(key="reconstruct").click().run()
+    no_failures(at)
+    assert len(at.error) == 1 and "checkpoint weights are not finite" in at.error[0].value
+    assert not at.get("download_button")
+    # One bone voxel uploaded: no reconstruction is shown or offered for download.
+    speck = np.zeros((32, 32, 32), np.uint8)
+    speck[16, 16, 16] = 1
+    at = upload_and_run(at, "speck.nii.gz", nifti_payload(speck))
+    at.sidebar.selectbox(key="ckpt").set_value("runs/a/last.safetensors").run()
+    at.sidebar.button(key="reconstruct").click().run()
+    no_failures(at)
+    assert len(at.error) == 1 and "no usable reconstruction: input is far from a plausible skull" in at.error[0].value
+    assert not at.get("download_button") and not at.metric
