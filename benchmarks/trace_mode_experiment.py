@@ -3,7 +3,7 @@
 With Dice loss the layer Hessian's trace is negative at initialisation, so minimising
 lam * ||w||^2 * Tr(H) as written rewards making ||w|| large while the curvature stays negative.
 This script trains the autoencoder with fam.trace = signed | abs | relu (and a baseline, lam = 0)
-through the real trainer (skullrec.training.trainer.train_command) and reports, per run: the trajectory of
+through the real trainer (skullrec.cli.train_command) and reports, per run: the trajectory of
 Tr(H) and ||w||^2 of decodeL, the final training Dice loss, whether training blew up (non-finite
 loss, or ||w||^2 grown more than 100x), and the final validation DSC on both defect sets.
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_one(name: str, overrides: list[str], out: Path, device: str) -> dict:
     """Train one configuration with the project's trainer; return its metrics records."""
-    from skullrec.training.trainer import train_command
+    from skullrec.cli import train_command
 
     run_dir = out / name
     t0 = time.perf_counter()

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from skullrec.cli import train_command
 from skullrec.data.layout import write_case
-from skullrec.training.trainer import train_command
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,21 +1,27 @@
-"""The ``skullrec`` command line (typer).
+"""The ``skullrec`` command line: the one layer that parses options, checks flags and prints.
 
-Each command is a thin wrapper: it parses options and calls one function of the module that owns
-the work, so the modules stay usable from Python. Heavy modules are imported inside the commands
-to keep ``skullrec --help`` fast. A user mistake (:class:`skullrec.errors.InputError`) is printed as
-one line ``error: ...`` on stderr with exit code 2, never as a traceback; Ctrl-C exits with 130.
+Each command has two halves here: a ``*_command`` function (checks its flags once, calls the domain
+function that does the work, prints the outcome; usable from Python, raises InputError) and a thin
+typer wrapper. Domain functions return values and report progress through callbacks, so nothing
+below this module imports typer or rich. Heavy modules are imported inside the commands to keep
+``skullrec --help`` fast. A user mistake (:class:`skullrec.errors.InputError`) is printed as one line
+``error: ...`` on stderr with exit code 2, never as a traceback; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import InputError
+from .errors import InputError, check_choice
 
 app = typer.Typer(
     name="skullrec",
@@ -36,15 +42,330 @@ def user_errors(fn):
         except InputError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if exc.args:  # e.g. the trainer's "state saved ...; continue with ..." line
+                typer.echo(str(exc.args[0]), err=True)
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
 
 
+# ----------------------------------------------------------------------------------------------
+# shared pieces: flag checks, consoles, progress bars
+
+
+def _at_least(flag: str, value: float | None, low: float) -> None:
+    """InputError ``FLAG: must be >= LOW, got VALUE`` (None passes: the flag was not given)."""
+    if value is not None and value < low:
+        raise InputError(f"{flag}: must be >= {low}, got {value}")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+@contextlib.contextmanager
+def _bar(label: str, console: Any) -> Iterator[Callable[[int, int | None], None]]:
+    """A transient progress bar on ``console``; yields the ``progress(done, total)`` callback for domain code.
+
+    The bar starts at the first call, so the checks a domain function makes before its slow part
+    fail without one. Transient and on stderr: an error leaves just its one line, stdout stays clean.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*columns, console=console, transient=True)
+    task = None
+
+    def update(done: int, total: int | None = None) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# command bodies (Python API of the command line)
+
+
+def synth_command(out: Path, n_train: int = 100, n_eval: int = 20, size: int = 64, seed: int = 0, overwrite: bool = False) -> Path:
+    """``skullrec synth``: write the procedural data set and print its per-split summary."""
+    import numpy as np
+
+    from .data.synth import write_synthetic
+
+    _at_least("--n-train", n_train, 0)
+    _at_least("--n-eval", n_eval, 0)
+    if n_train + n_eval < 1:
+        raise InputError("--n-train/--n-eval: at least one skull is needed")
+    _at_least("--size", size, 8)
+    _at_least("--seed", seed, 0)
+    result = write_synthetic(out=out, n_train=n_train, n_eval=n_eval, size=size, seed=seed, overwrite=overwrite)
+    console = _console()
+    console.print(f"wrote {result.out}")
+    by_split: dict[str, list[dict[str, Any]]] = {}
+    for r in result.records:
+        by_split.setdefault(r["split"], []).append(r)
+    for split, rs in by_split.items():
+        bone = np.mean([r["bone_fraction"] for r in rs])
+        removed = np.mean([r["defect"]["removed_fraction"] for r in rs])
+        implant = np.mean([r["implant_fraction"] for r in rs])
+        console.print(f"  {split:9s} {len(rs):4d} cases  bone {bone:.3f}  removed {removed:.3f}  implant {implant:.3f}")
+    console.print("  bone = bone/size^3, removed = defect/bone (source), implant = implant/complete")
+    console.print("  seconds: generate {generate:.1f}, defects {defects:.1f}, prepare {prepare:.1f}, write {write:.1f}".format(**result.timing))
+    console.print(f"  total {result.wall_s:.1f} s wall, {result.cpu_s:.1f} s CPU")
+    return result.out
+
+
+def prepare_command(
+    complete: Path,
+    out: Path,
+    defective: Path | None = None,
+    size: int = 64,
+    margin_mm: float = 4.0,
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    threshold: float | None = None,
+    max_cases: int | None = None,
+    overwrite: bool = False,
+    workers: int = 2,
+) -> Path:
+    """``skullrec prepare``: a folder of real skulls (+ optional defective partners) -> a ``size^3`` data set."""
+    from .data.build import SPLIT_ORDER, build_dataset
+
+    _at_least("--size", size, 8)
+    _at_least("--margin-mm", margin_mm, 0)
+    _at_least("--max-cases", max_cases, 1)
+    console = _console(stderr=True)
+    t0 = time.perf_counter()
+    with _bar("prepare", console) as progress:
+        built = build_dataset(
+            complete=complete, out=out, defective=defective, size=size, margin_mm=margin_mm, eval_fraction=eval_fraction,
+            seed=seed, threshold=threshold, max_cases=max_cases, overwrite=overwrite, workers=workers, progress=progress,
+        )
+    counts = Counter(r["split"] for r in built.records)
+    console.print(f"prepared {len(built.ids)} skulls in {time.perf_counter() - t0:.0f} s -> {built.out} ("
+                  + ", ".join(f"{k} {counts[k]}" for k in SPLIT_ORDER if counts[k]) + ")")
+    return built.out
+
+
+def defects_command(
+    complete: Path, out: Path, seed: int = 0, eval_fraction: float = 0.2, threshold: float | None = None,
+    overwrite: bool = False, size: int = 64,
+) -> Path:
+    """``skullrec defects``: set-1 defects into training skulls, set-1 + set-2 into held-out ones.
+
+    The split, the cutting on the source grid, the preparation and the manifest are
+    :func:`prepare_command` with no defective folder: one implementation for real and synthetic skulls.
+    """
+    from .data.resample import DEFAULT_MARGIN_MM
+    from .io import list_volumes
+
+    # No orientation warning: read_volume brings every file to the canonical L, P, S order, so the
+    # defects land at the same anatomical place whatever voxel order a file uses.
+    files = list_volumes(complete)  # InputError for a missing or empty folder
+    console = _console(stderr=True)
+    t0 = time.perf_counter()
+    result = prepare_command(
+        complete=Path(complete), out=Path(out), defective=None, size=size, margin_mm=DEFAULT_MARGIN_MM,
+        eval_fraction=eval_fraction, seed=seed, threshold=threshold, overwrite=overwrite,
+    )
+    console.print(f"defects: {len(files)} skulls in {time.perf_counter() - t0:.1f} s -> {result}")
+    return result
+
+
+def train_command(
+    config: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None, force: bool, device: str, overwrite: bool,
+) -> None:
+    """``skullrec train``: check the flags, then load the config, settle the run folder and train."""
+    from .training.trainer import CONFIG_FILE, run_training
+
+    if config is None and resume is None:
+        raise InputError("--config: required (or --resume RUN_DIR to continue a run with its own config)")
+    if resume is not None and run_dir is not None and Path(run_dir) != Path(resume):
+        raise InputError(f"--run-dir {run_dir}: give either --run-dir or --resume, not two different folders")
+    if resume is not None and not (Path(resume) / CONFIG_FILE).is_file():
+        raise InputError(f"{resume}: not a run folder (no {CONFIG_FILE}); nothing to resume")
+    run_training(
+        config if config is not None else Path(resume) / CONFIG_FILE, overrides, run_dir=run_dir, resume=resume,
+        force=force, device=device, overwrite=overwrite, log=lambda s: print(s, flush=True),
+    )
+
+
+def flatness_command(
+    checkpoint: Path, data: Path, split: str = "train", samples: int = 64, max_cases: int | None = None, device: str = "auto",
+    seed: int = 0,
+) -> list[Any]:
+    """``skullrec flatness``: print Tr(H) (mean +- SE, exact where cheap), ||w||^2, kappa_hat, neuron-wise kappa."""
+    import math
+
+    from .flatness.measure import measure_checkpoint
+
+    if samples < 2:
+        raise InputError(f"--samples: need at least 2 probes for a standard error, got {samples}")
+    report = measure_checkpoint(checkpoint, data, split=split, samples=samples, max_cases=max_cases, device=device, seed=seed)
+    print(f"checkpoint {checkpoint}  data {data}/{split}: {report.cases} cases, Dice loss (first <=8) {report.loss:.4f}")
+    for r in report.layers:
+        n = math.prod(r.shape)
+        print(f"layer {r.name} ({'x'.join(map(str, r.shape))}, {n} weights), {samples} Rademacher probes, {r.seconds_per_probe:.2f} s/probe")
+        exact = (
+            f"   exact {r.trace_exact:.6g}" if r.trace_exact is not None
+            else f"   exact: skipped ({n} products, ~{r.exact_estimate_s:.0f} s > 60 s budget; use fewer --max-cases)"
+        )
+        print(f"  Tr(H)          {r.trace_mean:.6g} +- {r.trace_se:.2g} (SE){exact}")
+        print(f"  ||w||^2        {r.norm_sq:.6g}")
+        exact_k = f"   exact {r.norm_sq * r.trace_exact:.6g}" if r.trace_exact is not None else ""
+        print(f"  kappa_hat      {r.kappa_hat:.6g} +- {r.kappa_hat_se:.2g} (SE){exact_k}")
+        exact_nw = f"   exact {r.kappa_nw_exact:.6g}" if r.kappa_nw_exact is not None else ""
+        print(f"  kappa (neuron) {r.kappa_nw_mean:.6g} +- {r.kappa_nw_se:.2g} (SE){exact_nw}")
+    return report.layers
+
+
+def predict_command(
+    checkpoint: Path, inp: Path, out: Path, stl: bool = False, batch_size: int = 8, threshold: float | None = None,
+    device: str = "auto", overwrite: bool = False,
+) -> Path:
+    """``skullrec predict``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/) for every input."""
+    from .inference.predict import predict_folder
+
+    _at_least("--batch-size", batch_size, 1)
+    console = _console(stderr=True)
+    with _bar("predict", console) as progress:
+        rows = predict_folder(
+            checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
+            # markup off: file names may hold [brackets]; soft_wrap: one message, one line
+            progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
+        )
+    n_empty = sum(r["implant_empty"] for r in rows)
+    console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")
+    return Path(out)
+
+
+def print_summary(summary: dict[str, Any], console: Any = None) -> None:
+    """Print an evaluation summary as a rich table (mean ± std, median, IQR) with the failed/skipped counts."""
+    from rich.table import Table
+
+    console = console or _console()
+    title = f"target: {summary['target']}   HD95: {summary['hd95_definition']}   cases: {summary['n_cases']}"
+    table = Table(title=title)
+    for col in ("metric", "mean ± std", "median", "IQR (q1-q3)", "n"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    labels = {
+        "dsc": ("DSC", 4), "bdsc": ("bDSC", 4), "hd_mm": ("HD (mm)", 3), "hd95_mm": (f"HD95 {summary['hd95_definition']} (mm)", 3),
+        "hd_vox": ("HD (voxels)", 3), "hd95_vox": (f"HD95 {summary['hd95_definition']} (voxels)", 3),
+    }
+    for key, (label, digits) in labels.items():
+        s = summary["metrics"][key]
+        if s["n"] == 0:
+            table.add_row(label, "n/a (no --defective)" if key == "bdsc" else "n/a", "", "", "0")
+            continue
+        table.add_row(
+            label, f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], digits)}", _fmt(s["median"], digits),
+            f"{_fmt(s['iqr'], digits)} ({_fmt(s['q1'], digits)}-{_fmt(s['q3'], digits)})", str(s["n"]),
+        )
+    console.print(table)
+    failed = summary["n_failed"]
+    line = f"failed: {failed}"
+    if failed:
+        shown = ", ".join(summary["failed_cases"][:10]) + (", ..." if failed > 10 else "")
+        line += f" ({shown}; counted with worst values: DSC 0, HD = volume diagonal)"
+    console.print(line)
+    if summary["n_skipped"]:
+        shown = ", ".join(summary["skipped_cases"][:10]) + (", ..." if summary["n_skipped"] > 10 else "")
+        console.print(f"skipped (no partner): {summary['n_skipped']} ({shown})")
+
+
+def evaluate_command(
+    pred: Path, truth: Path, out: Path, defective: Path | None = None, target: str = "skull", hd95: str = "max",
+    skip_missing: bool = False, threshold: float | None = None, overwrite: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``skullrec evaluate``: score a prediction folder against a truth folder, write CSV + summary JSON."""
+    from rich.progress import Progress
+
+    from .evaluation.evaluate import check_outputs, evaluate_folders, write_results
+    from .evaluation.metrics import HD95_DEFINITIONS, TARGETS
+
+    check_choice("--target", target, TARGETS)
+    check_choice("--hd95", hd95, HD95_DEFINITIONS)
+    out = Path(out)
+    check_outputs(out, overwrite)  # refuse before spending time on the evaluation
+    console = _console()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        rows, summary = evaluate_folders(
+            pred, truth, defective=defective, target=target, hd95=hd95, skip_missing=skip_missing,
+            threshold=threshold, progress=lambda cid: bar.update(task, advance=1, description=f"case {cid}"),
+        )
+    csv_path, json_path = write_results(out, rows, summary, overwrite=overwrite)
+    print_summary(summary, console)
+    console.print(f"wrote {csv_path} and {json_path}")
+    return rows, summary
+
+
+def experiment_command(config: Path, out: Path | None, scale: float | None, overrides: list[str], device: str, jobs: int) -> Path:
+    """``skullrec experiment``: the whole sweep; prints Table 2 (and the differences to the reference) as markdown."""
+    from .experiment.sweep import run_experiment
+
+    _at_least("--jobs", jobs, 1)
+    console = _console()
+    errs = _console(stderr=True)
+    with _bar("evaluating checkpoints", errs) as progress:
+        result = run_experiment(
+            config, out=out, scale=scale, overrides=overrides, device=device, jobs=jobs,
+            log=lambda msg: console.print(msg, markup=False), done=lambda msg: errs.print(msg, markup=False), progress=progress,
+        )
+    sys.stdout.write(result.table_md)  # plain text: rich would wrap the markdown table rows
+    if result.reference_md:
+        sys.stdout.write("\n" + result.reference_md)
+    console.print(f"training {result.train_s:.0f} s, total {result.total_s:.0f} s; results in {result.out}/ ({', '.join(result.written)})")
+    return result.out
+
+
+def view_command(data: Path | None, runs: Path | None, results: Path | None, host: str, port: int) -> None:
+    """``skullrec view``: start the Streamlit viewer (blocks until Ctrl-C); defaults: data/synthetic, runs/ and results/."""
+    from .viewer.launch import DEFAULT_DATA, DEFAULT_RUN_ROOTS, ViewerSettings, launch
+
+    if not 1 <= int(port) <= 65535:
+        raise InputError(f"--port: must be between 1 and 65535, got {port}")
+    if results is not None and not Path(results).is_file():
+        raise InputError(f"{results}: no such results CSV")
+    for flag, folder in (("--data", data), ("--runs", runs)):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(f"{folder}: no such folder (given as {flag})")
+    # Absolute paths: streamlit keeps the working directory, but the page must not depend on it.
+    settings = ViewerSettings(
+        data=Path(data or DEFAULT_DATA).resolve(),
+        runs=(Path(runs).resolve(),) if runs is not None else tuple(r.resolve() for r in DEFAULT_RUN_ROOTS),
+        results=Path(results).resolve() if results is not None else None,
+    )
+    where = ", ".join(str(r) for r in settings.runs)
+    print(f"skullrec view: http://{host}:{port}  (data {settings.data}; checkpoints under {where}; Ctrl-C stops)", flush=True)
+    code = launch(settings, host, port)
+    if code != 0:
+        raise InputError(f"streamlit exited with code {code} (is port {port} free?)")
+
+
+# ----------------------------------------------------------------------------------------------
+# the typer commands
+
 OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
 SEED = Annotated[int, typer.Option(help="Seed for everything random (same seed, same bytes).")]
+DEVICE = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+THRESHOLD = Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")]
 
 
 @app.command()
@@ -58,8 +379,6 @@ def synth(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Generate the procedural skull data set (the embedded default) with set-1 and set-2 defects."""
-    from .data.synth import synth_command
-
     synth_command(out=out, n_train=n_train, n_eval=n_eval, size=size, seed=seed, overwrite=overwrite)
 
 
@@ -74,8 +393,6 @@ def defects(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Cut set-1 (training-like) and set-2 (different) defects into any folder of complete skulls."""
-    from .data.defects import defects_command
-
     defects_command(complete=complete, out=out, seed=seed, eval_fraction=eval_fraction, threshold=threshold, overwrite=overwrite)
 
 
@@ -94,8 +411,6 @@ def prepare(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Turn real skulls (e.g. SkullFix NRRD) into a 64^3 data set in the project's layout."""
-    from .data.build import prepare_command
-
     prepare_command(
         complete=complete, out=out, defective=defective, size=size, margin_mm=margin_mm, eval_fraction=eval_fraction,
         seed=seed, threshold=threshold, max_cases=max_cases, overwrite=overwrite,
@@ -110,12 +425,10 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/NAME).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the config differs from the run's.")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
 ) -> None:
     """Train the autoencoder (baseline, fam, sam or asam)."""
-    from .training.trainer import train_command
-
     train_command(config=config, overrides=set_ or [], run_dir=run_dir, resume=resume, force=force, device=device, overwrite=overwrite)
 
 
@@ -127,11 +440,9 @@ def flatness(
     split: Annotated[str, typer.Option(help="Split to measure on.")] = "train",
     samples: Annotated[int, typer.Option(help="Hutchinson probes.")] = 64,
     max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N cases.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    device: DEVICE = "auto",
 ) -> None:
     """Print Tr(H), ||w||^2, kappa-hat and neuron-wise kappa of the configured layer on a data set."""
-    from .flatness.measure import flatness_command
-
     flatness_command(checkpoint=checkpoint, data=data, split=split, samples=samples, max_cases=max_cases, device=device)
 
 
@@ -144,12 +455,10 @@ def predict(
     stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
     threshold: Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
 ) -> None:
     """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
-    from .inference.predict import predict_command
-
     predict_command(checkpoint=checkpoint, inp=inp, out=out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite)
 
 
@@ -167,8 +476,6 @@ def evaluate(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""
-    from .evaluation.evaluate import evaluate_command
-
     evaluate_command(
         pred=pred, truth=truth, out=out, defective=defective, target=target, hd95=hd95,
         skip_missing=skip_missing, threshold=threshold, overwrite=overwrite,
@@ -182,12 +489,10 @@ def experiment(
     out: Annotated[Optional[Path], typer.Option("--out", help="Results folder (default from the config).")] = None,
     scale: Annotated[Optional[float], typer.Option(help="Shrink epochs and cases by this factor (e.g. 0.1) for a CPU-sized run.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an experiment key (repeatable).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    device: DEVICE = "auto",
     jobs: Annotated[int, typer.Option(help="Runs trained concurrently (useful on one GPU).")] = 1,
 ) -> None:
     """Train the whole method / lambda / seed sweep, evaluate both defect sets, write tables and figures."""
-    from .experiment.sweep import experiment_command
-
     experiment_command(config=config, out=out, scale=scale, overrides=set_ or [], device=device, jobs=jobs)
 
 
@@ -201,8 +506,6 @@ def view(
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
 ) -> None:
     """Open the Streamlit viewer for reconstructed skulls."""
-    from .viewer.launch import view_command
-
     view_command(data=data, runs=runs, results=results, host=host, port=port)
 
 

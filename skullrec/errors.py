@@ -5,6 +5,8 @@ The command line turns every one of them into ``error: MESSAGE`` on stderr and e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class InputError(Exception):
     """A user-facing problem with an input (file, folder or option); the message is one line."""
@@ -18,4 +20,11 @@ class DefectError(InputError):
     """No defect with the required removed fraction could be cut into this skull."""
 
 
-__all__ = ["InputError", "ConfigError", "DefectError"]
+def check_choice(label: str, value: str, choices: Sequence[str], error: type[InputError] = InputError) -> str:
+    """``value`` if it is one of ``choices``; else ``error("LABEL: must be one of A, B, got 'VALUE'")``."""
+    if value not in choices:
+        raise error(f"{label}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+__all__ = ["InputError", "ConfigError", "DefectError", "check_choice"]

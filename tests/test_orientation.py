@@ -16,7 +16,7 @@ import torch
 
 from skullrec import io as sio
 from skullrec.data import synth
-from skullrec.data.build import prepare_command
+from skullrec.data.build import build_dataset
 from skullrec.inference.predict import reconstruct
 
 SHAPE = (48, 56, 46)  # all different, so a wrong permutation cannot hide
@@ -150,7 +150,7 @@ def test_prepare_puts_the_set1_defect_at_one_physical_place_in_every_order(tmp_p
         else:
             nib.save(nib.Nifti1Image(data, affine), str(src / "skull.nii.gz"))
         out = tmp_path / f"ds{k}"
-        prepare_command(complete=src, out=out, size=32, eval_fraction=0.0, seed=5, workers=1)
+        build_dataset(complete=src, out=out, size=32, eval_fraction=0.0, seed=5, workers=1)
         d = sio.read_volume(out / "train" / "defective" / "skull.nii.gz")
         imp = sio.read_volume(out / "train" / "implant" / "skull.nii.gz")
         params = json.loads((out / "manifest.json").read_text())["cases"][0]["defect"]

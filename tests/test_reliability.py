@@ -225,14 +225,14 @@ def test_predict_writes_no_garbage_and_fails_when_nothing_is_usable(tmp_path: Pa
     import json
 
     from skullrec.config import config_from_dict
-    from skullrec.inference.predict import predict_command
+    from skullrec.inference.predict import predict_folder
     from skullrec.nets import checkpoint
 
     cfg = config_from_dict({"model": {"size": SIZE}})
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (_Const(8.0), cfg, {}))
-        predict_command(checkpoint=tmp_path / "x", inp=inp, out=tmp_path / "o", device="cpu")
+        predict_folder(checkpoint=tmp_path / "x", inp=inp, out=tmp_path / "o", device="cpu")
         assert sorted(p.name for p in (tmp_path / "o" / "complete").iterdir()) == ["skull.nii.gz"]
         report = json.loads((tmp_path / "o" / "predict.json").read_text())
         assert [c["case_id"] for c in report["cases"]] == ["skull"]
@@ -241,7 +241,7 @@ def test_predict_writes_no_garbage_and_fails_when_nothing_is_usable(tmp_path: Pa
         mp.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (_Const(float("nan")), cfg, {}))
         (inp / "speck.nii.gz").unlink()
         with pytest.raises(InputError, match="no usable result: the model output is not finite"):
-            predict_command(checkpoint=tmp_path / "x", inp=inp, out=tmp_path / "o2", device="cpu")
+            predict_folder(checkpoint=tmp_path / "x", inp=inp, out=tmp_path / "o2", device="cpu")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["all.safetensors", "in", "o", "one.safetensors"]
     finally:
         mp.undo()

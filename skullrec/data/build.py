@@ -9,29 +9,25 @@ not on the order in which workers finish.
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
-import zlib
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from ..io import Volume
+from ..io import Volume, list_volumes
+from ..utils import Progress, seed_key, seed_sequence
+from .layout import check_output_dir, staged_output, write_manifest
 from .resample import BONE_FRACTION, DEFAULT_MARGIN_MM, DEFAULT_SIZE, bone_box, prepare_pair
-
-# ---------------------------------------------------------------------------------------------
-# `skullrec prepare`: a folder of real skulls -> a data set in the layout of skullrec.data.layout
-# ---------------------------------------------------------------------------------------------
 
 SKULLFIX_SPLIT = "eval_skullfix"  # SkullFix's own defective skulls of the evaluation cases
 
 
 def case_seed(seed: int, cid: str, stream: int) -> list[int]:
     """Seed entropy for one case's defect: independent of the order in which workers run cases."""
-    return [int(seed), zlib.crc32(cid.encode("utf-8")), int(stream)]
+    return [seed_key(seed), seed_key(cid), seed_key(stream)]  # the one scheme of skullrec.utils: a case id enters as its CRC-32
 
 
 def _prepare_case(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -70,7 +66,7 @@ def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
 
         for split, fn, stream in (("eval_set1", set1_defect, 1), ("eval_set2", set2_defect, 2)):
             s = case_seed(job["seed"], cid, stream)
-            dmask, params = fn(complete.data.astype(bool), complete.spacing, np.random.default_rng(s))
+            dmask, params = fn(complete.data.astype(bool), complete.spacing, np.random.default_rng(seed_sequence(*s)))
             outputs.append((split, Volume(dmask.astype(np.uint8), complete.affine, path=complete.path),
                             {"defect": params, "defect_seed": s, "defect_source": split}))
         if given is not None:
@@ -81,7 +77,7 @@ def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
         from .defects import set1_defect
 
         s = case_seed(job["seed"], cid, 1)
-        dmask, params = set1_defect(complete.data.astype(bool), complete.spacing, np.random.default_rng(s))
+        dmask, params = set1_defect(complete.data.astype(bool), complete.spacing, np.random.default_rng(seed_sequence(*s)))
         outputs.append(("train", Volume(dmask.astype(np.uint8), complete.affine, path=complete.path),
                         {"defect": params, "defect_seed": s, "defect_source": "set1"}))
 
@@ -122,12 +118,24 @@ def split_cases(ids: list[str], eval_fraction: float, seed: int) -> tuple[list[s
     n_eval = int(round(eval_fraction * len(ids)))
     if 0.0 < eval_fraction < 1.0 and len(ids) >= 2:
         n_eval = min(max(n_eval, 1), len(ids) - 1)  # keep at least one case on each side
-    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED])).permutation(len(ids))
+    order = np.random.default_rng(seed_sequence(seed, 0x5EED)).permutation(len(ids))
     eval_ids = sorted(ids[i] for i in order[:n_eval])
     return sorted(set(ids) - set(eval_ids)), eval_ids
 
 
-def prepare_command(
+SPLIT_ORDER = ("train", "eval_set1", "eval_set2", SKULLFIX_SPLIT)
+
+
+@dataclass
+class Built:
+    """A data set written by :func:`build_dataset`: its folder, the case ids used and the manifest records."""
+
+    out: Path
+    ids: list[str]
+    records: list[dict[str, Any]]
+
+
+def build_dataset(
     complete: Path,
     out: Path,
     defective: Path | None = None,
@@ -139,25 +147,15 @@ def prepare_command(
     max_cases: int | None = None,
     overwrite: bool = False,
     workers: int = 2,
-) -> Path:
+    progress: Progress | None = None,
+) -> Built:
     """Prepare a folder of complete skulls (+ optional defective partners) as a ``size^3`` data set at ``out``.
 
     Splits (seeded): train = complete + the given defective skull (or a set-1 defect when none is
     given); eval_set1 / eval_set2 = set-1 / set-2 defects cut at full resolution on the held-out
-    skulls; eval_skullfix = the given defective skulls of the held-out cases.
+    skulls; eval_skullfix = the given defective skulls of the held-out cases. ``progress(done, total)``
+    is called after each case.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..io import list_volumes
-    from .layout import check_output_dir, staged_output, write_manifest
-
-    if size < 8:
-        raise InputError(f"--size: must be >= 8, got {size}")
-    if margin_mm < 0:
-        raise InputError(f"--margin-mm: must be >= 0, got {margin_mm}")
-    if max_cases is not None and max_cases < 1:
-        raise InputError(f"--max-cases: must be >= 1, got {max_cases}")
     inputs = (complete, defective)  # replacing the output must never delete an input
     check_output_dir(out, overwrite, inputs)  # fail before the slow part
     cfiles = list_volumes(complete)
@@ -171,8 +169,7 @@ def prepare_command(
                 raise InputError(f"{path}: no complete partner '{cid}' in {complete}")
     ids = list(cfiles)[:max_cases]
     train_ids, eval_ids = split_cases(ids, eval_fraction, seed)
-    console = Console(stderr=True)
-    t0 = time.perf_counter()
+    report = progress or (lambda done, total: None)
 
     with staged_output(out, overwrite, inputs) as staging:
         jobs = [
@@ -184,28 +181,25 @@ def prepare_command(
             for cid in ids
         ]
         records: list[dict[str, Any]] = []
-        columns = (TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        # Transient and on stderr: an error leaves just its one line, stdout stays clean.
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("prepare", total=len(jobs))
-            n_workers = max(1, min(workers, 2, len(jobs)))
-            if n_workers == 1:
-                for job in jobs:
-                    records.extend(_prepare_case(job))
-                    progress.advance(task)
-            else:
-                # One skull is ~60-130 M voxels; two processes at most keep memory and the shared CPUs sane.
-                with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn")) as pool:
-                    futures = [pool.submit(_prepare_case, job) for job in jobs]
-                    try:
-                        for fut in as_completed(futures):
-                            records.extend(fut.result())
-                            progress.advance(task)
-                    except BaseException:
-                        for f in futures:
-                            f.cancel()
-                        raise
-        order = {s: i for i, s in enumerate(("train", "eval_set1", "eval_set2", SKULLFIX_SPLIT))}
+        report(0, len(jobs))
+        n_workers = max(1, min(workers, 2, len(jobs)))
+        if n_workers == 1:
+            for done, job in enumerate(jobs, 1):
+                records.extend(_prepare_case(job))
+                report(done, len(jobs))
+        else:
+            # One skull is ~60-130 M voxels; two processes at most keep memory and the shared CPUs sane.
+            with ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_prepare_case, job) for job in jobs]
+                try:
+                    for done, fut in enumerate(as_completed(futures), 1):
+                        records.extend(fut.result())
+                        report(done, len(jobs))
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+        order = {s: i for i, s in enumerate(SPLIT_ORDER)}
         records.sort(key=lambda r: (order.get(r["split"], 9), r["case_id"]))
         meta = {
             "kind": "real",
@@ -222,7 +216,4 @@ def prepare_command(
             "eval_ids": eval_ids,
         }
         write_manifest(staging, records, meta)
-    counts = Counter(r["split"] for r in records)
-    console.print(f"prepared {len(ids)} skulls in {time.perf_counter() - t0:.0f} s -> {out} ("
-                  + ", ".join(f"{k} {counts[k]}" for k in order if counts[k]) + ")")
-    return Path(out)
+    return Built(Path(out), ids, records)

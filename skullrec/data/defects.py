@@ -27,9 +27,9 @@ skull defects, so the shapes are written here (vectorised numpy on the defect's 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -365,41 +365,3 @@ def set2_defect(
         return parts, params
 
     return _fit_fraction(complete, sp, rng, draw, SET2_FRACTION, "set2")
-
-
-# ---------------------------------------------------------------------------------------------
-# command
-# ---------------------------------------------------------------------------------------------
-
-def defects_command(
-    complete: Path,
-    out: Path,
-    seed: int = 0,
-    eval_fraction: float = 0.2,
-    threshold: float | None = None,
-    overwrite: bool = False,
-    size: int = 64,
-) -> Path:
-    """Cut set-1 defects into the training skulls of a folder of complete skulls and set-1 + set-2 defects into the held-out ones.
-
-    The seeded split, the cutting on the source grid, the preparation to ``size``^3 with
-    :func:`skullrec.data.resample.prepare_pair` and the manifest are :func:`skullrec.data.build.prepare_command`
-    with no defective folder: one implementation, so real and synthetic skulls are treated alike.
-    """
-    from rich.console import Console
-
-    from ..io import list_volumes
-    from .build import prepare_command
-    from .resample import DEFAULT_MARGIN_MM
-
-    # Every volume is read in the canonical voxel order (skullrec.io.CANONICAL_AXCODES, SkullFix's
-    # L, P, S), so the defects land at the same anatomical place whatever order the files use.
-    files = list_volumes(complete)  # InputError for a missing or empty folder
-    console = Console(stderr=True)
-    t0 = time.perf_counter()
-    result = prepare_command(
-        complete=Path(complete), out=Path(out), defective=None, size=size, margin_mm=DEFAULT_MARGIN_MM,
-        eval_fraction=eval_fraction, seed=seed, threshold=threshold, overwrite=overwrite,
-    )
-    console.print(f"defects: {len(files)} skulls in {time.perf_counter() - t0:.1f} s -> {result}")
-    return result

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..io import Volume
+from ..utils import Progress, seed_sequence
 
 # SkullFix's array layout: +axis0 = patient left, +axis1 = posterior, +axis2 = superior. In RAS
 # world coordinates that is a flip of the first two axes.
@@ -453,7 +455,7 @@ def _case_streams(seed: int, index: int) -> tuple[np.random.SeedSequence, np.ran
     ``SeedSequence(seed, spawn_key=(index,))`` is what ``SeedSequence(seed).spawn(n)[index]`` gives,
     so one case can be regenerated on its own from (seed, index).
     """
-    ss = np.random.SeedSequence(int(seed), spawn_key=(int(index),))
+    ss = seed_sequence(seed, spawn_key=(int(index),))
     skull, set1, set2 = ss.spawn(3)
     return skull, set1, set2
 
@@ -471,47 +473,51 @@ def make_case(
     return complete, params, out
 
 
-def synth_command(
+@dataclass
+class SynthResult:
+    """What :func:`write_synthetic` wrote: the folder, one manifest record per case and split, timings."""
+
+    out: Path
+    records: list[dict[str, Any]]
+    timing: dict[str, float]  # seconds per stage: generate, defects, prepare, write
+    wall_s: float
+    cpu_s: float
+
+
+def write_synthetic(
     out: Path,
     n_train: int = 100,
     n_eval: int = 20,
     size: int = 64,
     seed: int = 0,
     overwrite: bool = False,
-) -> Path:
+    progress: Progress | None = None,
+) -> SynthResult:
     """Write the procedural data set: train (set-1 defects), eval_set1 and eval_set2 (set-1 / set-2 on held-out skulls).
 
     Skulls are generated on :func:`source_grid` (about 2x finer than ``size``), defects are cut
     there, and every pair goes through :func:`skullrec.data.resample.prepare_pair` like a real SkullFix pair.
+    ``progress(done, total)`` is called after each skull. The flags are checked by ``skullrec.cli.synth_command``.
     """
+    from .defects import set1_defect, set2_defect
     from .layout import check_output_dir, staged_output, write_case, write_manifest
     from .resample import DEFAULT_MARGIN_MM, prepare_pair
 
-    for key, value in (("--n-train", n_train), ("--n-eval", n_eval)):
-        if value < 0:
-            raise InputError(f"{key}: must be >= 0, got {value}")
-    if n_train + n_eval < 1:
-        raise InputError("--n-train/--n-eval: at least one skull is needed")
-    if size < 8:
-        raise InputError(f"--size: must be >= 8, got {size}")
-    if seed < 0:
-        raise InputError(f"--seed: must be >= 0, got {seed}")
     check_output_dir(out, overwrite)
     shape, spacing = source_grid(size)
     affine = source_affine(shape, spacing)
     timing = {"generate": 0.0, "defects": 0.0, "prepare": 0.0, "write": 0.0}
     records: list[dict[str, Any]] = []
+    total = n_train + n_eval
     t_start, cpu_start = time.perf_counter(), time.process_time()
     with staged_output(out, overwrite) as staging:
-        for index in range(n_train + n_eval):
+        for index in range(total):
             is_eval = index >= n_train
             cid = f"syn{index:04d}"
             s_skull, s1, s2 = _case_streams(seed, index)
             t0 = time.perf_counter()
             complete, params = generate_skull(s_skull, shape, spacing)
             t1 = time.perf_counter()
-            from .defects import set1_defect, set2_defect
-
             cuts = [("eval_set1" if is_eval else "train", set1_defect, s1)]
             if is_eval:
                 cuts.append(("eval_set2", set2_defect, s2))
@@ -542,6 +548,8 @@ def synth_command(
                     "implant_fraction": counts["implant_voxels"] / max(counts["complete_voxels"], 1),
                     **counts,
                 })
+            if progress is not None:
+                progress(index + 1, total)
         meta = {
             "kind": "synthetic",
             "command": "skullrec synth",
@@ -557,24 +565,4 @@ def synth_command(
             "source_layout": "array axes: +0 left, +1 posterior, +2 superior (SkullFix)",
         }
         write_manifest(staging, records, meta)
-    total = time.perf_counter() - t_start
-    _print_summary(records, timing, total, time.process_time() - cpu_start, Path(out))
-    return Path(out)
-
-
-def _print_summary(records: list[dict[str, Any]], timing: dict[str, float], total: float, cpu: float, out: Path) -> None:
-    from rich.console import Console
-
-    console = Console()
-    by_split: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        by_split.setdefault(r["split"], []).append(r)
-    console.print(f"wrote {out}")
-    for split, rs in by_split.items():
-        bone = np.mean([r["bone_fraction"] for r in rs])
-        removed = np.mean([r["defect"]["removed_fraction"] for r in rs])
-        implant = np.mean([r["implant_fraction"] for r in rs])
-        console.print(f"  {split:9s} {len(rs):4d} cases  bone {bone:.3f}  removed {removed:.3f}  implant {implant:.3f}")
-    console.print("  bone = bone/size^3, removed = defect/bone (source), implant = implant/complete")
-    console.print("  seconds: generate {generate:.1f}, defects {defects:.1f}, prepare {prepare:.1f}, write {write:.1f}".format(**timing))
-    console.print(f"  total {total:.1f} s wall, {cpu:.1f} s CPU")
+    return SynthResult(Path(out), records, timing, time.perf_counter() - t_start, time.process_time() - cpu_start)

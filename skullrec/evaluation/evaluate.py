@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, check_choice
 from ..io import Volume, atomic_write_text, list_volumes, read_volume
 from .metrics import DEFAULT_HD95, HD95_DEFINITIONS, METRIC_KEYS, TARGETS, batch_metrics, case_metrics
 
@@ -43,12 +43,6 @@ def summary_path(out: str | Path) -> Path:
     out = Path(out)
     stem = out.name[: -len(".csv")] if out.name.lower().endswith(".csv") else out.name
     return out.with_name(stem + ".summary.json")
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise InputError(f"--{name}: must be one of {', '.join(choices)}, got '{value}'")
-    return value
 
 
 def _read_case(path: Path, cid: str, threshold: float | None) -> Volume:
@@ -110,8 +104,8 @@ def evaluate_folders(
     Raises InputError naming the case for missing partners (unless ``skip_missing``), shape or
     affine mismatches and non-binary volumes (pass ``threshold`` to binarise).
     """
-    _check_choice("target", target, TARGETS)
-    _check_choice("hd95", hd95, HD95_DEFINITIONS)
+    check_choice("--target", target, TARGETS)
+    check_choice("--hd95", hd95, HD95_DEFINITIONS)
     pairs, skipped = pair_cases(pred, truth, defective, skip_missing)
     rows: list[dict[str, Any]] = []
     for cid, (p_path, t_path, d_path) in pairs.items():
@@ -244,13 +238,14 @@ def write_results(out: str | Path, rows: Sequence[dict[str, Any]], summary: dict
     """Write the CSV and its summary JSON atomically; refuses existing files unless ``overwrite``."""
     out = Path(out)
     js = summary_path(out)
-    _check_outputs(out, overwrite)
+    check_outputs(out, overwrite)
     atomic_write_text(out, rows_to_csv(rows))
     atomic_write_text(js, json.dumps(summary, indent=1) + "\n")
     return out, js
 
 
-def _check_outputs(out: Path, overwrite: bool) -> None:
+def check_outputs(out: Path, overwrite: bool) -> None:
+    """InputError when ``out`` or its summary JSON is a folder, or exists and ``overwrite`` is not set."""
     for p in (out, summary_path(out)):
         if p.exists() and p.is_dir():
             raise InputError(f"{p}: is a folder; --out must be a CSV file path")
@@ -258,84 +253,12 @@ def _check_outputs(out: Path, overwrite: bool) -> None:
             raise InputError(f"{p}: already exists; pass --overwrite to replace it")
 
 
-def _fmt(v: float | None, digits: int) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-def print_summary(summary: dict[str, Any], console: Any = None) -> None:
-    """Print the summary as a rich table (mean ± std, median, IQR) with the failed/skipped counts."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    title = f"target: {summary['target']}   HD95: {summary['hd95_definition']}   cases: {summary['n_cases']}"
-    table = Table(title=title)
-    for col in ("metric", "mean ± std", "median", "IQR (q1-q3)", "n"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    labels = {
-        "dsc": ("DSC", 4), "bdsc": ("bDSC", 4), "hd_mm": ("HD (mm)", 3), "hd95_mm": (f"HD95 {summary['hd95_definition']} (mm)", 3),
-        "hd_vox": ("HD (voxels)", 3), "hd95_vox": (f"HD95 {summary['hd95_definition']} (voxels)", 3),
-    }
-    for key, (label, digits) in labels.items():
-        s = summary["metrics"][key]
-        if s["n"] == 0:
-            table.add_row(label, "n/a (no --defective)" if key == "bdsc" else "n/a", "", "", "0")
-            continue
-        table.add_row(
-            label, f"{_fmt(s['mean'], digits)} ± {_fmt(s['std'], digits)}", _fmt(s["median"], digits),
-            f"{_fmt(s['iqr'], digits)} ({_fmt(s['q1'], digits)}-{_fmt(s['q3'], digits)})", str(s["n"]),
-        )
-    console.print(table)
-    failed = summary["n_failed"]
-    line = f"failed: {failed}"
-    if failed:
-        shown = ", ".join(summary["failed_cases"][:10]) + (", ..." if failed > 10 else "")
-        line += f" ({shown}; counted with worst values: DSC 0, HD = volume diagonal)"
-    console.print(line)
-    if summary["n_skipped"]:
-        shown = ", ".join(summary["skipped_cases"][:10]) + (", ..." if summary["n_skipped"] > 10 else "")
-        console.print(f"skipped (no partner): {summary['n_skipped']} ({shown})")
-
-
-def evaluate_command(
-    pred: Path,
-    truth: Path,
-    out: Path,
-    defective: Path | None = None,
-    target: str = "skull",
-    hd95: str = DEFAULT_HD95,
-    skip_missing: bool = False,
-    threshold: float | None = None,
-    overwrite: bool = False,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``skullrec evaluate``: score a prediction folder against a truth folder, write CSV + summary JSON."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    _check_choice("target", target, TARGETS)
-    _check_choice("hd95", hd95, HD95_DEFINITIONS)
-    out = Path(out)
-    _check_outputs(out, overwrite)  # refuse before spending time on the evaluation
-    console = Console()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("evaluating", total=None)
-        rows, summary = evaluate_folders(
-            pred, truth, defective=defective, target=target, hd95=hd95, skip_missing=skip_missing,
-            threshold=threshold, progress=lambda cid: bar.update(task, advance=1, description=f"case {cid}"),
-        )
-    csv_path, json_path = write_results(out, rows, summary, overwrite=overwrite)
-    print_summary(summary, console)
-    console.print(f"wrote {csv_path} and {json_path}")
-    return rows, summary
-
-
 __all__ = [
     "CSV_COLUMNS",
     "evaluate_arrays",
-    "evaluate_command",
     "evaluate_folders",
     "pair_cases",
-    "print_summary",
+    "check_outputs",
     "rows_to_csv",
     "summarise",
     "summary_path",

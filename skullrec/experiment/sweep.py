@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import yaml
 from ..config import _from_dict, apply_overrides, dump_config, load_config
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text, json_default
+from ..utils import Progress, resolve_device
 from .report import figures, table2, table2_markdown, versus_reference, versus_reference_markdown
 
 
@@ -147,11 +149,11 @@ def _train_run(cfg_path: Path, run_dir: Path, device: str, log_path: Path) -> tu
     return run_dir, rc, time.perf_counter() - t0
 
 
-def train_sweep(exp: ExperimentConfig, out: Path, device: str, jobs: int) -> dict[tuple[str, int], Path]:
-    """Train every (method, seed) run not yet finished; returns the run folders."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
+def train_sweep(
+    exp: ExperimentConfig, out: Path, device: str, jobs: int, done: Callable[[str], None] | None = None
+) -> dict[tuple[str, int], Path]:
+    """Train every (method, seed) run not yet finished; returns the run folders. ``done(message)`` per finished run."""
+    done = done or (lambda msg: None)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -177,7 +179,7 @@ def train_sweep(exp: ExperimentConfig, out: Path, device: str, jobs: int) -> dic
                 log = out / "runs" / f"{key[0]}_seed{key[1]}.log"
                 tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
                 raise InputError(f"run {key[0]} seed {key[1]} failed (exit {rc}): {' '.join(tail)}; see {log}")
-            console.print(f"[green]done[/] {key[0]} seed {key[1]}" + (f" ({secs:.0f} s)" if secs else " (reused)"))
+            done(f"done {key[0]} seed {key[1]}" + (f" ({secs:.0f} s)" if secs else " (reused)"))
             runs[key] = run_dir
     return runs
 
@@ -194,62 +196,63 @@ def _pairwise_dsc(recon: np.ndarray) -> float:
 
 
 def evaluate_runs(
-    exp: ExperimentConfig, runs: dict[tuple[str, int], Path], device: str, cache_dir: Path | None = None
+    exp: ExperimentConfig, runs: dict[tuple[str, int], Path], device: str, cache_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Reconstruct every eval split with every run's chosen checkpoints; per-case rows and collapse rows.
 
     With ``cache_dir``, each (run, checkpoint, split) result is stored as JSON keyed by the checkpoint
     file's size and mtime and the scoring settings, so re-running a grown sweep only scores what is new.
+    ``progress(done, total)`` is called after each (run, checkpoint, split).
     """
-    import torch
-    from rich.progress import Progress
-
     from ..data.layout import load_split
     from ..evaluation.evaluate import evaluate_arrays
     from ..nets.checkpoint import load_checkpoint
     from ..training.trainer import checkpoint_path
 
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
+    report = progress or (lambda done, total: None)
     splits = {s: load_split(exp.data_root, s, exp.max_eval_cases) for s in exp.eval_splits}
     rows: list[dict] = []
     collapse: list[dict] = []
     truth_pairwise: dict[str, float] = {}  # depends on the split only
     jobs = [(key, run_dir, epoch) for key, run_dir in sorted(runs.items()) for epoch in exp.checkpoint_epochs]
-    with Progress(transient=True) as progress:
-        task = progress.add_task("evaluating checkpoints", total=len(jobs) * len(splits))
-        for (method, seed), run_dir, epoch in jobs:
-            ckpt = checkpoint_path(run_dir, epoch)
-            stat = ckpt.stat()
-            model = None
-            for split_name, split in splits.items():
-                key = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "data_root": exp.data_root,
-                       "ids": split.ids, "targets": exp.targets, "hd95": exp.hd95}
-                cache = cache_dir / f"{method}_seed{seed}_epoch{epoch}_{split_name}.json" if cache_dir else None
-                cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
-                if cached is None or cached.get("key") != key:
-                    if model is None:
-                        model, _, _ = load_checkpoint(ckpt, device=dev)
-                        model.eval()
-                    recon = _reconstruct(model, split.defective, dev)
-                    case_rows = []
-                    for target in exp.targets:
-                        truth = split.complete if target == "skull" else split.implant
-                        # the model's own implant: what it added where the input has no bone (predict also drops
-                        # islands < 100 mm^3; scored here without that post-processing, measured to move DSC by ~0.01)
-                        pred = recon if target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
-                        case_rows += evaluate_arrays(pred, truth, split.spacings, defective=split.defective, hd95=exp.hd95,
-                                                     ids=split.ids, target=target)
-                    if split_name not in truth_pairwise:
-                        truth_pairwise[split_name] = _pairwise_dsc(split.complete)
-                    cached = {"key": key, "rows": case_rows,
-                              "pairwise_dsc": _pairwise_dsc(recon), "truth_pairwise_dsc": truth_pairwise[split_name]}
-                    if cache is not None:
-                        atomic_write_text(cache, json.dumps(cached, default=json_default))
-                for r in cached["rows"]:
-                    rows.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name, **r})
-                collapse.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name,
-                                 "pairwise_dsc": cached["pairwise_dsc"], "truth_pairwise_dsc": cached["truth_pairwise_dsc"]})
-                progress.advance(task)
+    total, finished = len(jobs) * len(splits), 0
+    report(0, total)
+    for (method, seed), run_dir, epoch in jobs:
+        ckpt = checkpoint_path(run_dir, epoch)
+        stat = ckpt.stat()
+        model = None
+        for split_name, split in splits.items():
+            key = {"checkpoint": str(ckpt), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "data_root": exp.data_root,
+                   "ids": split.ids, "targets": exp.targets, "hd95": exp.hd95}
+            cache = cache_dir / f"{method}_seed{seed}_epoch{epoch}_{split_name}.json" if cache_dir else None
+            cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else None
+            if cached is None or cached.get("key") != key:
+                if model is None:
+                    model, _, _ = load_checkpoint(ckpt, device=dev)
+                    model.eval()
+                recon = _reconstruct(model, split.defective, dev)
+                case_rows = []
+                for target in exp.targets:
+                    truth = split.complete if target == "skull" else split.implant
+                    # the model's own implant: what it added where the input has no bone (predict also drops
+                    # islands < 100 mm^3; scored here without that post-processing, measured to move DSC by ~0.01)
+                    pred = recon if target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
+                    case_rows += evaluate_arrays(pred, truth, split.spacings, defective=split.defective, hd95=exp.hd95,
+                                                 ids=split.ids, target=target)
+                if split_name not in truth_pairwise:
+                    truth_pairwise[split_name] = _pairwise_dsc(split.complete)
+                cached = {"key": key, "rows": case_rows,
+                          "pairwise_dsc": _pairwise_dsc(recon), "truth_pairwise_dsc": truth_pairwise[split_name]}
+                if cache is not None:
+                    atomic_write_text(cache, json.dumps(cached, default=json_default))
+            for r in cached["rows"]:
+                rows.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name, **r})
+            collapse.append({"method": method, "seed": seed, "epoch": epoch, "set": split_name,
+                             "pairwise_dsc": cached["pairwise_dsc"], "truth_pairwise_dsc": cached["truth_pairwise_dsc"]})
+            finished += 1
+            report(finished, total)
     return rows, collapse
 
 
@@ -265,28 +268,50 @@ def _reconstruct(model: Any, defective: np.ndarray, device: Any, batch: int = 8)
     return np.concatenate(out)
 
 
-def experiment_command(config: Path, out: Path | None, scale: float | None, overrides: list[str], device: str, jobs: int) -> None:
-    """Entry point of ``skullrec experiment``."""
-    from rich.console import Console
+@dataclass
+class ExperimentResult:
+    """What :func:`run_experiment` wrote: the folder, Table 2 and the differences to the reference as markdown."""
 
-    console = Console()
-    exp = load_experiment(config, overrides, scale)
+    out: Path
+    table_md: str
+    reference_md: str
+    written: list[str]
+    train_s: float
+    total_s: float
+
+
+def run_experiment(
+    config: Path,
+    out: Path | None = None,
+    scale: float | None = None,
+    overrides: list[str] | None = None,
+    device: str = "auto",
+    jobs: int = 1,
+    log: Callable[[str], None] | None = None,
+    done: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+) -> ExperimentResult:
+    """Train the sweep of ``config`` (resumable), evaluate it, write tables, per-case scores and figures into ``out``.
+
+    ``log(message)`` for what happens, ``done(message)`` per finished run, ``progress(done, total)`` while scoring.
+    """
+    from ..data.synth import write_synthetic
+    from ..evaluation.evaluate import rows_to_csv
+
+    log = log or (lambda msg: None)
+    exp = load_experiment(config, overrides or [], scale)
     out = Path(out or exp.out)
     if not Path(exp.data_root).is_dir():
         if exp.synth_if_missing is None:
             raise InputError(f"{exp.data_root}: data set not found (run 'skullrec synth' or 'skullrec prepare' first)")
-        from ..data.synth import synth_command
-
-        console.print(f"generating the synthetic data set in {exp.data_root} ...")
-        synth_command(out=Path(exp.data_root), overwrite=False, **{"n_train": 100, "n_eval": 20, "size": 64, "seed": 0, **exp.synth_if_missing})
+        log(f"generating the synthetic data set in {exp.data_root} ...")
+        write_synthetic(out=Path(exp.data_root), overwrite=False, **{"n_train": 100, "n_eval": 20, "size": 64, "seed": 0, **exp.synth_if_missing})
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "experiment.yaml", yaml.safe_dump(_plain(exp), sort_keys=False))
     t0 = time.perf_counter()
-    runs = train_sweep(exp, out, device, jobs)
+    runs = train_sweep(exp, out, device, jobs, done=done)
     t_train = time.perf_counter() - t0
-    from ..evaluation.evaluate import rows_to_csv
-
-    rows, collapse = evaluate_runs(exp, runs, device, cache_dir=out / "eval")
+    rows, collapse = evaluate_runs(exp, runs, device, cache_dir=out / "eval", progress=progress)
     table = table2(rows, collapse, exp)
     atomic_write_text(out / "per_case.csv", rows_to_csv(rows, columns=()))
     atomic_write_text(out / "collapse.csv", rows_to_csv(collapse, columns=()))
@@ -301,11 +326,7 @@ def experiment_command(config: Path, out: Path | None, scale: float | None, over
         atomic_write_text(out / "vs_reference.md", diffs_md)
         written += ["vs_reference.md", "vs_reference.csv"]
     fig_paths = figures(exp, runs, rows, out)
-    sys.stdout.write(md)  # plain text: rich would wrap the markdown table rows
-    if diffs_md:
-        sys.stdout.write("\n" + diffs_md)
-    console.print(f"training {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s; results in {out}/ "
-                  f"({', '.join(written + [p.name for p in fig_paths])})")
+    return ExperimentResult(out, md, diffs_md, written + [p.name for p in fig_paths], t_train, time.perf_counter() - t0)
 
 
 def _plain(obj: Any) -> Any:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, check_choice
 
 # Dense layer Hessians need one Hessian-vector product per weight and numel^2 memory: refuse above this.
 MAX_EXACT_WEIGHTS = 4096
@@ -141,8 +141,7 @@ def hutchinson_trace(
 
 
 def _check_option(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"fam.{key}: must be one of {', '.join(allowed)}, got {value!r}")
+    check_choice(f"fam.{key}", value, allowed, ConfigError)
 
 
 def shape_trace(trace: Tensor, mode: str) -> Tensor:

@@ -108,17 +108,24 @@ def measure_layer(
 
 
 
-def flatness_command(
+@dataclass
+class FlatnessReport:
+    """What :func:`measure_checkpoint` measured: the number of cases, the mean Dice loss of the first <= 8, each layer."""
+
+    cases: int
+    loss: float
+    layers: list[LayerFlatness]
+
+
+def measure_checkpoint(
     checkpoint: Path, data: Path, split: str = "train", samples: int = 64, max_cases: int | None = None, device: str = "auto",
     seed: int = 0,
-) -> list[LayerFlatness]:
-    """Print Tr(H) (Hutchinson mean +- SE, exact where cheap), ||w||^2, kappa_hat and neuron-wise kappa."""
+) -> FlatnessReport:
+    """Tr(H) (Hutchinson mean +- SE, exact where cheap), ||w||^2, kappa_hat and neuron-wise kappa of the checkpoint's FAM layers."""
     from ..data.layout import load_split
     from ..nets.autoencoder import loss_function
     from ..nets.checkpoint import load_checkpoint
 
-    if samples < 2:
-        raise InputError(f"--samples: need at least 2 probes for a standard error, got {samples}")
     dev = resolve_device(device)
     model, cfg, _meta = load_checkpoint(checkpoint, device=dev)
     model.eval()
@@ -132,24 +139,8 @@ def flatness_command(
     loss_fn = loss_function()
     with torch.no_grad():
         loss_value = float(loss_fn(model(x[:8]), y[:8])) if len(x) else float("nan")
-    print(f"checkpoint {checkpoint}  data {data}/{split}: {len(x)} cases, Dice loss (first <=8) {loss_value:.4f}")
-    results = []
-    for name in cfg.fam.layers:
-        r = measure_layer(model, name, x, y, loss_fn, samples, gen)
-        results.append(r)
-        shape = "x".join(map(str, r.shape))
-        print(f"layer {name} ({shape}, {math.prod(r.shape)} weights), {samples} Rademacher probes, {r.seconds_per_probe:.2f} s/probe")
-        exact = (
-            f"   exact {r.trace_exact:.6g}" if r.trace_exact is not None
-            else f"   exact: skipped ({math.prod(r.shape)} products, ~{r.exact_estimate_s:.0f} s > 60 s budget; use fewer --max-cases)"
-        )
-        print(f"  Tr(H)          {r.trace_mean:.6g} +- {r.trace_se:.2g} (SE){exact}")
-        print(f"  ||w||^2        {r.norm_sq:.6g}")
-        exact_k = f"   exact {r.norm_sq * r.trace_exact:.6g}" if r.trace_exact is not None else ""
-        print(f"  kappa_hat      {r.kappa_hat:.6g} +- {r.kappa_hat_se:.2g} (SE){exact_k}")
-        exact_nw = f"   exact {r.kappa_nw_exact:.6g}" if r.kappa_nw_exact is not None else ""
-        print(f"  kappa (neuron) {r.kappa_nw_mean:.6g} +- {r.kappa_nw_se:.2g} (SE){exact_nw}")
-    return results
+    layers = [measure_layer(model, name, x, y, loss_fn, samples, gen) for name in cfg.fam.layers]
+    return FlatnessReport(cases=len(x), loss=loss_value, layers=layers)
 
 
 __all__ = [
@@ -169,5 +160,6 @@ __all__ = [
     "fam_term",
     "shape_trace",
     "measure_layer",
-    "flatness_command",
+    "FlatnessReport",
+    "measure_checkpoint",
 ]

@@ -16,6 +16,7 @@ around the whole skull. Where the model *added* bone (prediction AND NOT prepare
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from scipy import ndimage
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
 from ..errors import InputError
 from ..io import Volume, atomic_write_bytes, atomic_write_text, write_volume
-from ..utils import resolve_device
+from ..utils import Progress, resolve_device
 from .mesh import mesh_from_mask, stl_bytes
 
 # Implant components smaller than this are dropped. 100 mm^3 is ~7 voxels of a 64^3 SkullFix grid
@@ -209,7 +210,7 @@ def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, m
     )
 
 
-def predict_command(
+def predict_folder(
     checkpoint: Path,
     inp: Path,
     out: Path,
@@ -218,64 +219,68 @@ def predict_command(
     threshold: float | None = None,
     device: str = "auto",
     overwrite: bool = False,
-) -> Path:
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
     ``threshold`` binarises non-binary *inputs* (value > T); the model output is thresholded at 0.5.
+    Returns one row per case (also written to out/predict.json); ``progress(done, total)`` is called
+    after each case and ``warn(message)`` for each empty implant, doubtful input and unusable result.
+    An unusable result (see :attr:`Reconstruction.problems`) is not written; it is listed under
+    ``failed`` in predict.json, and when no case is usable the call fails with InputError and
+    leaves nothing behind.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
     from ..nets.checkpoint import load_checkpoint
 
-    if batch_size < 1:
-        raise InputError(f"--batch-size: must be >= 1, got {batch_size}")
     inputs = (inp, checkpoint)  # replacing the output must never delete an input
     check_output_dir(out, overwrite, inputs)
     files = list_volumes(inp)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
-    console = Console(stderr=True)
     summary: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    done = 0
+    say = warn or (lambda msg: None)
     with staged_output(out, overwrite, inputs) as staging:
         ids = list(files)
-        columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("predict", total=len(ids))
-            # Read only one batch at a time: a 512^3 input is ~130 MB as uint8 plus float work arrays.
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                vols = [read_volume(files[cid], threshold=threshold) for cid in chunk]
-                for cid, vol in zip(chunk, vols):
-                    if not vol.data.any():
-                        raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
-                recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
-                for cid, vol, rec in zip(chunk, vols, recs):
-                    progress.advance(task)
-                    for w in rec.warnings:
-                        progress.console.print(f"warning: {files[cid]}: {w}", markup=False, highlight=False, soft_wrap=True)
-                    if not rec.usable:
-                        # Garbage is never written as a result: report it, write nothing for this case.
-                        progress.console.print(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}", markup=False, highlight=False, soft_wrap=True)
-                        failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems})
-                        continue
-                    # Back on the input file's own grid: its voxel order, affine and header.
-                    write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
-                    write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
-                    row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty,
-                           "warnings": rec.warnings}
-                    if stl:
-                        for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):
-                            verts, faces = mesh_from_mask(mask, vol.affine)
-                            if len(faces) == 0:
-                                continue  # an empty implant has no surface: reported below, no file
-                            atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, f"skullrec {cid} {kind} (mm)"))
-                    if rec.implant_empty:
-                        progress.console.print(f"[yellow]{cid}: empty implant (the model added no bone outside the defective skull)[/]")
-                    summary.append(row)
+        if progress is not None:
+            progress(0, len(ids))
+        # Read only one batch at a time: a 512^3 input is ~130 MB as uint8 plus float work arrays.
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            vols = [read_volume(files[cid], threshold=threshold) for cid in chunk]
+            for cid, vol in zip(chunk, vols):
+                if not vol.data.any():
+                    raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
+            recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
+            for cid, vol, rec in zip(chunk, vols, recs):
+                done += 1
+                if progress is not None:
+                    progress(done, len(ids))
+                for w in rec.warnings:
+                    say(f"warning: {files[cid]}: {w}")
+                if not rec.usable:
+                    # Garbage is never written as a result: report it, write nothing for this case.
+                    say(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}")
+                    failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems})
+                    continue
+                # Back on the input file's own grid: its voxel order, affine and header.
+                write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
+                write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
+                row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty,
+                       "warnings": rec.warnings}
+                if stl:
+                    for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):
+                        verts, faces = mesh_from_mask(mask, vol.affine)
+                        if len(faces) == 0:
+                            continue  # an empty implant has no surface: reported below, no file
+                        atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, f"skullrec {cid} {kind} (mm)"))
+                if rec.implant_empty:
+                    say(f"{cid}: empty implant (the model added no bone outside the defective skull)")
+                summary.append(row)
         if not summary:
             # No usable output at all: fail (exit 2) and leave nothing behind (the staging folder goes).
             first = failed[0]
@@ -284,7 +289,6 @@ def predict_command(
         report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta, "input": str(inp), "device": str(dev),
                   "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary, "failed": failed}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
-    n_empty = sum(r["implant_empty"] for r in summary)
-    console.print(f"{len(summary)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}"
-                  + (f"; no result for {len(failed)} (see the warnings above and predict.json)" if failed else ""))
-    return Path(out)
+    return summary
+
+

@@ -419,7 +419,7 @@ def train(
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     dinfo = distributed.current()  # a torchrun (DDP) job, or a single process (skullrec.training.distributed)
-    log = log or (lambda s: print(s, flush=True))
+    log = log or (lambda s: None)
     if progress is None:
         progress = sys.stderr.isatty()
     if not dinfo.is_main:  # only rank 0 prints and writes the run folder; the ranks hold identical weights
@@ -561,14 +561,11 @@ def train(
 
 
 def _interrupted(run_dir: Path, epoch: int, step: int) -> KeyboardInterrupt:
+    """The KeyboardInterrupt a stopped run raises; its message (printed by the CLI) says how to continue."""
     where = f"epoch {epoch} step {step}" if step else f"the start of epoch {epoch}"
-    print(
-        f"interrupted: state saved in {run_dir / STATE_FILE}; continue from {where} with: "
-        f"skullrec train --resume {run_dir}",
-        file=sys.stderr,
-        flush=True,
+    return KeyboardInterrupt(
+        f"interrupted: state saved in {run_dir / STATE_FILE}; continue from {where} with: skullrec train --resume {run_dir}"
     )
-    return KeyboardInterrupt()
 
 
 def _monitor(model, split: TensorSplit, cfg: Config, reg: Any, loss_fn, epoch: int, dev: torch.device) -> dict[str, float]:
@@ -595,31 +592,27 @@ def _summary_line(r: dict[str, Any], epochs: int) -> str:
     return "  ".join(parts)
 
 
-def train_command(
-    config: Path | None,
+def run_training(
+    config: Path,
     overrides: list[str],
-    run_dir: Path | None,
-    resume: Path | None,
-    force: bool,
-    device: str,
-    overwrite: bool,
-) -> None:
-    """``skullrec train``: load and check the config, settle the run folder, train."""
-    if config is None and resume is None:
-        raise InputError("--config: required (or --resume RUN_DIR to continue a run with its own config)")
-    if resume is not None and run_dir is not None and Path(run_dir) != Path(resume):
-        raise InputError(f"--run-dir {run_dir}: give either --run-dir or --resume, not two different folders")
-    if resume is not None and not (Path(resume) / CONFIG_FILE).is_file():
-        raise InputError(f"{resume}: not a run folder (no {CONFIG_FILE}); nothing to resume")
-    if config is None:
-        config = Path(resume) / CONFIG_FILE
+    run_dir: Path | None = None,
+    resume: Path | None = None,
+    force: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Load and check the config, settle the run folder (``resume`` or ``run_dir`` or runs/NAME), train; returns the folder.
+
+    Under torchrun (WORLD_SIZE > 1) the process joins the process group and trains on cuda:LOCAL_RANK.
+    """
+    log = log or (lambda s: None)
     cfg = load_config(config, overrides)
-    # Under torchrun (WORLD_SIZE > 1) join the process group; each process gets its device (cuda:LOCAL_RANK).
     dinfo, dev = distributed.setup(resolve_device(device))
     lock = None
+    folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
     try:
         distributed.check_batch_size(cfg.train.batch_size, dinfo)
-        folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
         if resume is None and dinfo.is_main:
             _check_new_run_dir(folder, overwrite)
         # Data problems (missing split, wrong size) are reported before the run folder is touched.
@@ -630,12 +623,12 @@ def train_command(
         distributed.barrier(dinfo)
         if resume is not None and run_finished(folder):
             if dinfo.is_main:
-                print(f"{folder}: already finished ({cfg.train.epochs} epochs); nothing to do", flush=True)
-            return
+                log(f"{folder}: already finished ({cfg.train.epochs} epochs); nothing to do")
+            return folder
         if dinfo.is_main:
             ranks = f" x {dinfo.world_size} processes ({dinfo.backend})" if dinfo.enabled else ""
-            print(f"training {cfg.name} ({cfg.train.method}) on {dev}{ranks} -> {folder}", flush=True)
-        train(cfg, folder, device=dev, resume=resume is not None, data=data, force=force)
+            log(f"training {cfg.name} ({cfg.train.method}) on {dev}{ranks} -> {folder}")
+        train(cfg, folder, device=dev, resume=resume is not None, data=data, force=force, log=log)
         # Leave together: a rank that tears down while rank 0 still writes the last checkpoints can see
         # its gloo connections closed under it and abort (seen once in CI as SIGABRT on rank 1).
         distributed.barrier(dinfo)
@@ -643,6 +636,7 @@ def train_command(
         distributed.teardown()
         if lock is not None:
             lock.close()
+    return folder
 
 
 __all__ = [
@@ -653,5 +647,5 @@ __all__ = [
     "make_optimizer",
     "evaluate_dsc",
     "train",
-    "train_command",
+    "run_training",
 ]

@@ -85,31 +85,13 @@ def streamlit_command(app: Path, host: str, port: int, max_upload_mb: int = DEFA
     ]
 
 
-def view_command(data: Path | None, runs: Path | None, results: Path | None, host: str, port: int) -> None:
-    """Start the Streamlit viewer (blocks until Ctrl-C); defaults: data/synthetic, checkpoints under runs/ and results/."""
-    if not 1 <= int(port) <= 65535:
-        raise InputError(f"--port: must be between 1 and 65535, got {port}")
-    if results is not None and not Path(results).is_file():
-        raise InputError(f"{results}: no such results CSV")
-    for flag, folder in (("--data", data), ("--runs", runs)):
-        if folder is not None and not Path(folder).is_dir():
-            raise InputError(f"{folder}: no such folder (given as {flag})")
-    # Absolute paths: streamlit keeps the working directory, but the page must not depend on it.
-    settings = ViewerSettings(
-        data=Path(data or DEFAULT_DATA).resolve(),
-        runs=(Path(runs).resolve(),) if runs is not None else tuple(r.resolve() for r in DEFAULT_RUN_ROOTS),
-        results=Path(results).resolve() if results is not None else None,
-    )
+def launch(settings: ViewerSettings, host: str, port: int) -> int:
+    """Run ``streamlit run app/viewer.py`` with ``settings`` until it exits (Ctrl-C stops it); returns its exit code."""
     env = {**os.environ, **settings.to_env()}
-    cmd = streamlit_command(app_path(), host, port, settings.max_upload_mb)
-    where = ", ".join(str(r) for r in settings.runs)
-    print(f"skullrec view: http://{host}:{port}  (data {settings.data}; checkpoints under {where}; Ctrl-C stops)", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(streamlit_command(app_path(), host, port, settings.max_upload_mb), env=env)
     try:
-        code = proc.wait()
+        return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(timeout=10)
         raise
-    if code != 0:
-        raise InputError(f"streamlit exited with code {code} (is port {port} free?)")

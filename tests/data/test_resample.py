@@ -12,7 +12,7 @@ from conftest import SKULLFIX_TRAINING
 from skimage.measure import block_reduce
 from typer.testing import CliRunner
 
-from skullrec.cli import app
+from skullrec.cli import app, prepare_command
 from skullrec.data import build as B
 from skullrec.data import resample as P
 from skullrec.errors import InputError
@@ -154,7 +154,7 @@ def _write_pairs(folder: Path, n: int, defective: bool = True, shape=(40, 36, 30
 def test_prepare_command_with_given_defects_writes_the_layout(tmp_path: Path) -> None:
     _write_pairs(tmp_path / "src", 3)
     out = tmp_path / "ds"
-    B.prepare_command(complete=tmp_path / "src" / "complete", out=out, defective=tmp_path / "src" / "defective",
+    prepare_command(complete=tmp_path / "src" / "complete", out=out, defective=tmp_path / "src" / "defective",
                       size=16, margin_mm=2.0, eval_fraction=0.0, seed=0, workers=1)
     man = json.loads((out / "manifest.json").read_text())
     assert [r["case_id"] for r in man["cases"]] == ["000", "001", "002"]
@@ -174,21 +174,21 @@ def test_prepare_command_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="no volume files"):
-        B.prepare_command(complete=empty, out=tmp_path / "o1")
+        prepare_command(complete=empty, out=tmp_path / "o1")
     _write_pairs(tmp_path / "src", 2)
     (tmp_path / "src" / "defective" / "001.nii.gz").unlink()
     with pytest.raises(InputError, match="001.nii.gz: no defective partner"):
-        B.prepare_command(complete=tmp_path / "src" / "complete", out=tmp_path / "o2", defective=tmp_path / "src" / "defective")
+        prepare_command(complete=tmp_path / "src" / "complete", out=tmp_path / "o2", defective=tmp_path / "src" / "defective")
     write_nifti(tmp_path / "src" / "defective" / "001.nii.gz", np.zeros((40, 36, 29), np.uint8), np.eye(4))
     with pytest.raises(InputError, match=r"defective/001.nii.gz: shape \(40, 36, 29\) differs"):
-        B.prepare_command(complete=tmp_path / "src" / "complete", out=tmp_path / "o3", defective=tmp_path / "src" / "defective",
+        prepare_command(complete=tmp_path / "src" / "complete", out=tmp_path / "o3", defective=tmp_path / "src" / "defective",
                           size=16, eval_fraction=0.0, workers=1)
     assert not (tmp_path / "o3").exists()  # nothing half-written
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
     with pytest.raises(InputError, match="--overwrite"):
-        B.prepare_command(complete=tmp_path / "src" / "complete", out=busy)
+        prepare_command(complete=tmp_path / "src" / "complete", out=busy)
     assert (busy / "keep.txt").read_text() == "x"
 
 
@@ -277,8 +277,8 @@ def test_prepare_command_eval_sets_are_seeded_and_worker_independent(tmp_path: P
     _write_pairs(tmp_path / "src", 3)
     kw = dict(complete=tmp_path / "src" / "complete", defective=tmp_path / "src" / "defective", size=16,
               margin_mm=2.0, eval_fraction=0.4, seed=5)
-    B.prepare_command(out=tmp_path / "a", workers=1, **kw)
-    B.prepare_command(out=tmp_path / "b", workers=2, **kw)
+    prepare_command(out=tmp_path / "a", workers=1, **kw)
+    prepare_command(out=tmp_path / "b", workers=2, **kw)
     man = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert man == json.loads((tmp_path / "b" / "manifest.json").read_text())
     ev = man["meta"]["eval_ids"]

@@ -110,8 +110,8 @@ def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def test_experiment_end_to_end_is_resumable_and_caches_scores(tmp_path, capsys):
     """A 2-method x 2-seed sweep on 16^3 shells, scored as skulls and as implants: tables, figures,
     collapse rows, implant scores equal to a direct computation; a rerun reuses everything."""
+    from skullrec.cli import experiment_command
     from skullrec.data.layout import write_case
-    from skullrec.experiment.sweep import experiment_command
 
     rng = np.random.default_rng(0)
     data = tmp_path / "data"

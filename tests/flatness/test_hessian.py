@@ -18,8 +18,8 @@ from torch.autograd.functional import hessian
 from torch.func import functional_call
 
 import skullrec.flatness.hessian as fl
-import skullrec.flatness.measure as fm
 import skullrec.flatness.regularizer as fr
+from skullrec.cli import flatness_command
 from skullrec.config import Config, FamConfig, ModelConfig
 from skullrec.errors import ConfigError, InputError
 from skullrec.flatness.hessian import (
@@ -388,7 +388,7 @@ def test_flatness_command_prints_estimates_and_exact_values(tmp_path, capsys):
     cfg = Config(model=ModelConfig(size=16, channels=[4, 8, 8], strides=[2, 2, 2], latent_size=2))
     model = build_model(cfg.model, seed=0)
     path = ckpt_mod.save_checkpoint(tmp_path / "m.safetensors", model, cfg)
-    results = fm.flatness_command(checkpoint=path, data=root, split="train", samples=16, max_cases=None, device="cpu")
+    results = flatness_command(checkpoint=path, data=root, split="train", samples=16, max_cases=None, device="cpu")
     out = capsys.readouterr().out
     assert "3 cases" in out and "Tr(H)" in out and "kappa_hat" in out and "kappa (neuron)" in out
     (r,) = results
@@ -403,4 +403,4 @@ def test_flatness_command_prints_estimates_and_exact_values(tmp_path, capsys):
     assert abs(r.trace_mean - r.trace_exact) < 4 * r.trace_se + 1e-6
     assert r.norm_sq == pytest.approx(float((model.decodeL.weight**2).sum()), rel=1e-6)
     with pytest.raises(InputError, match="--samples"):
-        fm.flatness_command(checkpoint=path, data=root, split="train", samples=1, max_cases=None, device="cpu")
+        flatness_command(checkpoint=path, data=root, split="train", samples=1, max_cases=None, device="cpu")

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
-from skullrec.cli import app
+from skullrec.cli import app, predict_command
 from skullrec.data import resample as P
 from skullrec.inference import mesh as M
 from skullrec.inference import predict as Q
@@ -170,7 +170,7 @@ def test_predict_command_writes_nifti_and_stl_on_the_input_grid(tmp_path: Path, 
     cfg = config.config_from_dict({"model": {"size": SIZE}})
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (model, cfg, {"epoch": 1}))
     out = tmp_path / "out"
-    Q.predict_command(checkpoint=tmp_path / "fake.safetensors", inp=tmp_path / "in", out=out, stl=True, batch_size=2, device="cpu")
+    predict_command(checkpoint=tmp_path / "fake.safetensors", inp=tmp_path / "in", out=out, stl=True, batch_size=2, device="cpu")
     report = json.loads((out / "predict.json").read_text())
     assert [c["case_id"] for c in report["cases"]] == ["a", "b"]
     lo, hi = _world_bbox(defective)
@@ -208,7 +208,7 @@ def test_predict_command_reports_an_empty_implant(tmp_path: Path, monkeypatch: p
     cfg = config.config_from_dict({"model": {"size": SIZE}})
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (model, cfg, {}))
     out = tmp_path / "out"
-    Q.predict_command(checkpoint=tmp_path / "c", inp=tmp_path / "in", out=out, stl=True, device="cpu")
+    predict_command(checkpoint=tmp_path / "c", inp=tmp_path / "in", out=out, stl=True, device="cpu")
     assert read_volume(out / "implant" / "a.nii.gz").data.sum() == 0
     assert json.loads((out / "predict.json").read_text())["cases"][0]["implant_empty"] is True
     assert not (out / "stl" / "a_implant.stl").exists()

@@ -21,14 +21,14 @@ from monai.losses import DiceLoss
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from skullrec.cli import app
+from skullrec.cli import app, train_command
 from skullrec.config import load_config
 from skullrec.data.layout import load_split, write_case
 from skullrec.errors import InputError
 from skullrec.flatness.regularizer import FamRegularizer
 from skullrec.nets.autoencoder import build_model, get_linear
 from skullrec.nets.checkpoint import load_checkpoint, load_training_state
-from skullrec.training.trainer import checkpoint_path, run_finished, train, train_command, train_step
+from skullrec.training.trainer import checkpoint_path, run_finished, train, train_step
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 EPOCHS = 3  # 8 cases, batch 4: 2 steps per epoch

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 from conftest import REPO
 
+from skullrec.cli import view_command
 from skullrec.errors import InputError
 from skullrec.io import Volume, read_volume
 from skullrec.viewer import helpers as V
@@ -113,7 +114,7 @@ def test_view_command_runs_streamlit_headless_on_localhost(monkeypatch, dataset:
             return 0
 
     monkeypatch.setattr(L.subprocess, "Popen", FakePopen)
-    L.view_command(data=dataset, runs=runs, results=None, host="127.0.0.1", port=8765)
+    view_command(data=dataset, runs=runs, results=None, host="127.0.0.1", port=8765)
     cmd = seen["cmd"]
     assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == APP
     opts = dict(zip(cmd[5::2], cmd[6::2]))
@@ -123,11 +124,11 @@ def test_view_command_runs_streamlit_headless_on_localhost(monkeypatch, dataset:
     assert seen["env"][L.ENV_DATA] == str(dataset.resolve()) and seen["env"][L.ENV_RUNS] == str(runs.resolve())
 
     with pytest.raises(InputError, match="--port"):
-        L.view_command(data=None, runs=None, results=None, host="127.0.0.1", port=0)
+        view_command(data=None, runs=None, results=None, host="127.0.0.1", port=0)
     with pytest.raises(InputError, match="nowhere.*--data"):
-        L.view_command(data=dataset / "nowhere", runs=None, results=None, host="127.0.0.1", port=8501)
+        view_command(data=dataset / "nowhere", runs=None, results=None, host="127.0.0.1", port=8501)
     with pytest.raises(InputError, match="no such results CSV"):
-        L.view_command(data=None, runs=None, results=dataset / "x.csv", host="127.0.0.1", port=8501)
+        view_command(data=None, runs=None, results=dataset / "x.csv", host="127.0.0.1", port=8501)
 
 
 def test_view_cli_reports_bad_folder_in_one_line(dataset: Path) -> None:
