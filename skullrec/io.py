@@ -184,24 +184,68 @@ def list_volumes(folder: str | Path) -> dict[str, Path]:
     return dict(sorted(cases.items()))
 
 
-def _check_gzip(path: Path) -> None:
-    """Read a gzip file to the end so that truncation is reported as such, not as a numpy error."""
+# The most voxels (and decoded bytes) one volume may have. Checked from the header, before any
+# voxel is read, so a tiny file whose header claims 1500^3 voxels costs nothing. 2^29 voxels is
+# e.g. 1024 x 1024 x 512, four times a 512 x 512 x 512 scan and 5-10x a SkullFix skull
+# (512 x 512 x 211-394); processing needs several float32 copies, so this is also about the most
+# a 16-32 GB machine handles.
+MAX_VOXELS = 2**29
+MAX_BYTES = 2 * 2**30
+
+
+def check_size(path: str | Path, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a volume whose header claims more than :data:`MAX_VOXELS` voxels or :data:`MAX_BYTES` bytes."""
+    n = 1
+    for s in shape:
+        n *= max(int(s), 0)
+    shown = " x ".join(str(int(s)) for s in shape)
+    if n > MAX_VOXELS or n * itemsize > MAX_BYTES:
+        raise InputError(
+            f"{path}: header claims {shown} voxels ({n * itemsize / 2**30:.1f} GiB); "
+            f"the limit is {MAX_VOXELS:,} voxels and {MAX_BYTES / 2**30:g} GiB per volume"
+        )
+
+
+def _check_gzip(path: Path) -> int:
+    """Read a gzip file to the end (in 4 MB pieces) so that truncation is reported as such; returns the decoded size."""
+    total = 0
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    return total
+
+
+def _nifti_header(path: Path) -> Any:
+    """The image object with only its header read (nibabel reads voxels lazily)."""
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for broken files
+        # nibabel's messages can span lines ("...from \n - could the file be damaged?"); keep one line.
+        detail = " ".join(str(exc).split())
+        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)
+    img = _nifti_header(path)
+    hdr = img.header
+    stored = np.dtype(hdr.get_data_dtype())
+    slope, inter = hdr.get_slope_inter()
+    scaled = (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
+    # Scaled data come back as float64; check the size of what would be allocated.
+    check_size(path, img.shape, max(stored.itemsize, 8 if scaled else 0))
+    # The image's own header has its offset reset for writing; the array proxy keeps the file's.
+    offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))
+    needed = offset + int(np.prod(img.shape, dtype=np.int64)) * stored.itemsize
+    have = _check_gzip(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+    if have < needed:
+        # Refuse before allocating: nibabel would allocate the whole claimed array, then fail.
+        raise InputError(f"{path}: truncated: the header needs {needed:,} bytes of data, the file holds {have:,}")
     try:
-        img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for broken files
-        # nibabel's messages can span lines ("...from \n - could the file be damaged?"); keep one line.
         detail = " ".join(str(exc).split())
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
     header = img.header.copy()
@@ -217,7 +261,12 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
         except OSError as exc:
             raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only
+        pixel = sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype
+        check_size(path, tuple(reader.GetSize()), pixel.itemsize * max(reader.GetNumberOfComponents(), 1))
+        img = reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
         raise InputError(f"{path}: not a readable NRRD file ({first})") from None

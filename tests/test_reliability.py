@@ -245,3 +245,61 @@ def test_predict_writes_no_garbage_and_fails_when_nothing_is_usable(tmp_path: Pa
         assert sorted(p.name for p in tmp_path.iterdir()) == ["all.safetensors", "in", "o", "one.safetensors"]
     finally:
         mp.undo()
+
+
+# ------------------------------------------------------------------------------------------
+# bounded work from a header
+# ------------------------------------------------------------------------------------------
+
+
+def _lying_nifti(path: Path, shape: tuple[int, int, int], dtype=np.uint8) -> Path:
+    """A few-hundred-byte NIfTI whose header claims ``shape`` (the voxel data are not there)."""
+    import gzip
+
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(dtype)
+    hdr["vox_offset"] = 352
+    raw = hdr.binaryblock + b"\0" * 4 + b"\0" * 1000
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def _lying_nrrd(path: Path, shape: tuple[int, int, int]) -> Path:
+    path.write_text("NRRD0004\ntype: unsigned char\ndimension: 3\nsizes: " + " ".join(map(str, shape))
+                    + "\nencoding: gzip\n\n")
+    return path
+
+
+@pytest.mark.parametrize("name, shape, message", [
+    ("huge.nii.gz", (1500, 1500, 1500), "header claims 1500 x 1500 x 1500 voxels (3.1 GiB); the limit is 536,870,912 voxels"),
+    ("huge.nii", (5000, 5000, 5000), "header claims 5000 x 5000 x 5000 voxels"),
+    ("short.nii.gz", (800, 800, 800), "truncated: the header needs 512,000,352 bytes of data, the file holds 1,352"),
+    ("huge.nrrd", (1500, 1500, 1500), "header claims 1500 x 1500 x 1500 voxels"),
+])
+def test_a_tiny_file_with_a_huge_header_is_refused_before_allocation(tmp_path: Path, name: str, shape, message: str) -> None:
+    import tracemalloc
+
+    from skullrec.io import read_volume
+
+    path = (_lying_nrrd if name.endswith(".nrrd") else _lying_nifti)(tmp_path / name, shape)
+    assert path.stat().st_size < 2000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as err:
+            read_volume(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value), str(err.value)
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # numpy arrays are traced: nothing big was made
+
+
+def test_the_viewer_upload_is_bounded_by_the_header_too(tmp_path: Path) -> None:
+    from skullrec.viewer.helpers import read_upload
+
+    payload = _lying_nifti(tmp_path / "x.nii.gz", (1500, 1500, 1500)).read_bytes()
+    with pytest.raises(InputError, match=r"^scan.nii.gz: header claims 1500 x 1500 x 1500 voxels"):
+        read_upload("scan.nii.gz", payload)
