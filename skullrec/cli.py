@@ -21,7 +21,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, describe_os_error
 
 app = typer.Typer(
     name="skullrec",
@@ -33,7 +33,7 @@ app = typer.Typer(
 
 
 def user_errors(fn):
-    """Turn InputError into a one-line message and exit code 2, KeyboardInterrupt into exit 130."""
+    """Turn InputError, OSError and MemoryError into a one-line message and exit code 2, KeyboardInterrupt into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,6 +41,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except InputError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # permission denied, read-only file system, disk full, ...
+            typer.echo(f"error: {describe_os_error(exc)}", err=True)
+            raise typer.Exit(2) from None
+        except MemoryError:
+            typer.echo("error: out of memory (the volumes are too large for this machine; try fewer or smaller inputs)", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             if exc.args:  # e.g. the trainer's "state saved ...; continue with ..." line
@@ -77,7 +83,8 @@ def _bar(label: str, console: Any) -> Iterator[Callable[[int, int | None], None]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar = Progress(*columns, console=console, transient=True)
+    # Off when stderr is not a terminal (a log file, a pipe): rich would leave a blank line there.
+    bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
     task = None
 
     def update(done: int, total: int | None = None) -> None:

@@ -21,6 +21,7 @@ User mistakes (missing file, corrupt gzip, 4D data, NaN, non-binary values, ...)
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import tempfile
 import zlib
@@ -40,6 +41,9 @@ VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 
 # ITK's world space is LPS, NIfTI's is RAS: flipping the first two world axes converts between them.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+# Warnings (not errors) go through logging: printed as the bare message on stderr unless configured.
+_log = logging.getLogger("skullrec")
 
 # The voxel order every Volume is read into (SkullFix's: axis 0 -> left, 1 -> posterior, 2 -> superior).
 CANONICAL_AXCODES = ("L", "P", "S")
@@ -167,18 +171,33 @@ def is_volume_file(path: str | Path) -> bool:
 def list_volumes(folder: str | Path) -> dict[str, Path]:
     """Map case id -> file for every volume file in ``folder`` (not recursive), sorted by id.
 
-    Raises InputError for a missing folder, an empty one, or two files with the same case id.
+    Raises InputError for a missing folder, a file given instead of a folder, an unreadable or
+    empty folder, or two files with the same case id. Other files are skipped with one warning
+    that lists them (hidden files and detached NRRD data, ``.raw[.gz]``, silently).
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise InputError(f"{folder}: is a file; give the folder that holds the volume files")
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
     cases: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
+    skipped: list[str] = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot read this folder ({exc.strerror or exc})") from None
+    for p in entries:
         if p.is_file() and is_volume_file(p):
             cid = case_id(p)
             if cid in cases:
                 raise InputError(f"{p}: case id '{cid}' also used by {cases[cid].name}")
             cases[cid] = p
+        elif p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith((".raw", ".raw.gz")):
+            skipped.append(p.name)
+    if skipped and cases:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        _log.warning(f"warning: {folder}: skipped {len(skipped)} file(s) of unsupported type: {shown} "
+                     f"(reading {', '.join(VOLUME_SUFFIXES)})")
     if not cases:
         raise InputError(f"{folder}: no volume files (.nii, .nii.gz, .nrrd) in this folder")
     return dict(sorted(cases.items()))

@@ -155,9 +155,19 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no training state; nothing to resume")
+    import pickle
+
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+    except pickle.UnpicklingError as exc:
+        # torch's restricted unpickler met a Python object (a class, a function, a __reduce__ payload).
+        # skullrec never writes one; say so, without torch's hint to retry with weights_only=False.
+        if "weights only load failed" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise InputError(f"{path}: not a skullrec training state: it holds Python objects (not just tensors and "
+                             "plain values), which skullrec never writes; refused without loading them") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: corrupt or truncated training state ({reason[:200]})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for bad files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: corrupt or truncated training state ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

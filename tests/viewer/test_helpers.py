@@ -113,6 +113,9 @@ def test_view_command_runs_streamlit_headless_on_localhost(monkeypatch, dataset:
         def wait(self, timeout=None):
             return 0
 
+        def poll(self):
+            return 0
+
     monkeypatch.setattr(L.subprocess, "Popen", FakePopen)
     view_command(data=dataset, runs=runs, results=None, host="127.0.0.1", port=8765)
     cmd = seen["cmd"]
