@@ -303,3 +303,129 @@ def test_the_viewer_upload_is_bounded_by_the_header_too(tmp_path: Path) -> None:
     payload = _lying_nifti(tmp_path / "x.nii.gz", (1500, 1500, 1500)).read_bytes()
     with pytest.raises(InputError, match=r"^scan.nii.gz: header claims 1500 x 1500 x 1500 voxels"):
         read_upload("scan.nii.gz", payload)
+
+
+# ------------------------------------------------------------------------------------------
+# no traceback for user-facing failures
+# ------------------------------------------------------------------------------------------
+
+
+def test_config_values_are_validated_wherever_they_come_from(tmp_path: Path) -> None:
+    import json
+
+    from skullrec.config import ConfigError, load_config
+
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == pytest.approx(0.001)
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 3e-4\n  weight_decay: 1E-5\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.train.lr, cfg.train.weight_decay) == (pytest.approx(3e-4), pytest.approx(1e-5))
+    for override, message in (("model.channels=[20,40,80,160,-8]", "model.channels: every entry must be >= 1"),
+                              ("model.strides=[2,2,2,2,0]", "model.strides: every entry must be 1 or 2"),
+                              ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
+                              ("train.lr=.inf", "train.lr: must be a finite number")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    # A checkpoint whose metadata carries such a config is refused in one line (the tensors are intact).
+    from skullrec.nets.checkpoint import load_checkpoint
+
+    good = _tiny_checkpoint(tmp_path / "m.safetensors")
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta_cfg = json.loads(header["__metadata__"]["config"])
+    meta_cfg["model"]["channels"] = [2, 2, 2, 2, -8]
+    header["__metadata__"]["config"] = json.dumps(meta_cfg)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+    with pytest.raises(InputError, match=r"bad\.safetensors: checkpoint config invalid .*model\.channels: every entry must be >= 1"):
+        load_checkpoint(bad)
+
+
+def test_unsupported_files_are_listed_in_one_warning_and_a_file_is_not_a_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from skullrec.io import list_volumes
+
+    shell, aff = _shell((8, 8, 8))
+    _write_input(tmp_path, "a.nii.gz", shell, aff)
+    for name in ("notes.txt", "scan.png", ".DS_Store", "b.raw.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="skullrec"):
+        assert list(list_volumes(tmp_path)) == ["a"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {tmp_path}: skipped 2 file(s) of unsupported type: notes.txt, scan.png (reading .nii, .nii.gz, .nrrd, .nhdr)"
+    ]
+    with pytest.raises(InputError, match=r"a\.nii\.gz: is a file; give the folder that holds the volume files"):
+        list_volumes(tmp_path / "a.nii.gz")
+
+
+def test_an_all_background_upload_is_named_in_the_error(tmp_path: Path) -> None:
+    import gzip
+
+    import nibabel as nib
+
+    from skullrec.inference.predict import reconstruct
+    from skullrec.viewer.helpers import read_upload
+
+    blank = np.zeros((16, 16, 16), np.uint8)
+    vol = read_upload("blank.nii.gz", gzip.compress(nib.Nifti1Image(blank, np.eye(4)).to_bytes()))
+    with pytest.raises(InputError, match=r"^blank\.nii\.gz: no bone voxels"):
+        reconstruct(_Const(8.0), [vol])
+
+
+def test_unwritable_output_or_full_disk_is_one_line_exit_2_and_nothing_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    from skullrec import io as sio
+
+    shell, aff = _shell()
+    inp = tmp_path / "in"
+    _write_input(inp, "skull.nii.gz", shell, aff)
+    ckpt = _tiny_checkpoint(tmp_path / "m.safetensors")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    out = tmp_path / "out"
+
+    def denied(*args, **kwargs):  # what mkdtemp raises in a folder the user may not write (tests run as root)
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir", tmp_path)))
+
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkdtemp", denied)
+        res = _predict(["--checkpoint", str(ckpt), "--in", str(inp), "--out", str(out)])
+    assert res.exit_code == 2 and res.stderr == f"error: {tmp_path}: Permission denied\n", res.output
+
+    def full(img, filename):
+        Path(filename).write_bytes(b"part")
+        raise OSError(28, "No space left on device", str(filename))
+
+    with monkeypatch.context() as m:
+        m.setattr(sio.nib, "save", full)
+        res = _predict(["--checkpoint", str(ckpt), "--in", str(inp), "--out", str(out)])
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and res.stderr.endswith(": No space left on device\n")
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no output, staging or lock left behind
+
+
+_LAUNCHER = textwrap.dedent(
+    """
+    import sys
+    from skullrec.viewer import launch as L
+    server = "import os, time; print(os.getpid(), flush=True); time.sleep(300)"
+    L.streamlit_command = lambda *a, **k: [sys.executable, "-c", server]
+    sys.exit(L.launch(L.ViewerSettings(), "127.0.0.1", 8501))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_view_forwards_sigterm_and_sigint_to_its_server(sig: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        server = int(proc.stdout.readline())
+        os.kill(server, 0)  # running
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(server, 0)  # the server went with the launcher (reaped by it, so not even a zombie)
