@@ -159,7 +159,8 @@ from step_cost import make_batch
 from skullrec.config import Config, FamConfig, ModelConfig, dump_config
 from skullrec.data.cache import TensorSplit, TrainingData
 from skullrec.io import atomic_write_text
-from skullrec.training.trainer import CONFIG_FILE, train
+from skullrec.training.run_dir import CONFIG_FILE
+from skullrec.training.trainer import train
 
 dev = torch.device(os.environ["GPU_CHECK_DEVICE"])
 N, EPOCHS = int(os.environ["GPU_CHECK_CASES"]), int(os.environ["GPU_CHECK_EPOCHS"])

@@ -1,6 +1,6 @@
 """Drive the skullrec viewer in a real browser (Debian chromium + playwright) and take a screenshot.
 
-One code path for two users: tests/test_viewer_browser.py (end-to-end test, screenshot into the
+One code path for two users: tests/viewer/test_browser.py (end-to-end test, screenshot into the
 test's temp folder) and the README screenshot::
 
     .venv/bin/python scripts/screenshot_viewer.py --data data/synthetic --runs results/demo/runs --out docs/viewer.png

@@ -199,7 +199,8 @@ def train_command(
     config: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None, force: bool, device: str, overwrite: bool,
 ) -> None:
     """``skullrec train``: check the flags, then load the config, settle the run folder and train."""
-    from .training.trainer import CONFIG_FILE, run_training
+    from .training.run_dir import CONFIG_FILE
+    from .training.trainer import run_training
 
     if config is None and resume is None:
         raise InputError("--config: required (or --resume RUN_DIR to continue a run with its own config)")
@@ -396,7 +397,7 @@ def defects(
     out: Annotated[Path, typer.Option("--out", help="Output data-set folder.")],
     seed: SEED = 0,
     eval_fraction: Annotated[float, typer.Option(help="Fraction of cases that go to the evaluation sets.")] = 0.2,
-    threshold: Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")] = None,
+    threshold: THRESHOLD = None,
     overwrite: OVERWRITE = False,
 ) -> None:
     """Cut set-1 (training-like) and set-2 (different) defects into any folder of complete skulls."""
@@ -413,7 +414,7 @@ def prepare(
     margin_mm: Annotated[float, typer.Option(help="Margin around the bone's bounding box, in mm.")] = 4.0,
     eval_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for evaluation (set 1 and set 2 defects).")] = 0.2,
     seed: SEED = 0,
-    threshold: Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")] = None,
+    threshold: THRESHOLD = None,
     max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N cases.")] = None,
     overwrite: OVERWRITE = False,
 ) -> None:
@@ -461,7 +462,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
     stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
-    threshold: Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")] = None,
+    threshold: THRESHOLD = None,
     device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
 ) -> None:
@@ -479,7 +480,7 @@ def evaluate(
     target: Annotated[str, typer.Option(help="skull (reconstruction vs complete skull) or implant.")] = "skull",
     hd95: Annotated[str, typer.Option("--hd95", help="max (MONAI: max of directed 95th percentiles) or pooled (AutoImplant/MedPy).")] = "max",
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip cases without a partner and report the count.")] = False,
-    threshold: Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")] = None,
+    threshold: THRESHOLD = None,
     overwrite: OVERWRITE = False,
 ) -> None:
     """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""

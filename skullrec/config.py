@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 
 @dataclass
@@ -256,3 +256,76 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what a run directory stores)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# the experiment (skullrec experiment): a sweep of training runs
+
+
+@dataclass
+class MethodSpec:
+    """One arm of the sweep: a label and config overrides for the training config."""
+
+    name: str
+    method: str = "baseline"
+    lam: float = 0.0
+    set: list[str] = field(default_factory=list)  # extra --set overrides for this arm
+
+
+@dataclass
+class ExperimentConfig:
+    """A sweep over methods and seeds on one data set."""
+
+    name: str = "experiment"
+    out: str = "results/experiment"
+    base_config: str = "configs/baseline.yaml"  # training config every run starts from
+    data_root: str = "data/synthetic"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 200
+    checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
+    max_train_cases: int | None = None
+    max_eval_cases: int | None = None
+    eval_splits: list[str] = field(default_factory=lambda: ["eval_set1", "eval_set2"])
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="baseline")])
+    set: list[str] = field(default_factory=list)  # overrides applied to every run
+    hd95: str = "max"
+    targets: list[str] = field(default_factory=lambda: ["skull", "implant"])  # scored from one reconstruction
+    collapse_threshold: float = 0.95  # flag runs whose mean pairwise reconstruction DSC exceeds this
+    reference: str | None = "baseline"  # method the others are compared with, seed by seed (vs_reference.*)
+    synth_if_missing: dict[str, Any] | None = None  # e.g. {n_train: 100, n_eval: 20, seed: 0}
+
+
+def load_experiment(path: str | Path, overrides: list[str], scale: float | None) -> ExperimentConfig:
+    """Read and validate an experiment YAML; ``scale`` shrinks epochs and case counts."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such experiment config")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    apply_overrides(values, overrides)
+    try:
+        cfg: ExperimentConfig = _from_dict(ExperimentConfig, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not cfg.methods or not cfg.seeds:
+        raise ConfigError(f"{path}: methods and seeds must not be empty")
+    if len({m.name for m in cfg.methods}) != len(cfg.methods):
+        raise ConfigError(f"{path}: methods: names must be unique")
+    if cfg.hd95 not in ("max", "pooled"):
+        raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
+    if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:
+        raise ConfigError(f"{path}: targets must be a non-empty list of distinct skull|implant, got {cfg.targets}")
+    if cfg.reference is not None and cfg.reference not in {m.name for m in cfg.methods}:
+        raise ConfigError(f"{path}: reference: {cfg.reference!r} is not one of the methods")
+    if any(e > cfg.epochs or e < 1 for e in cfg.checkpoint_epochs):
+        raise ConfigError(f"{path}: checkpoint_epochs must lie in 1..epochs")
+    if scale is not None:
+        if not 0 < scale <= 1:
+            raise ConfigError(f"--scale: must be in (0, 1], got {scale}")
+        old = cfg.epochs
+        cfg.epochs = max(1, round(old * scale))
+        cfg.checkpoint_epochs = sorted({max(1, round(e * cfg.epochs / old)) for e in cfg.checkpoint_epochs})
+        if cfg.max_train_cases is not None:
+            cfg.max_train_cases = max(2, round(cfg.max_train_cases * scale))
+    return cfg

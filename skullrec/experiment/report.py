@@ -1,21 +1,18 @@
-"""The experiment's tables and figures: Table 2 (mean ± 95 % CI over seeds), differences to the baseline, plots.
-"""
+"""The experiment's tables and figures: Table 2 (mean ± 95 % CI over seeds), differences to the baseline, plots."""
 
 from __future__ import annotations
 
 import io as _io
 import itertools
-import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from ..config import ExperimentConfig
 from ..io import atomic_write_bytes
-
-if TYPE_CHECKING:  # annotations only; sweep imports this module
-    from .sweep import ExperimentConfig
+from ..training.run_dir import METRICS_FILE, read_metrics
 
 
 def _t975(n: int) -> float:
@@ -156,13 +153,6 @@ def _save_fig(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _epoch_records(run_dir: Path) -> list[dict]:
-    """The per-epoch records of a run's ``metrics.jsonl``, in epoch order."""
-    path = Path(run_dir) / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return sorted(records, key=lambda r: r.get("epoch", 0))
-
-
 def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list[dict], out: Path) -> list[Path]:
     """Figure 1 (training Dice-loss curves per method) and Figure 2 (boxplots per method and set)."""
     import matplotlib
@@ -173,7 +163,7 @@ def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for spec in exp.methods:
-        curves = [_epoch_records(runs[(spec.name, s)]) for s in exp.seeds if (spec.name, s) in runs]
+        curves = [read_metrics(Path(runs[(spec.name, s)]) / METRICS_FILE) for s in exp.seeds if (spec.name, s) in runs]
         curves = [[m["dice_loss"] for m in c if "dice_loss" in m] for c in curves]
         n = min((len(c) for c in curves), default=0)
         if n == 0:

@@ -29,87 +29,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from ..config import _from_dict, apply_overrides, dump_config, load_config
-from ..errors import ConfigError, InputError
+from ..config import ExperimentConfig, MethodSpec, dump_config, load_config, load_experiment
+from ..errors import InputError
 from ..io import atomic_write_text, json_default
+from ..training.run_dir import CONFIG_FILE, SWEEP_CONFIGS, SWEEP_RUNS, checkpoint_path, run_finished, sweep_config, sweep_log, sweep_run_dir
 from ..utils import Progress, resolve_device
 from .report import figures, table2, table2_markdown, versus_reference, versus_reference_markdown
-
-
-@dataclass
-class MethodSpec:
-    """One arm of the sweep: a label and config overrides for the training config."""
-
-    name: str
-    method: str = "baseline"
-    lam: float = 0.0
-    set: list[str] = field(default_factory=list)  # extra --set overrides for this arm
-
-
-@dataclass
-class ExperimentConfig:
-    """A sweep over methods and seeds on one data set."""
-
-    name: str = "experiment"
-    out: str = "results/experiment"
-    base_config: str = "configs/baseline.yaml"  # training config every run starts from
-    data_root: str = "data/synthetic"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 200
-    checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
-    max_train_cases: int | None = None
-    max_eval_cases: int | None = None
-    eval_splits: list[str] = field(default_factory=lambda: ["eval_set1", "eval_set2"])
-    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name="baseline")])
-    set: list[str] = field(default_factory=list)  # overrides applied to every run
-    hd95: str = "max"
-    targets: list[str] = field(default_factory=lambda: ["skull", "implant"])  # scored from one reconstruction
-    collapse_threshold: float = 0.95  # flag runs whose mean pairwise reconstruction DSC exceeds this
-    reference: str | None = "baseline"  # method the others are compared with, seed by seed (vs_reference.*)
-    synth_if_missing: dict[str, Any] | None = None  # e.g. {n_train: 100, n_eval: 20, seed: 0}
-
-
-def load_experiment(path: Path, overrides: list[str], scale: float | None) -> ExperimentConfig:
-    """Read and validate an experiment YAML; ``scale`` shrinks epochs and case counts."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such experiment config")
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    apply_overrides(values, overrides)
-    try:
-        cfg: ExperimentConfig = _from_dict(ExperimentConfig, values)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if not cfg.methods or not cfg.seeds:
-        raise ConfigError(f"{path}: methods and seeds must not be empty")
-    if len({m.name for m in cfg.methods}) != len(cfg.methods):
-        raise ConfigError(f"{path}: methods: names must be unique")
-    if cfg.hd95 not in ("max", "pooled"):
-        raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
-    if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:
-        raise ConfigError(f"{path}: targets must be a non-empty list of distinct skull|implant, got {cfg.targets}")
-    if cfg.reference is not None and cfg.reference not in {m.name for m in cfg.methods}:
-        raise ConfigError(f"{path}: reference: {cfg.reference!r} is not one of the methods")
-    if any(e > cfg.epochs or e < 1 for e in cfg.checkpoint_epochs):
-        raise ConfigError(f"{path}: checkpoint_epochs must lie in 1..epochs")
-    if scale is not None:
-        if not 0 < scale <= 1:
-            raise ConfigError(f"--scale: must be in (0, 1], got {scale}")
-        old = cfg.epochs
-        cfg.epochs = max(1, round(old * scale))
-        cfg.checkpoint_epochs = sorted({max(1, round(e * cfg.epochs / old)) for e in cfg.checkpoint_epochs})
-        if cfg.max_train_cases is not None:
-            cfg.max_train_cases = max(2, round(cfg.max_train_cases * scale))
-    return cfg
 
 
 def run_overrides(exp: ExperimentConfig, spec: MethodSpec, seed: int) -> list[str]:
@@ -131,18 +63,12 @@ def run_overrides(exp: ExperimentConfig, spec: MethodSpec, seed: int) -> list[st
     return sets + list(exp.set) + list(spec.set)
 
 
-def _run_dir(out: Path, spec: MethodSpec, seed: int) -> Path:
-    return out / "runs" / f"{spec.name}_seed{seed}"
-
-
 def _train_run(cfg_path: Path, run_dir: Path, device: str, log_path: Path) -> tuple[Path, int, float]:
     """Train (or resume) one run in a subprocess; returns (run_dir, exit code, seconds)."""
-    from ..training.trainer import run_finished
-
     if run_finished(run_dir):
         return run_dir, 0, 0.0
     cmd = [sys.executable, "-m", "skullrec", "train", "--config", str(cfg_path), "--device", device]
-    cmd += ["--resume", str(run_dir)] if (run_dir / "config.yaml").is_file() else ["--run-dir", str(run_dir)]
+    cmd += ["--resume", str(run_dir)] if (run_dir / CONFIG_FILE).is_file() else ["--run-dir", str(run_dir)]
     t0 = time.perf_counter()
     with open(log_path, "a") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -154,8 +80,8 @@ def train_sweep(
 ) -> dict[tuple[str, int], Path]:
     """Train every (method, seed) run not yet finished; returns the run folders. ``done(message)`` per finished run."""
     done = done or (lambda msg: None)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_RUNS).mkdir(parents=True, exist_ok=True)
+    (out / SWEEP_CONFIGS).mkdir(parents=True, exist_ok=True)
     tasks = []
     # Seed-major order: every method's seed-0 run finishes before any seed-1 run starts, so a sweep
     # stopped early still holds complete seeds that can be tabulated (``--set 'seeds=[0]'``).
@@ -163,20 +89,20 @@ def train_sweep(
         for spec in exp.methods:
             overrides = run_overrides(exp, spec, seed)
             cfg = load_config(exp.base_config, overrides)  # validates every run before any training starts
-            cfg_path = out / "configs" / f"{spec.name}_seed{seed}.yaml"
+            cfg_path = sweep_config(out, spec.name, seed)
             atomic_write_text(cfg_path, dump_config(cfg))
-            tasks.append(((spec.name, seed), cfg_path, _run_dir(out, spec, seed)))
+            tasks.append(((spec.name, seed), cfg_path, sweep_run_dir(out, spec.name, seed)))
     runs: dict[tuple[str, int], Path] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
-            pool.submit(_train_run, cfg_path, run_dir, device, out / "runs" / f"{key[0]}_seed{key[1]}.log"): key
+            pool.submit(_train_run, cfg_path, run_dir, device, sweep_log(out, *key)): key
             for key, cfg_path, run_dir in tasks
         }
         for fut in concurrent.futures.as_completed(futures):
             key = futures[fut]
             run_dir, rc, secs = fut.result()
             if rc != 0:
-                log = out / "runs" / f"{key[0]}_seed{key[1]}.log"
+                log = sweep_log(out, *key)
                 tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
                 raise InputError(f"run {key[0]} seed {key[1]} failed (exit {rc}): {' '.join(tail)}; see {log}")
             done(f"done {key[0]} seed {key[1]}" + (f" ({secs:.0f} s)" if secs else " (reused)"))
@@ -208,7 +134,6 @@ def evaluate_runs(
     from ..data.layout import load_split
     from ..evaluation.evaluate import evaluate_arrays
     from ..nets.checkpoint import load_checkpoint
-    from ..training.trainer import checkpoint_path
 
     dev = resolve_device(device)
     report = progress or (lambda done, total: None)

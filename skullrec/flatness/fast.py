@@ -24,7 +24,7 @@ PReLU / LeakyReLU applies the slope it had in the training forward pass). Along 
 smooth (transposed convolutions, GroupNorm, sigmoid, Dice) and its second derivative at 0 is exactly
 autograd's v^T H v, so the bias is O(eps^2), and so is the gradient's.
 
-Estimators registered in :data:`skullrec.flatness.regularizer.ESTIMATORS` (choose with ``fam.estimator``):
+Estimators (the table :data:`skullrec.flatness.regularizer.ESTIMATORS` names them; choose with ``fam.estimator``):
 
 * ``"outspace"``: exact, reverse-mode autograd in the output space (double/third-order backward
   through decode_features only). Same value as "autograd" up to rounding; a reference, ~30 % cheaper.
@@ -63,8 +63,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..utils import unwrap
-from .hessian import FamTerm, rademacher, shape_trace
-from .regularizer import register_estimator
+from .hessian import FamTerm, fam_term, rademacher, shape_trace
 
 # Step of the second difference in decodeL's output space, relative to the RMS of each sample's z (so that it
 # follows the scale of the features as training changes them). Bias O(eps^2), rounding O(u/eps^2)
@@ -213,12 +212,10 @@ _WARNED: set[str] = set()
 
 def _fallback(name: str, why: str, reg: Any, *args: Any) -> FamTerm:
     """Plain autograd instead of a fast estimator that does not apply (warned once per reason)."""
-    from .regularizer import ESTIMATORS
-
     if why not in _WARNED:
         _WARNED.add(why)
         warnings.warn(f"fam.estimator={name}: {why}; using fam.estimator=autograd", stacklevel=3)
-    return ESTIMATORS["autograd"](reg, *args)
+    return autograd_estimator(reg, *args)
 
 
 def _forward_pieces(net: nn.Module, taps: _Taps, x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
@@ -309,7 +306,18 @@ def fd_quadratic_form(
     return (second / step.reshape(1, m).double() ** 2).mean().to(z.dtype)
 
 
-def _fd_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
+def autograd_estimator(
+    reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor, generator: torch.Generator | None
+) -> FamTerm:
+    """Plain autograd on the loss's own graph (:func:`skullrec.flatness.hessian.fam_term`): any model, any layers."""
+    cfg = reg.cfg
+    return fam_term(
+        loss, reg.weights(model), samples=cfg.samples, gradient=cfg.gradient, norm=cfg.norm, trace=cfg.trace,
+        generator=generator, names=reg.layers,
+    )
+
+
+def fd_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
                   generator: torch.Generator | None, *, fraction: float = 1.0, name: str = "fd") -> FamTerm:
     why = _applicable(reg, model, x, loss_fn)
     if why is not None:
@@ -337,7 +345,7 @@ def outspace_quadratic_form(z: Tensor, latent: Tensor, loss: Tensor, probes: Ten
     return total / probes.shape[0]
 
 
-def _outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
+def outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
                         generator: torch.Generator | None) -> FamTerm:
     why = _applicable(reg, model, x, loss_fn)
     if why is not None and "autocast" not in why:  # exact autograd: fine under autocast
@@ -354,38 +362,19 @@ def _outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_f
     return _finish(reg, weight, trace)
 
 
-def _prepare(model: nn.Module) -> None:
+def prepare_taps(model: nn.Module) -> None:
     """Attach the taps where the estimators can apply (a SkullAutoEncoder); other models use autograd."""
     net = unwrap(model)
     if isinstance(getattr(net, "decodeL", None), nn.Module) and isinstance(getattr(net, "decoder", None), nn.Module):
         attach_taps(net)
 
 
-def _register(name: str, fn: Callable[..., FamTerm]) -> None:
-    # FamRegularizer calls ``prepare(model)`` when it is built, before any forward pass, so the taps
-    # record from the first step on (a first step that had to recompute the forward pass would sum
-    # the gradients in another order: not bit-identical to a resumed run).
-    fn.prepare = _prepare  # type: ignore[attr-defined]
-    register_estimator(name, fn)
-
-
-def _fd_named(name: str, fraction: float) -> Callable[..., FamTerm]:
-    def estimator(*args: Any) -> FamTerm:
-        return _fd_estimator(*args, fraction=fraction, name=name)
-
-    return estimator
-
-
-_register("outspace", _outspace_estimator)
-_register("fd", _fd_named("fd", 1.0))
-_register("fd-half", _fd_named("fd-half", 0.5))
-_register("fd-quarter", _fd_named("fd-quarter", 0.25))
-
-FAST_ESTIMATORS = ("outspace", "fd", "fd-half", "fd-quarter")
-
 __all__ = [
     "FD_EPS",
-    "FAST_ESTIMATORS",
+    "autograd_estimator",
+    "fd_estimator",
+    "outspace_estimator",
+    "prepare_taps",
     "attach_taps",
     "detach_taps",
     "fd_quadratic_form",

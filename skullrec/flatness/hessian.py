@@ -258,3 +258,19 @@ def neuronwise_quad_forms(weight: Tensor, probes: Tensor, hv: Tensor) -> Tensor:
     """Per-probe Hutchinson values <w w^T V, H V> of neuron-wise kappa = Tr((w w^T (x) I) H)."""
     gram = weight.detach() @ weight.detach().T
     return (torch.matmul(gram, probes) * hv).flatten(1).sum(1)
+
+
+__all__ = [
+    "FamTerm",
+    "rademacher",
+    "hessian_vector_products",
+    "hutchinson_trace",
+    "exact_trace",
+    "layer_hessian",
+    "kappa_simplified",
+    "kappa_neuronwise",
+    "neuronwise_from_hessian",
+    "neuronwise_quad_forms",
+    "fam_term",
+    "shape_trace",
+]

@@ -143,23 +143,4 @@ def measure_checkpoint(
     return FlatnessReport(cases=len(x), loss=loss_value, layers=layers)
 
 
-__all__ = [
-    "FamTerm",
-    "FamRegularizer",
-    "ESTIMATORS",
-    "register_estimator",
-    "rademacher",
-    "hessian_vector_products",
-    "hutchinson_trace",
-    "exact_trace",
-    "layer_hessian",
-    "kappa_simplified",
-    "kappa_neuronwise",
-    "neuronwise_from_hessian",
-    "neuronwise_quad_forms",
-    "fam_term",
-    "shape_trace",
-    "measure_layer",
-    "FlatnessReport",
-    "measure_checkpoint",
-]
+__all__ = ["LayerFlatness", "measure_layer", "FlatnessReport", "measure_checkpoint"]

@@ -1,9 +1,10 @@
-"""The FAM regulariser used by the trainer (:class:`FamRegularizer`) and its table of penalty estimators.
-"""
+"""The FAM regulariser used by the trainer (:class:`FamRegularizer`) and the table of its penalty estimators."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,34 +12,32 @@ from torch import Tensor, nn
 
 from ..config import FamConfig
 from ..errors import ConfigError
-from .hessian import GRADIENTS, NORMS, TRACES, FamTerm, _check_option, fam_term
-
-# ----------------------------------------------------------------------------------------------
-# The regulariser used by the trainer, with a registry of estimators of the penalty.
-
-# An estimator computes the FamTerm for FamRegularizer ``reg`` on a batch. "autograd" (below) uses
-# the loss's own graph; faster ones (skullrec.flatness.fast) register themselves with register_estimator.
-Estimator = Callable[..., FamTerm]
-ESTIMATORS: dict[str, Estimator] = {}
+from . import fast
+from .hessian import GRADIENTS, NORMS, TRACES, FamTerm, _check_option
 
 
-def register_estimator(name: str, fn: Estimator) -> Estimator:
-    """Make ``fn(reg, model, x, y, loss_fn, loss, generator) -> FamTerm`` available as fam.estimator=name."""
-    ESTIMATORS[name] = fn
-    return fn
+@dataclass(frozen=True)
+class Estimator:
+    """One way to compute the FAM term: ``fn(reg, model, x, y, loss_fn, loss, generator) -> FamTerm``.
+
+    ``taps``: it reads the trainer's forward pass through hooks, which must be attached when the
+    regulariser is built, before any forward pass, so they record from the first step on (a first
+    step that had to recompute the forward pass would sum the gradients in another order: not
+    bit-identical to a resumed run).
+    """
+
+    fn: Callable[..., FamTerm]
+    taps: bool = False
 
 
-def _autograd_estimator(
-    reg: FamRegularizer, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor, generator: torch.Generator | None
-) -> FamTerm:
-    cfg = reg.cfg
-    return fam_term(
-        loss, reg.weights(model), samples=cfg.samples, gradient=cfg.gradient, norm=cfg.norm, trace=cfg.trace,
-        generator=generator, names=reg.layers,
-    )
-
-
-register_estimator("autograd", _autograd_estimator)
+# fam.estimator -> how the term is computed ("autograd" uses the loss's own graph; see skullrec.flatness.fast).
+ESTIMATORS: dict[str, Estimator] = {
+    "autograd": Estimator(fast.autograd_estimator),
+    "outspace": Estimator(fast.outspace_estimator, taps=True),
+    "fd": Estimator(functools.partial(fast.fd_estimator, fraction=1.0, name="fd"), taps=True),
+    "fd-half": Estimator(functools.partial(fast.fd_estimator, fraction=0.5, name="fd-half"), taps=True),
+    "fd-quarter": Estimator(functools.partial(fast.fd_estimator, fraction=0.25, name="fd-quarter"), taps=True),
+}
 
 
 class FamRegularizer:
@@ -59,13 +58,9 @@ class FamRegularizer:
         for key, value, allowed in (("gradient", cfg.gradient, GRADIENTS), ("norm", cfg.norm, NORMS), ("trace", cfg.trace, TRACES)):
             _check_option(key, value, allowed)
         if cfg.estimator not in ESTIMATORS:
-            _load_plugins()
-        if cfg.estimator not in ESTIMATORS:
             raise ConfigError(f"fam.estimator: unknown estimator {cfg.estimator!r} (available: {', '.join(ESTIMATORS)})")
-        # An estimator may need to see the forward passes (skullrec.flatness.fast records them with hooks).
-        prepare = getattr(ESTIMATORS[cfg.estimator], "prepare", None)
-        if prepare is not None:
-            prepare(model)
+        if ESTIMATORS[cfg.estimator].taps:
+            fast.prepare_taps(model)
         if cfg.lam > 0 and cfg.gradient == "full" and any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules()):
             raise ConfigError(
                 "fam.gradient: 'full' needs third derivatives, which torch computes wrongly through InstanceNorm; "
@@ -91,15 +86,7 @@ class FamRegularizer:
         generator: torch.Generator | None = None,
     ) -> FamTerm:
         """The regulariser on one batch; ``loss = loss_fn(model(x), y)`` must still have its graph."""
-        return ESTIMATORS[self.cfg.estimator](self, model, x, y, loss_fn, loss, generator)
+        return ESTIMATORS[self.cfg.estimator].fn(self, model, x, y, loss_fn, loss, generator)
 
 
-def _load_plugins() -> None:
-    """Import optional modules that register more estimators (absent ones are skipped)."""
-    import importlib
-
-    for mod in ("skullrec.flatness.fast",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+__all__ = ["Estimator", "ESTIMATORS", "FamRegularizer"]

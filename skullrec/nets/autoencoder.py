@@ -14,7 +14,7 @@ Differences from ``VarAutoEncoder`` and why:
 * normalisation ``GroupNorm(C, C, affine=False)`` instead of MONAI's default ``InstanceNorm3d``.
   Both compute the same forward pass, but in torch 2.13 the third-order backward through
   ``InstanceNorm3d`` (needed for the gradient of the FAM term) is silently wrong while GroupNorm's is
-  right; tests/test_model.py and tests/test_flatness.py check this against finite differences
+  right; tests/nets/test_autoencoder.py and tests/flatness/test_hessian.py check this against finite differences
   (numbers in docs/flatness.md).
 """
 

@@ -22,7 +22,7 @@ Semantics (docs/performance.md):
   regulariser (identical whenever the shards' estimates share a sign).
 * The model is wrapped without ``static_graph=True`` (with the FAM double backward it lets ranks drift
   apart silently) and without ``find_unused_parameters`` (every parameter gets a gradient every step;
-  tests/test_ddp.py checks that the ranks stay bit-identical).
+  tests/training/test_distributed.py checks that the ranks stay bit-identical).
 * Only rank 0 writes (run folder, metrics, checkpoints); the others compute the same validation.
 """
 
@@ -180,7 +180,6 @@ __all__ = [
     "current",
     "check_batch_size",
     "wrap",
-    "unwrap",
     "shard",
     "all_reduce_mean",
     "epoch_sums",

@@ -1,14 +1,8 @@
-"""Training loop, run folder, resume and metrics log behind ``skullrec train``.
+"""The training loop behind ``skullrec train``: a short loop over named steps, resume and the metrics log.
 
-A run folder (default ``runs/NAME``) holds::
-
-    config.yaml                  the resolved config
-    metrics.jsonl                one JSON record per epoch (see :func:`_epoch_record`)
-    ckpt_epoch100.safetensors    model checkpoints at train.checkpoint_epochs (skullrec.nets.checkpoint)
-    last.safetensors             the latest epoch
-    best.safetensors             best mean validation DSC (best training Dice loss without validation)
-    state.pt                     what --resume needs (weights, optimizer, epoch, step, best), weights-only
-    .skullrec-train.lock         held (fcntl) by the one trainer writing the folder; a second one is refused
+:func:`train` is ``_start`` (data, model, optimizer, regulariser, resumed state) and, per epoch,
+``_train_epoch`` (the steps) -> ``_epoch_record`` -> ``_validate`` -> ``_save_epoch`` (checkpoints, metrics,
+state). The run folder's files are named in :mod:`skullrec.training.run_dir`.
 
 Reproducibility: the initial weights come from ``seed``; epoch ``e``'s shuffle and Hutchinson probes
 come from generators seeded by ``(seed, e)`` (skullrec.data.cache.make_generator), and the probe generator's
@@ -24,60 +18,38 @@ are read once per epoch; the progress bar reads them at most twice a second, and
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..config import Config, config_from_dict, dump_config, load_config
+from ..config import Config, load_config
 from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
-from ..errors import ConfigError, InputError
-from ..io import atomic_write_text
-from ..nets.checkpoint import architecture, load_training_state, save_checkpoint, save_training_state
+from ..errors import InputError
+from ..nets.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ..utils import resolve_device
 from . import distributed
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "state.pt"
-LAST = "last.safetensors"
-BEST = "best.safetensors"
-
-
-# ----------------------------------------------------------------------------------------------
-# Run-folder helpers (also used by skullrec.experiment.sweep)
-
-
-def checkpoint_path(run_dir: str | Path, epoch: int | str) -> Path:
-    """The checkpoint of ``epoch`` in a run folder (``ckpt_epoch100.safetensors``); 'last' / 'best' also work."""
-    if epoch in ("last", "best"):
-        return Path(run_dir) / f"{epoch}.safetensors"
-    return Path(run_dir) / f"ckpt_epoch{int(epoch):03d}.safetensors"
-
-
-def run_finished(run_dir: str | Path) -> bool:
-    """True when the run in ``run_dir`` has completed all epochs of its config."""
-    run_dir = Path(run_dir)
-    try:
-        cfg = load_config(run_dir / CONFIG_FILE)
-        state = load_training_state(run_dir / STATE_FILE)
-    except InputError:
-        return False
-    return int(state.get("epoch", 0)) >= cfg.train.epochs and int(state.get("step", 0)) == 0
-
-
-
+from .run_dir import (
+    BEST,
+    LAST,
+    METRICS_FILE,
+    STATE_FILE,
+    check_new_run_dir,
+    checkpoint_path,
+    lock_run_dir,
+    read_metrics,
+    run_finished,
+    settle_run_dir,
+    write_metrics,
+)
 
 # ----------------------------------------------------------------------------------------------
 # One optimisation step
@@ -152,24 +124,6 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
         # Method 'asam' is what selects the adaptive variant (config validation refuses sam + adaptive).
         return SAM(model.parameters(), torch.optim.Adam, rho=cfg.sam.rho, adaptive=cfg.train.method == "asam", eta=cfg.sam.eta, **kw)
     return torch.optim.Adam(model.parameters(), **kw)
-
-
-def _optimizer_state(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    # A SAM wrapper keeps Adam's moments in its base optimizer, which its own state_dict omits.
-    state = {"optimizer": opt.state_dict()}
-    base = getattr(opt, "base_optimizer", None)
-    if base is not None:
-        state["base_optimizer"] = base.state_dict()
-    return state
-
-
-def _load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    opt.load_state_dict(state["optimizer"])
-    base = getattr(opt, "base_optimizer", None)
-    if base is not None and "base_optimizer" in state:
-        base.load_state_dict(state["base_optimizer"])
-        # load_state_dict replaces base.param_groups with new dicts; SAM shares them with its own.
-        opt.param_groups = base.param_groups
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,26 +214,6 @@ def _torch_settings(cfg: Config, device: torch.device) -> Iterator[None]:
 # The run
 
 
-def _read_metrics(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    """Records of epochs <= ``upto_epoch`` (later ones belong to an epoch the resume will redo)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and int(rec.get("epoch", 0)) <= upto_epoch:
-            records.append(rec)
-    return records
-
-
-def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    # Rewritten whole and atomically (a few hundred short lines): never a torn last line.
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
 def _fmt(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -313,86 +247,41 @@ class _Progress:
             self.bar.close()
 
 
-def _settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overwrite: bool) -> Config:
-    """Create / check the run folder; for a resume compare configs. Returns the config to use."""
-    cfg_file = run_dir / CONFIG_FILE
-    if resume:
-        if not cfg_file.is_file():
-            raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")
-        try:
-            stored = yaml.safe_load(cfg_file.read_text()) or {}
-            old = config_from_dict(stored)
-        except (yaml.YAMLError, ConfigError) as exc:
-            raise InputError(f"{cfg_file}: unreadable run config ({str(exc).splitlines()[0]})") from None
-        diff = _config_diff(old.to_dict(), cfg.to_dict())
-        if diff:
-            shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")
-            if not force:
-                raise InputError(f"{cfg_file}: the run was started with another config: {shown}; pass --force to resume with the new one")
-            if architecture(old) != architecture(cfg):
-                raise InputError(f"{cfg_file}: --force cannot change the model architecture of a run ({shown})")
-        atomic_write_text(cfg_file, dump_config(cfg))
-        return cfg
-    if _check_new_run_dir(run_dir, overwrite):
-        _clear_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg_file, dump_config(cfg))
-    return cfg
+@dataclass
+class _Run:
+    """What the steps of one training run share: config, folder, device, data, model, optimizer, progress so far."""
 
+    cfg: Config
+    run_dir: Path
+    dev: torch.device
+    dinfo: distributed.DistInfo
+    data: TrainingData
+    model: torch.nn.Module  # the plain module (checkpoints, evaluation)
+    net: torch.nn.Module  # what the step trains: the DDP wrapper when distributed
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    reg: Any
+    log: Callable[[str], None]
+    progress: bool
+    steps_per_epoch: int
+    start_epoch: int = 1
+    start_step: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+    resumed: dict[str, Any] | None = None  # the mid-epoch state to continue from (first epoch only)
+    records: list[dict[str, Any]] = field(default_factory=list)
 
-LOCK_FILE = ".skullrec-train.lock"
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / STATE_FILE
 
-
-def lock_run_dir(run_dir: Path) -> Any:
-    """Take an exclusive lock on a run folder for the life of the returned handle; refuse a second writer.
-
-    Two trainers writing one folder (two ``skullrec experiment`` calls on one results folder, a
-    ``--resume`` while the run is still going) would interleave checkpoints and state. The OS lock
-    is released when the process ends, even by kill -9, so a stale lock never blocks a resume.
-    Returns None where ``fcntl`` is missing (Windows): the run is then unguarded.
-    """
-    from ..io import exclusive_lock
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return exclusive_lock(run_dir / LOCK_FILE, f"{run_dir}: another skullrec train is writing this run folder; wait for it or stop it first")
-
-
-def _check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:
-    """Refuse a non-empty folder for a new run unless ``overwrite``; True when it needs clearing."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError(f"{run_dir}: exists and is not a folder")
-    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{run_dir}: run folder already holds results; pass --resume {run_dir} to continue it or --overwrite to start again")
-        return True
-    return False
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """Remove what a run writes (and nothing else: --run-dir may point at a folder with other files)."""
-    for p in run_dir.iterdir():
-        is_ours = p.name in (CONFIG_FILE, METRICS_FILE, STATE_FILE, LAST, BEST) or (
-            p.name.startswith("ckpt_epoch") and p.name.endswith(".safetensors")
-        )
-        if is_ours and p.is_file():
-            p.unlink()
-    # Leftover temporary files of interrupted atomic writes.
-    for p in run_dir.glob(".*.safetensors"):
-        p.unlink(missing_ok=True)
-    for p in run_dir.glob(".*.tmp"):
-        p.unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "__pycache__", ignore_errors=True)
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append((f"{prefix}{key}", va, vb))
-    return out
+    def save_state(self, epoch: int, step: int, **mid_epoch: Any) -> None:
+        """Write state.pt (rank 0): the commit point of an epoch, or of an interrupted step with its sums."""
+        if self.dinfo.is_main:
+            save_training_state(self.state_path, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step": step,
+                "best_score": self.best_score, "best_epoch": self.best_epoch, "data": self.data.train.fingerprint, **mid_epoch,
+            })
 
 
 def train(
@@ -409,155 +298,166 @@ def train(
     """Train ``cfg`` in ``run_dir`` (already prepared: config.yaml written); returns the last metrics record.
 
     ``resume`` continues from ``state.pt`` when there is one; training data other than the run's are
-    refused unless ``force``. ``data`` may be given to skip loading.
-    Ctrl-C saves the state between two steps and raises KeyboardInterrupt.
+    refused unless ``force``. ``data`` may be given to skip loading. ``log(line)`` gets one line per
+    epoch. Ctrl-C saves the state between two steps and raises KeyboardInterrupt.
     """
-    from monai.losses import DiceLoss
-
-    from ..nets.autoencoder import build_model
-
-    run_dir = Path(run_dir)
     dev = resolve_device(device)
+    with _torch_settings(cfg, dev):
+        run = _start(cfg, Path(run_dir), dev, resume, progress, log, data, force)
+        with _Interrupt() as interrupt:
+            for epoch in range(run.start_epoch, cfg.train.epochs + 1):
+                sums, reg_steps, seconds = _train_epoch(run, epoch, interrupt)
+                record = _epoch_record(run, epoch, sums, reg_steps, seconds)
+                _validate(run, epoch, record)
+                _save_epoch(run, epoch, record)
+                run.log(_summary_line(record, cfg.train.epochs))
+                run.resumed = None
+                if interrupt.requested:
+                    if epoch < cfg.train.epochs:
+                        raise _interrupted(run.run_dir, epoch + 1, 0)
+                    break
+    return run.records[-1] if run.records else {}
+
+
+def _start(
+    cfg: Config, run_dir: Path, dev: torch.device, resume: bool, progress: bool | None, log: Callable[[str], None] | None,
+    data: TrainingData | None, force: bool,
+) -> _Run:
+    """Load the data, build model, optimizer and regulariser, and restore ``state.pt`` when resuming."""
+    from ..flatness.regularizer import FamRegularizer
+    from ..nets.autoencoder import build_model, loss_function
+
     dinfo = distributed.current()  # a torchrun (DDP) job, or a single process (skullrec.training.distributed)
     log = log or (lambda s: None)
     if progress is None:
         progress = sys.stderr.isatty()
-    if not dinfo.is_main:  # only rank 0 prints and writes the run folder; the ranks hold identical weights
+    if not dinfo.is_main:  # only rank 0 reports and writes the run folder; the ranks hold identical weights
         log, progress = (lambda s: None), False
-    save_checkpoint_, save_state_, write_metrics_ = (distributed.main_only(f) for f in (save_checkpoint, save_training_state, _write_metrics))
-
-    with _torch_settings(cfg, dev):
-        if data is None:
-            data = load_training_data(cfg.data, cfg.model.size, dev)
-        model = build_model(cfg.model, seed=cfg.seed).to(dev)
-        model.train()
-        optimizer = make_optimizer(cfg, model)
-        loss_fn = DiceLoss(sigmoid=True)
-        from ..flatness.regularizer import FamRegularizer
-
+    if data is None:
+        data = load_training_data(cfg.data, cfg.model.size, dev)
+    model = build_model(cfg.model, seed=cfg.seed).to(dev)
+    model.train()
+    distributed.check_batch_size(cfg.train.batch_size, dinfo)
+    run = _Run(
+        cfg=cfg, run_dir=run_dir, dev=dev, dinfo=dinfo, data=data, model=model, net=model,
+        optimizer=make_optimizer(cfg, model), loss_fn=loss_function(),
         # Built for every method: FAM trains with it, the others only log Tr(H) and kappa-hat with it.
-        reg = FamRegularizer(cfg.fam, model)
-        method = cfg.train.method
+        reg=FamRegularizer(cfg.fam, model), log=log, progress=progress,
+        steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
+    )
+    if resume and run.state_path.is_file():
+        state = load_training_state(run.state_path, map_location=dev)
+        if state.get("data") not in (None, data.train.fingerprint) and not force:
+            raise InputError(
+                f"{cfg.data.root}/{cfg.data.train_split}: the training data differ from those the run in {run_dir} "
+                "was trained on; pass --force to resume anyway"
+            )
+        model.load_state_dict(state["model"])
+        opt_state = state["optimizer"]
+        # Older state.pt files nest it as {"optimizer": ..., "base_optimizer": ...} (the same dict twice for SAM).
+        run.optimizer.load_state_dict(opt_state if "param_groups" in opt_state else opt_state["optimizer"])
+        run.start_step = int(state["step"])
+        run.start_epoch = int(state["epoch"]) + 1 if run.start_step == 0 else int(state["epoch"])
+        run.best_score, run.best_epoch = state.get("best_score"), state.get("best_epoch")
+        run.records = read_metrics(run_dir / METRICS_FILE, run.start_epoch - 1)
+        run.resumed = state
+        log(f"resuming {run_dir} at epoch {run.start_epoch}" + (f" step {run.start_step}" if run.start_step else ""))
+    run.net = distributed.wrap(model, dinfo, dev)  # DDP when distributed; run.model stays the plain module
+    return run
 
-        start_epoch, start_step = 1, 0
-        best_score, best_epoch = None, None
-        resumed: dict[str, Any] | None = None
-        state_path = run_dir / STATE_FILE
-        if resume and state_path.is_file():
-            resumed = load_training_state(state_path, map_location=dev)
-            if resumed.get("data") not in (None, data.train.fingerprint) and not force:
-                raise InputError(
-                    f"{cfg.data.root}/{cfg.data.train_split}: the training data differ from those the run in {run_dir} "
-                    "was trained on; pass --force to resume anyway"
-                )
-            model.load_state_dict(resumed["model"])
-            _load_optimizer_state(optimizer, resumed["optimizer"])
-            start_epoch = int(resumed["epoch"]) + 1 if int(resumed["step"]) == 0 else int(resumed["epoch"])
-            start_step = int(resumed["step"])
-            best_score, best_epoch = resumed.get("best_score"), resumed.get("best_epoch")
-            log(f"resuming {run_dir} at epoch {start_epoch}" + (f" step {start_step}" if start_step else ""))
-        completed = start_epoch - 1
-        records = _read_metrics(run_dir / METRICS_FILE, completed)
-        if not resume or resumed is None:
-            records = []
 
-        n_train = len(data.train)
-        steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
-        last_record: dict[str, Any] = records[-1] if records else {}
-        distributed.check_batch_size(cfg.train.batch_size, dinfo)
-        net = distributed.wrap(model, dinfo, dev)  # DDP when distributed; `model` stays the plain module
-        interrupt = _Interrupt()
-        with interrupt:
-            for epoch in range(start_epoch, cfg.train.epochs + 1):
-                batches = data.epoch_order(cfg.seed, epoch, cfg.train.batch_size)
-                probes = make_generator(dev, cfg.seed, epoch, STREAM_PROBES)
-                zero = torch.zeros((), dtype=torch.float64, device=dev)
-                sums = {"loss": zero.clone(), "penalty": zero.clone(), "trace": zero.clone(), "norm_sq": zero.clone()}
-                reg_steps, elapsed, first = 0, 0.0, 0
-                if resumed is not None and epoch == start_epoch and start_step > 0:
-                    sums = {k: v.to(dev) for k, v in resumed["sums"].items()}
-                    reg_steps, elapsed, first = int(resumed["reg_steps"]), float(resumed["elapsed"]), start_step
-                    probes.set_state(resumed["probes"].cpu())  # a generator state is a CPU tensor, even for CUDA
-                use_sam = method in ("sam", "asam") and epoch >= cfg.sam.start_epoch
-                bar = _Progress(steps_per_epoch, epoch, cfg.train.epochs, first, progress)
-                t0 = time.perf_counter()
-                for i in range(first, steps_per_epoch):
-                    x, y = data.train.batch(distributed.shard(batches[i], dinfo))
-                    global_step = (epoch - 1) * steps_per_epoch + i
-                    use_reg = method == "fam" and global_step % cfg.fam.every == 0
-                    out = train_step(
-                        net, x, y, loss_fn, optimizer,
-                        reg=reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=cfg.train.amp,
-                    )
-                    n = x.shape[0]
-                    sums["loss"] += out.loss.to(torch.float64) * n
-                    if out.penalty is not None:
-                        sums["penalty"] += out.penalty.to(torch.float64)
-                        sums["trace"] += out.trace.to(torch.float64)
-                        sums["norm_sq"] += out.norm_sq.to(torch.float64)
-                        reg_steps += 1
-                    bar.update(out)
-                    if interrupt.requested:
-                        bar.close()
-                        step_done = i + 1
-                        if step_done == steps_per_epoch:
-                            break  # finish the epoch normally; the check after it stops the run
-                        save_state_(state_path, {
-                            "model": model.state_dict(), "optimizer": _optimizer_state(optimizer),
-                            "epoch": epoch, "step": step_done, "sums": sums, "reg_steps": reg_steps,
-                            "elapsed": elapsed + time.perf_counter() - t0, "probes": probes.get_state(),
-                            "best_score": best_score, "best_epoch": best_epoch, "data": data.train.fingerprint,
-                        })
-                        raise _interrupted(run_dir, epoch, step_done)
-                bar.close()
+def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str, torch.Tensor], int, float]:
+    """The steps of one epoch: (device sums of loss, penalty, trace, norm_sq; regularised steps; seconds).
 
-                # ---- end of epoch: one sync, validation, checkpoints, metrics, then the state (commit)
-                summary = {k: float(v) for k, v in zip(sums, distributed.epoch_sums(torch.stack(list(sums.values())), dinfo).tolist())}
-                seconds = elapsed + time.perf_counter() - t0
-                record: dict[str, Any] = {
-                    "epoch": epoch,
-                    "method": method,
-                    "dice_loss": summary["loss"] / n_train,
-                    "reg_steps": reg_steps,
-                    "regularizer": summary["penalty"] / reg_steps if reg_steps else None,
-                    "trace": summary["trace"] / reg_steps if reg_steps else None,
-                    "norm_sq": float(_layer_norm_sq(model, cfg.fam.layers)),
-                    "sam": use_sam,
-                    "seconds": seconds,
-                }
-                if record["trace"] is not None:
-                    record["kappa_hat"] = summary["norm_sq"] / reg_steps * record["trace"]
-                validate = cfg.train.val_every > 0 and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs)
-                if validate and data.evals:
-                    val = {name: evaluate_dsc(model, split, 2 * cfg.train.batch_size, cfg.train.amp) for name, split in data.evals.items()}
-                    record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
-                    record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
-                if validate and reg is not None and method != "fam":
-                    record.update(_monitor(model, data.train, cfg, reg, loss_fn, epoch, dev))
-                score, by = (record["val_dsc_mean"], "val_dsc_mean") if "val_dsc_mean" in record else (-record["dice_loss"], "train_dice_loss")
-                meta = {"epoch": epoch, "method": method, "dice_loss": record["dice_loss"], "val_dsc": record.get("val_dsc")}
-                if epoch in cfg.train.checkpoint_epochs:
-                    save_checkpoint_(checkpoint_path(run_dir, epoch), model, cfg, **meta)
-                if best_score is None or score > best_score:
-                    best_score, best_epoch = score, epoch
-                    save_checkpoint_(run_dir / BEST, model, cfg, best_by=by, **meta)
-                save_checkpoint_(run_dir / LAST, model, cfg, **meta)
-                record["best_epoch"] = best_epoch
-                records.append(record)
-                write_metrics_(run_dir / METRICS_FILE, records)
-                save_state_(state_path, {
-                    "model": model.state_dict(), "optimizer": _optimizer_state(optimizer),
-                    "epoch": epoch, "step": 0, "best_score": best_score, "best_epoch": best_epoch,
-                    "data": data.train.fingerprint,
-                })
-                log(_summary_line(record, cfg.train.epochs))
-                last_record = record
-                if interrupt.requested:
-                    if epoch < cfg.train.epochs:
-                        raise _interrupted(run_dir, epoch + 1, 0)
-                    break
-                resumed = None
-    return last_record
+    A requested interrupt saves the mid-epoch state and raises KeyboardInterrupt.
+    """
+    cfg, dev, method = run.cfg, run.dev, run.cfg.train.method
+    batches = run.data.epoch_order(cfg.seed, epoch, cfg.train.batch_size)
+    probes = make_generator(dev, cfg.seed, epoch, STREAM_PROBES)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    sums = {"loss": zero.clone(), "penalty": zero.clone(), "trace": zero.clone(), "norm_sq": zero.clone()}
+    reg_steps, elapsed, first = 0, 0.0, 0
+    if run.resumed is not None and run.start_step > 0:
+        sums = {k: v.to(dev) for k, v in run.resumed["sums"].items()}
+        reg_steps, elapsed, first = int(run.resumed["reg_steps"]), float(run.resumed["elapsed"]), run.start_step
+        probes.set_state(run.resumed["probes"].cpu())  # a generator state is a CPU tensor, even for CUDA
+    use_sam = method in ("sam", "asam") and epoch >= cfg.sam.start_epoch
+    bar = _Progress(run.steps_per_epoch, epoch, cfg.train.epochs, first, run.progress)
+    t0 = time.perf_counter()
+    for i in range(first, run.steps_per_epoch):
+        x, y = run.data.train.batch(distributed.shard(batches[i], run.dinfo))
+        use_reg = method == "fam" and ((epoch - 1) * run.steps_per_epoch + i) % cfg.fam.every == 0
+        out = train_step(
+            run.net, x, y, run.loss_fn, run.optimizer,
+            reg=run.reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=cfg.train.amp,
+        )
+        sums["loss"] += out.loss.to(torch.float64) * x.shape[0]
+        if out.penalty is not None:
+            sums["penalty"] += out.penalty.to(torch.float64)
+            sums["trace"] += out.trace.to(torch.float64)
+            sums["norm_sq"] += out.norm_sq.to(torch.float64)
+            reg_steps += 1
+        bar.update(out)
+        if interrupt.requested and i + 1 < run.steps_per_epoch:  # at the epoch's last step: finish it normally
+            bar.close()
+            run.save_state(epoch, i + 1, sums=sums, reg_steps=reg_steps, elapsed=elapsed + time.perf_counter() - t0,
+                           probes=probes.get_state())
+            raise _interrupted(run.run_dir, epoch, i + 1)
+        if interrupt.requested:
+            break
+    bar.close()
+    return sums, reg_steps, elapsed + time.perf_counter() - t0
+
+
+def _epoch_record(run: _Run, epoch: int, sums: dict[str, torch.Tensor], reg_steps: int, seconds: float) -> dict[str, Any]:
+    """The epoch's metrics record from its sums (one host sync, summed over ranks)."""
+    cfg = run.cfg
+    summary = {k: float(v) for k, v in zip(sums, distributed.epoch_sums(torch.stack(list(sums.values())), run.dinfo).tolist())}
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "method": cfg.train.method,
+        "dice_loss": summary["loss"] / len(run.data.train),
+        "reg_steps": reg_steps,
+        "regularizer": summary["penalty"] / reg_steps if reg_steps else None,
+        "trace": summary["trace"] / reg_steps if reg_steps else None,
+        "norm_sq": float(_layer_norm_sq(run.model, cfg.fam.layers)),
+        "sam": cfg.train.method in ("sam", "asam") and epoch >= cfg.sam.start_epoch,
+        "seconds": seconds,
+    }
+    if record["trace"] is not None:
+        record["kappa_hat"] = summary["norm_sq"] / reg_steps * record["trace"]
+    return record
+
+
+def _validate(run: _Run, epoch: int, record: dict[str, Any]) -> None:
+    """On validation epochs: DSC on every evaluation split, and Tr(H) / kappa-hat for methods that do not train with them."""
+    cfg = run.cfg
+    if not (cfg.train.val_every > 0 and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs)):
+        return
+    if run.data.evals:
+        val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size, cfg.train.amp) for name, split in run.data.evals.items()}
+        record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
+        record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
+    if cfg.train.method != "fam":
+        record.update(_monitor(run.model, run.data.train, cfg, run.reg, run.loss_fn, epoch, run.dev))
+
+
+def _save_epoch(run: _Run, epoch: int, record: dict[str, Any]) -> None:
+    """Checkpoints (chosen epochs, best, last), then metrics.jsonl, then state.pt: the epoch's commit, in that order."""
+    cfg = run.cfg
+    score, by = (record["val_dsc_mean"], "val_dsc_mean") if "val_dsc_mean" in record else (-record["dice_loss"], "train_dice_loss")
+    meta = {"epoch": epoch, "method": cfg.train.method, "dice_loss": record["dice_loss"], "val_dsc": record.get("val_dsc")}
+    save = distributed.main_only(save_checkpoint)
+    if epoch in cfg.train.checkpoint_epochs:
+        save(checkpoint_path(run.run_dir, epoch), run.model, cfg, **meta)
+    if run.best_score is None or score > run.best_score:
+        run.best_score, run.best_epoch = score, epoch
+        save(run.run_dir / BEST, run.model, cfg, best_by=by, **meta)
+    save(run.run_dir / LAST, run.model, cfg, **meta)
+    record["best_epoch"] = run.best_epoch
+    run.records.append(record)
+    distributed.main_only(write_metrics)(run.run_dir / METRICS_FILE, run.records)
+    run.save_state(epoch, 0)
 
 
 def _interrupted(run_dir: Path, epoch: int, step: int) -> KeyboardInterrupt:
@@ -614,12 +514,12 @@ def run_training(
     try:
         distributed.check_batch_size(cfg.train.batch_size, dinfo)
         if resume is None and dinfo.is_main:
-            _check_new_run_dir(folder, overwrite)
+            check_new_run_dir(folder, overwrite)
         # Data problems (missing split, wrong size) are reported before the run folder is touched.
         data = load_training_data(cfg.data, cfg.model.size, dev)
         if dinfo.is_main:  # one writer, holding the folder until it exits; if it fails, torchrun stops the other ranks
             lock = lock_run_dir(folder)
-            cfg = _settle_run_dir(cfg, folder, resume=resume is not None, force=force, overwrite=overwrite)
+            cfg = settle_run_dir(cfg, folder, resume=resume is not None, force=force, overwrite=overwrite)
         distributed.barrier(dinfo)
         if resume is not None and run_finished(folder):
             if dinfo.is_main:
@@ -640,8 +540,6 @@ def run_training(
 
 
 __all__ = [
-    "checkpoint_path",
-    "run_finished",
     "StepResult",
     "train_step",
     "make_optimizer",

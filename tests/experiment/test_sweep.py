@@ -9,9 +9,10 @@ import pytest
 from conftest import REPO
 from scipy import stats
 
+from skullrec.config import ExperimentConfig, MethodSpec, load_experiment
 from skullrec.errors import ConfigError
 from skullrec.experiment.report import table2, versus_reference, versus_reference_markdown
-from skullrec.experiment.sweep import ExperimentConfig, MethodSpec, _pairwise_dsc, load_experiment, run_overrides
+from skullrec.experiment.sweep import _pairwise_dsc, run_overrides
 
 
 def test_paper_config_loads_and_scale_shrinks_epochs_and_checkpoints():

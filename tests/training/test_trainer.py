@@ -28,7 +28,8 @@ from skullrec.errors import InputError
 from skullrec.flatness.regularizer import FamRegularizer
 from skullrec.nets.autoencoder import build_model, get_linear
 from skullrec.nets.checkpoint import load_checkpoint, load_training_state
-from skullrec.training.trainer import checkpoint_path, run_finished, train, train_step
+from skullrec.training.run_dir import checkpoint_path, run_finished
+from skullrec.training.trainer import train, train_step
 
 SMOKE = REPO / "configs" / "smoke.yaml"
 EPOCHS = 3  # 8 cases, batch 4: 2 steps per epoch
@@ -253,7 +254,7 @@ _CHILD = textwrap.dedent(
 
     mode, target, method = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     calls = {"n": 0}
-    orig_step, orig_metrics = T.train_step, T._write_metrics
+    orig_step, orig_metrics = T.train_step, T.write_metrics
 
     def step(*args, **kwargs):
         out = orig_step(*args, **kwargs)
@@ -267,7 +268,7 @@ _CHILD = textwrap.dedent(
         if mode == "kill-commit" and len(records) == target:
             os.kill(os.getpid(), signal.SIGKILL)  # checkpoints and metrics written, state not yet
 
-    T.train_step, T._write_metrics = step, metrics
+    T.train_step, T.write_metrics = step, metrics
     from skullrec.cli import app
     app(sys.argv[4:], prog_name="skullrec")
     """
