@@ -171,3 +171,28 @@ def test_prepare_puts_the_set1_defect_at_one_physical_place_in_every_order(tmp_p
     assert rel[2] > 20.0
     post_dir = aff[:3, 1] / np.linalg.norm(aff[:3, 1])
     assert rel @ post_dir > 20.0
+
+
+def test_skullfix_grids_are_already_canonical_and_their_tilt_is_kept() -> None:
+    """All 100 SkullFix headers (35 tilted, up to 24 deg): the closest axis order is the canonical one,
+    so reading them permutes nothing and keeps each tilt in the affine (never refused)."""
+    from conftest import SKULLFIX_TRAINING
+
+    files = sorted((SKULLFIX_TRAINING / "complete_skull").glob("*.nrrd"))
+    if len(files) < 100:
+        pytest.skip("SkullFix training set not available (../shared)")
+    tilts = []
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(f))
+        reader.ReadImageInformation()
+        direction = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(reader.GetDirection()).reshape(3, 3)  # LPS -> RAS
+        affine = np.eye(4)
+        affine[:3, :3] = direction @ np.diag(reader.GetSpacing())
+        _, canon_affine, source = sio.to_canonical(np.zeros((2, 2, 2), np.uint8), affine)
+        assert source.is_canonical, f
+        np.testing.assert_array_equal(canon_affine, affine)
+        # Tilt: the largest angle between an array axis and its closest world axis.
+        tilts.append(np.degrees(np.arccos(np.clip(np.abs(direction).max(axis=0), -1, 1))).max())
+    tilts = np.array(tilts)
+    assert (tilts > 1.0).sum() == 35 and 20.0 < tilts.max() < 25.0, (int((tilts > 1).sum()), tilts.max())
