@@ -1,9 +1,10 @@
 """The ``skullrec`` command line: the one layer that parses options, checks flags and prints.
 
-Each command has two halves here: a ``*_command`` function (checks its flags once, calls the domain
-function that does the work, prints the outcome; usable from Python, raises InputError) and a thin
-typer wrapper. Domain functions return values and report progress through callbacks, so nothing
-below this module imports typer or rich. Heavy modules are imported inside the commands to keep
+Each command is one ``*_command`` function: its signature declares the options (typer reads the
+``Annotated`` metadata; a Python caller just passes values), its body checks the flags once, calls the
+domain function that does the work and prints the outcome. Called from Python it raises InputError;
+as a command, :func:`user_errors` turns that into one line. Domain functions return values and report
+progress through callbacks, so nothing below this module imports typer or rich. Heavy modules are imported inside the commands to keep
 ``skullrec --help`` fast. A user mistake (:class:`skullrec.errors.InputError`) is printed as one line
 ``error: ...`` on stderr with exit code 2, never as a traceback; Ctrl-C exits with 130.
 """
@@ -30,6 +31,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+# Options several commands share.
+OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
+SEED = Annotated[int, typer.Option(help="Seed for everything random (same seed, same bytes).")]
+DEVICE = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+THRESHOLD = Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")]
 
 
 def user_errors(fn):
@@ -106,11 +114,18 @@ def _fmt(v: float | None, digits: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# command bodies (Python API of the command line)
+# the commands (also the Python API of the command line)
 
 
-def synth_command(out: Path, n_train: int = 100, n_eval: int = 20, size: int = 64, seed: int = 0, overwrite: bool = False) -> Path:
-    """``skullrec synth``: write the procedural data set and print its per-split summary."""
+def synth_command(
+    out: Annotated[Path, typer.Option("--out", help="Output data-set folder (layout: see skullrec.data.layout).")] = Path("data/synthetic"),
+    n_train: Annotated[int, typer.Option(help="Number of training skulls.")] = 100,
+    n_eval: Annotated[int, typer.Option(help="Number of evaluation skulls (each gets a set-1 and a set-2 defect).")] = 20,
+    size: Annotated[int, typer.Option(help="Edge length of the cubic volumes.")] = 64,
+    seed: SEED = 0,
+    overwrite: OVERWRITE = False,
+) -> Path:
+    """Generate the procedural skull data set (the embedded default) with set-1 and set-2 defects."""
     import numpy as np
 
     from .data.synth import write_synthetic
@@ -139,19 +154,19 @@ def synth_command(out: Path, n_train: int = 100, n_eval: int = 20, size: int = 6
 
 
 def prepare_command(
-    complete: Path,
-    out: Path,
-    defective: Path | None = None,
-    size: int = 64,
-    margin_mm: float = 4.0,
-    eval_fraction: float = 0.2,
-    seed: int = 0,
-    threshold: float | None = None,
-    max_cases: int | None = None,
-    overwrite: bool = False,
-    workers: int = 2,
+    complete: Annotated[Path, typer.Option("--in", help="Folder of complete skulls (any size and spacing).")],
+    out: Annotated[Path, typer.Option("--out", help="Output data-set folder.")],
+    defective: Annotated[Optional[Path], typer.Option("--defective", help="Folder of the matching defective skulls (same case ids).")] = None,
+    size: Annotated[int, typer.Option(help="Edge length of the prepared cubic volumes.")] = 64,
+    margin_mm: Annotated[float, typer.Option(help="Margin around the bone's bounding box, in mm.")] = 4.0,
+    eval_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for evaluation (set 1 and set 2 defects).")] = 0.2,
+    seed: SEED = 0,
+    threshold: THRESHOLD = None,
+    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N cases.")] = None,
+    overwrite: OVERWRITE = False,
+    workers: Annotated[int, typer.Option(hidden=True, help="Worker processes (at most 2).")] = 2,
 ) -> Path:
-    """``skullrec prepare``: a folder of real skulls (+ optional defective partners) -> a ``size^3`` data set."""
+    """Turn real skulls (e.g. SkullFix NRRD) into a 64^3 data set in the project's layout."""
     from .data.build import SPLIT_ORDER, build_dataset
 
     _at_least("--size", size, 8)
@@ -171,14 +186,15 @@ def prepare_command(
 
 
 def defects_command(
-    complete: Path, out: Path, seed: int = 0, eval_fraction: float = 0.2, threshold: float | None = None,
-    overwrite: bool = False, size: int = 64,
+    complete: Annotated[Path, typer.Option("--in", help="Folder of complete skulls (.nii, .nii.gz, .nrrd).")],
+    out: Annotated[Path, typer.Option("--out", help="Output data-set folder.")],
+    seed: SEED = 0,
+    eval_fraction: Annotated[float, typer.Option(help="Fraction of cases that go to the evaluation sets.")] = 0.2,
+    threshold: THRESHOLD = None,
+    overwrite: OVERWRITE = False,
+    size: Annotated[int, typer.Option(hidden=True, help="Edge length of the prepared volumes.")] = 64,
 ) -> Path:
-    """``skullrec defects``: set-1 defects into training skulls, set-1 + set-2 into held-out ones.
-
-    The split, the cutting on the source grid, the preparation and the manifest are
-    :func:`prepare_command` with no defective folder: one implementation for real and synthetic skulls.
-    """
+    """Cut set-1 (training-like) and set-2 (different) defects into any folder of complete skulls."""
     from .data.resample import DEFAULT_MARGIN_MM
     from .io import list_volumes
 
@@ -196,9 +212,15 @@ def defects_command(
 
 
 def train_command(
-    config: Path | None, overrides: list[str], run_dir: Path | None, resume: Path | None, force: bool, device: str, overwrite: bool,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/); with --resume, defaults to the run's own.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set fam.lam=0.02 (repeatable).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/NAME).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if the config differs from the run's.")] = False,
+    device: DEVICE = "auto",
+    overwrite: OVERWRITE = False,
 ) -> None:
-    """``skullrec train``: check the flags, then load the config, settle the run folder and train."""
+    """Train the autoencoder (baseline, fam, sam or asam)."""
     from .training.run_dir import CONFIG_FILE
     from .training.trainer import run_training
 
@@ -209,16 +231,21 @@ def train_command(
     if resume is not None and not (Path(resume) / CONFIG_FILE).is_file():
         raise InputError(f"{resume}: not a run folder (no {CONFIG_FILE}); nothing to resume")
     run_training(
-        config if config is not None else Path(resume) / CONFIG_FILE, overrides, run_dir=run_dir, resume=resume,
+        config if config is not None else Path(resume) / CONFIG_FILE, overrides or [], run_dir=run_dir, resume=resume,
         force=force, device=device, overwrite=overwrite, log=lambda s: print(s, flush=True),
     )
 
 
 def flatness_command(
-    checkpoint: Path, data: Path, split: str = "train", samples: int = 64, max_cases: int | None = None, device: str = "auto",
-    seed: int = 0,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train'.")],
+    data: Annotated[Path, typer.Option("--data", help="Data-set folder.")],
+    split: Annotated[str, typer.Option(help="Split to measure on.")] = "train",
+    samples: Annotated[int, typer.Option(help="Hutchinson probes.")] = 64,
+    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N cases.")] = None,
+    device: DEVICE = "auto",
+    seed: Annotated[int, typer.Option(hidden=True, help="Seed of the Rademacher probes.")] = 0,
 ) -> list[Any]:
-    """``skullrec flatness``: print Tr(H) (mean +- SE, exact where cheap), ||w||^2, kappa_hat, neuron-wise kappa."""
+    """Print Tr(H), ||w||^2, kappa-hat and neuron-wise kappa of the configured layer on a data set."""
     import math
 
     from .flatness.measure import measure_checkpoint
@@ -244,10 +271,16 @@ def flatness_command(
 
 
 def predict_command(
-    checkpoint: Path, inp: Path, out: Path, stl: bool = False, batch_size: int = 8, threshold: float | None = None,
-    device: str = "auto", overwrite: bool = False,
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train'.")],
+    inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
+    stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
+    threshold: THRESHOLD = None,
+    device: DEVICE = "auto",
+    overwrite: OVERWRITE = False,
 ) -> Path:
-    """``skullrec predict``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/) for every input."""
+    """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
     from .inference.predict import predict_folder
 
     _at_least("--batch-size", batch_size, 1)
@@ -298,10 +331,17 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
 
 
 def evaluate_command(
-    pred: Path, truth: Path, out: Path, defective: Path | None = None, target: str = "skull", hd95: str = "max",
-    skip_missing: bool = False, threshold: float | None = None, overwrite: bool = False,
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predictions.")],
+    truth: Annotated[Path, typer.Option("--truth", help="Folder of ground truths (same case ids).")],
+    out: Annotated[Path, typer.Option("--out", help="Per-case CSV; the summary goes beside it as .summary.json.")],
+    defective: Annotated[Optional[Path], typer.Option("--defective", help="Folder of defective skulls (needed for bDSC).")] = None,
+    target: Annotated[str, typer.Option(help="skull (reconstruction vs complete skull) or implant.")] = "skull",
+    hd95: Annotated[str, typer.Option("--hd95", help="max (MONAI: max of directed 95th percentiles) or pooled (AutoImplant/MedPy).")] = "max",
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip cases without a partner and report the count.")] = False,
+    threshold: THRESHOLD = None,
+    overwrite: OVERWRITE = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``skullrec evaluate``: score a prediction folder against a truth folder, write CSV + summary JSON."""
+    """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""
     from rich.progress import Progress
 
     from .evaluation.evaluate import check_outputs, evaluate_folders, write_results
@@ -324,11 +364,17 @@ def evaluate_command(
     return rows, summary
 
 
-def experiment_command(config: Path, out: Path | None, scale: float | None, overrides: list[str], device: str, jobs: int) -> Path:
-    """``skullrec experiment``: the whole sweep; prints Table 2 (and the differences to the reference) as markdown."""
+def experiment_command(
+    config: Annotated[Path, typer.Option("--config", help="Experiment YAML (e.g. configs/paper_skull.yaml).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Results folder (default from the config).")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Shrink epochs and cases by this factor (e.g. 0.1) for a CPU-sized run.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override an experiment key (repeatable).")] = None,
+    device: DEVICE = "auto",
+    jobs: Annotated[int, typer.Option(help="Runs trained concurrently (useful on one GPU).")] = 1,
+) -> Path:
+    """Train the whole method / lambda / seed sweep, evaluate both defect sets, write tables and figures."""
     from .experiment.sweep import run_experiment
 
-    _at_least("--jobs", jobs, 1)
     console = _console()
     errs = _console(stderr=True)
     with _bar("evaluating checkpoints", errs) as progress:
@@ -343,8 +389,14 @@ def experiment_command(config: Path, out: Path | None, scale: float | None, over
     return result.out
 
 
-def view_command(data: Path | None, runs: Path | None, results: Path | None, host: str, port: int) -> None:
-    """``skullrec view``: start the Streamlit viewer (blocks until Ctrl-C); defaults: data/synthetic, runs/ and results/."""
+def view_command(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Data-set folder to browse.")] = None,
+    runs: Annotated[Optional[Path], typer.Option("--runs", help="Folder of run folders (checkpoints).")] = None,
+    results: Annotated[Optional[Path], typer.Option("--results", help="A results CSV from evaluate/experiment.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8501,
+) -> None:
+    """Open the Streamlit viewer for reconstructed skulls."""
     from .viewer.launch import DEFAULT_DATA, DEFAULT_RUN_ROOTS, ViewerSettings, launch
 
     if not 1 <= int(port) <= 65535:
@@ -367,154 +419,19 @@ def view_command(data: Path | None, runs: Path | None, results: Path | None, hos
         raise InputError(f"streamlit exited with code {code} (is port {port} free?)")
 
 
-# ----------------------------------------------------------------------------------------------
-# the typer commands
-
-OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that already holds results.")]
-SEED = Annotated[int, typer.Option(help="Seed for everything random (same seed, same bytes).")]
-DEVICE = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
-THRESHOLD = Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")]
-
-
-@app.command()
-@user_errors
-def synth(
-    out: Annotated[Path, typer.Option("--out", help="Output data-set folder (layout: see skullrec.data.layout).")] = Path("data/synthetic"),
-    n_train: Annotated[int, typer.Option(help="Number of training skulls.")] = 100,
-    n_eval: Annotated[int, typer.Option(help="Number of evaluation skulls (each gets a set-1 and a set-2 defect).")] = 20,
-    size: Annotated[int, typer.Option(help="Edge length of the cubic volumes.")] = 64,
-    seed: SEED = 0,
-    overwrite: OVERWRITE = False,
-) -> None:
-    """Generate the procedural skull data set (the embedded default) with set-1 and set-2 defects."""
-    synth_command(out=out, n_train=n_train, n_eval=n_eval, size=size, seed=seed, overwrite=overwrite)
-
-
-@app.command()
-@user_errors
-def defects(
-    complete: Annotated[Path, typer.Option("--in", help="Folder of complete skulls (.nii, .nii.gz, .nrrd).")],
-    out: Annotated[Path, typer.Option("--out", help="Output data-set folder.")],
-    seed: SEED = 0,
-    eval_fraction: Annotated[float, typer.Option(help="Fraction of cases that go to the evaluation sets.")] = 0.2,
-    threshold: THRESHOLD = None,
-    overwrite: OVERWRITE = False,
-) -> None:
-    """Cut set-1 (training-like) and set-2 (different) defects into any folder of complete skulls."""
-    defects_command(complete=complete, out=out, seed=seed, eval_fraction=eval_fraction, threshold=threshold, overwrite=overwrite)
-
-
-@app.command()
-@user_errors
-def prepare(
-    complete: Annotated[Path, typer.Option("--in", help="Folder of complete skulls (any size and spacing).")],
-    out: Annotated[Path, typer.Option("--out", help="Output data-set folder.")],
-    defective: Annotated[Optional[Path], typer.Option("--defective", help="Folder of the matching defective skulls (same case ids).")] = None,
-    size: Annotated[int, typer.Option(help="Edge length of the prepared cubic volumes.")] = 64,
-    margin_mm: Annotated[float, typer.Option(help="Margin around the bone's bounding box, in mm.")] = 4.0,
-    eval_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for evaluation (set 1 and set 2 defects).")] = 0.2,
-    seed: SEED = 0,
-    threshold: THRESHOLD = None,
-    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N cases.")] = None,
-    overwrite: OVERWRITE = False,
-) -> None:
-    """Turn real skulls (e.g. SkullFix NRRD) into a 64^3 data set in the project's layout."""
-    prepare_command(
-        complete=complete, out=out, defective=defective, size=size, margin_mm=margin_mm, eval_fraction=eval_fraction,
-        seed=seed, threshold=threshold, max_cases=max_cases, overwrite=overwrite,
-    )
-
-
-@app.command()
-@user_errors
-def train(
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config (see configs/); with --resume, defaults to the run's own.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set fam.lam=0.02 (repeatable).")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default runs/NAME).")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Resume even if the config differs from the run's.")] = False,
-    device: DEVICE = "auto",
-    overwrite: OVERWRITE = False,
-) -> None:
-    """Train the autoencoder (baseline, fam, sam or asam)."""
-    train_command(config=config, overrides=set_ or [], run_dir=run_dir, resume=resume, force=force, device=device, overwrite=overwrite)
-
-
-@app.command()
-@user_errors
-def flatness(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train'.")],
-    data: Annotated[Path, typer.Option("--data", help="Data-set folder.")],
-    split: Annotated[str, typer.Option(help="Split to measure on.")] = "train",
-    samples: Annotated[int, typer.Option(help="Hutchinson probes.")] = 64,
-    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N cases.")] = None,
-    device: DEVICE = "auto",
-) -> None:
-    """Print Tr(H), ||w||^2, kappa-hat and neuron-wise kappa of the configured layer on a data set."""
-    flatness_command(checkpoint=checkpoint, data=data, split=split, samples=samples, max_cases=max_cases, device=device)
-
-
-@app.command()
-@user_errors
-def predict(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train'.")],
-    inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
-    stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
-    threshold: THRESHOLD = None,
-    device: DEVICE = "auto",
-    overwrite: OVERWRITE = False,
-) -> None:
-    """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
-    predict_command(checkpoint=checkpoint, inp=inp, out=out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite)
-
-
-@app.command()
-@user_errors
-def evaluate(
-    pred: Annotated[Path, typer.Option("--pred", help="Folder of predictions.")],
-    truth: Annotated[Path, typer.Option("--truth", help="Folder of ground truths (same case ids).")],
-    out: Annotated[Path, typer.Option("--out", help="Per-case CSV; the summary goes beside it as .summary.json.")],
-    defective: Annotated[Optional[Path], typer.Option("--defective", help="Folder of defective skulls (needed for bDSC).")] = None,
-    target: Annotated[str, typer.Option(help="skull (reconstruction vs complete skull) or implant.")] = "skull",
-    hd95: Annotated[str, typer.Option("--hd95", help="max (MONAI: max of directed 95th percentiles) or pooled (AutoImplant/MedPy).")] = "max",
-    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip cases without a partner and report the count.")] = False,
-    threshold: THRESHOLD = None,
-    overwrite: OVERWRITE = False,
-) -> None:
-    """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""
-    evaluate_command(
-        pred=pred, truth=truth, out=out, defective=defective, target=target, hd95=hd95,
-        skip_missing=skip_missing, threshold=threshold, overwrite=overwrite,
-    )
-
-
-@app.command()
-@user_errors
-def experiment(
-    config: Annotated[Path, typer.Option("--config", help="Experiment YAML (e.g. configs/paper_skull.yaml).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Results folder (default from the config).")] = None,
-    scale: Annotated[Optional[float], typer.Option(help="Shrink epochs and cases by this factor (e.g. 0.1) for a CPU-sized run.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an experiment key (repeatable).")] = None,
-    device: DEVICE = "auto",
-    jobs: Annotated[int, typer.Option(help="Runs trained concurrently (useful on one GPU).")] = 1,
-) -> None:
-    """Train the whole method / lambda / seed sweep, evaluate both defect sets, write tables and figures."""
-    experiment_command(config=config, out=out, scale=scale, overrides=set_ or [], device=device, jobs=jobs)
-
-
-@app.command()
-@user_errors
-def view(
-    data: Annotated[Optional[Path], typer.Option("--data", help="Data-set folder to browse.")] = None,
-    runs: Annotated[Optional[Path], typer.Option("--runs", help="Folder of run folders (checkpoints).")] = None,
-    results: Annotated[Optional[Path], typer.Option("--results", help="A results CSV from evaluate/experiment.")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8501,
-) -> None:
-    """Open the Streamlit viewer for reconstructed skulls."""
-    view_command(data=data, runs=runs, results=results, host=host, port=port)
+# The commands, in the order `skullrec --help` lists them; user_errors turns InputError into one line + exit 2.
+for _name, _command in (
+    ("synth", synth_command),
+    ("defects", defects_command),
+    ("prepare", prepare_command),
+    ("train", train_command),
+    ("flatness", flatness_command),
+    ("predict", predict_command),
+    ("evaluate", evaluate_command),
+    ("experiment", experiment_command),
+    ("view", view_command),
+):
+    app.command(name=_name)(user_errors(_command))
 
 
 def main() -> None:

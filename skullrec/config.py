@@ -1,6 +1,7 @@
-"""Typed, validated training configuration (YAML files in ``configs/``).
+"""Typed, validated configurations (YAML files in ``configs/``): training runs and experiments.
 
-A config is a tree of dataclasses. :func:`load_config` reads YAML, applies ``--set key=value``
+A config is a tree of dataclasses (:class:`Config` for ``skullrec train``, :class:`ExperimentConfig`
+for ``skullrec experiment``, read by :func:`load_experiment`). :func:`load_config` reads YAML, applies ``--set key=value``
 overrides (dotted keys, values parsed as YAML), and validates: an unknown key, a wrong type or
 an out-of-range value raises :class:`ConfigError` naming the key, e.g.
 ``fam.lam: must be >= 0, got -1.0``.

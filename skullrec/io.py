@@ -40,7 +40,7 @@ NRRD_SUFFIXES = (".nrrd", ".nhdr")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 
 # ITK's world space is LPS, NIfTI's is RAS: flipping the first two world axes converts between them.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 # Warnings (not errors) go through logging: printed as the bare message on stderr unless configured.
 _log = logging.getLogger("skullrec")
@@ -299,8 +299,8 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
     origin = np.asarray(img.GetOrigin(), dtype=np.float64)
     affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
-    affine[:3, 3] = _LPS_TO_RAS @ origin
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = LPS_TO_RAS @ origin
     return data, affine
 
 

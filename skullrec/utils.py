@@ -44,6 +44,15 @@ def derive_seed(*keys: int | str) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
+def bounding_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Index bounding box of the nonzero voxels: (lo inclusive, hi exclusive) per axis; None for an empty mask."""
+    mask = np.asarray(mask)
+    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax))) for ax in range(mask.ndim)]
+    if any(i.size == 0 for i in idx):
+        return None
+    return tuple(int(i[0]) for i in idx), tuple(int(i[-1]) + 1 for i in idx)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """'auto' -> cuda when available else cpu; 'cpu', 'cuda', 'cuda:N' as given (InputError if unusable)."""
     import torch
@@ -67,4 +76,4 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-__all__ = ["Progress", "seed_key", "seed_sequence", "derive_seed", "resolve_device", "unwrap"]
+__all__ = ["Progress", "bounding_box", "seed_key", "seed_sequence", "derive_seed", "resolve_device", "unwrap"]

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import Volume, list_volumes
 from ..utils import Progress, seed_key, seed_sequence
-from .layout import check_output_dir, staged_output, write_manifest
+from .layout import check_output_dir, implant_of, staged_output, write_manifest
 from .resample import BONE_FRACTION, DEFAULT_MARGIN_MM, DEFAULT_SIZE, bone_box, prepare_pair
 
 SKULLFIX_SPLIT = "eval_skullfix"  # SkullFix's own defective skulls of the evaluation cases
@@ -86,7 +86,7 @@ def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
         c64, d64 = prepare_pair(complete, defective, size, margin)
         box = bone_box(defective, margin)
         counts = write_case(root, split, cid, c64.data, d64.data, c64.affine)
-        source_implant = int((complete.data.astype(bool) & ~defective.data.astype(bool)).sum())
+        source_implant = int(implant_of(complete.data, defective.data).sum())
         # Complete-skull bone outside the defective-based box is lost from the prepared complete skull.
         inside = int(complete.data[tuple(slice(max(lo, 0), max(hi, 0)) for lo, hi in zip(box.lo, box.hi))].astype(bool).sum())
         records.append({

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DefectError
+from ..utils import bounding_box
 
 # Removed bone fraction (of the complete skull's bone voxels) every defect must fall in.
 # Set 1: the real SkullFix range (min 0.063, 5th-95th percentile 0.065-0.104, max 0.117 over the
@@ -73,11 +73,12 @@ MAX_RESIZES = 5  # size adjustments of one draw towards the fraction range
 
 
 def _bbox_mm(mask: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(i.size == 0 for i in idx):
+    """(lowest, highest) bone voxel centre per axis, in mm from the array origin."""
+    bb = bounding_box(mask)
+    if bb is None:
         raise DefectError("the complete skull has no bone voxels")
-    lo = np.array([i[0] for i in idx], dtype=np.float64)
-    hi = np.array([i[-1] for i in idx], dtype=np.float64)
+    lo = np.array(bb[0], dtype=np.float64)
+    hi = np.array(bb[1], dtype=np.float64) - 1.0
     return lo * spacing, hi * spacing
 
 

@@ -66,7 +66,8 @@ class Split:
 
     @property
     def implant(self) -> np.ndarray:
-        return (self.complete & (1 - self.defective)).astype(np.uint8)
+        """(N, S, S, S) uint8 implants of the split (:func:`implant_of`)."""
+        return implant_of(self.complete, self.defective).astype(np.uint8)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,6 +76,11 @@ class Split:
 def case_path(root: str | Path, split: str, kind: str, cid: str) -> Path:
     """Path of one volume in the layout."""
     return Path(root) / split / kind / f"{cid}.nii.gz"
+
+
+def implant_of(complete: np.ndarray, defective: np.ndarray) -> np.ndarray:
+    """The implant: complete AND NOT defective (bool), the one rule of the layout, predictions and scores alike."""
+    return np.asarray(complete).astype(bool) & ~np.asarray(defective).astype(bool)
 
 
 def write_case(
@@ -95,7 +101,7 @@ def write_case(
     defective = np.asarray(defective).astype(bool)
     if complete.shape != defective.shape:
         raise ValueError(f"case {cid}: complete {complete.shape} and defective {defective.shape} differ in shape")
-    implant = complete & ~defective
+    implant = implant_of(complete, defective)
     for kind, arr in (("complete", complete), ("defective", defective), ("implant", implant)):
         write_nifti(case_path(root, split, kind, cid), arr, affine, header)
     return {

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..io import Volume
+from ..utils import bounding_box
 
 DEFAULT_SIZE = 64
 DEFAULT_MARGIN_MM = 4.0
@@ -55,15 +56,13 @@ class Box:
 
 def bone_box(vol: Volume, margin_mm: float = DEFAULT_MARGIN_MM) -> Box:
     """The bounding box of the bone voxels of ``vol`` grown by ``margin_mm`` on every side."""
-    if margin_mm < 0:
-        raise InputError(f"--margin-mm: must be >= 0, got {margin_mm}")
-    idx = [np.flatnonzero(np.any(vol.data, axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(len(i) == 0 for i in idx):
+    bb = bounding_box(vol.data)
+    if bb is None:
         raise InputError(f"{vol.path or '<volume>'}: no bone voxels (empty mask)")
     # A margin in mm becomes a whole number of source voxels per axis (spacing differs per axis).
     m = [int(math.ceil(margin_mm / s - 1e-9)) for s in vol.spacing]
-    lo = tuple(int(i[0]) - mi for i, mi in zip(idx, m))
-    hi = tuple(int(i[-1]) + 1 + mi for i, mi in zip(idx, m))
+    lo = tuple(b - mi for b, mi in zip(bb[0], m))
+    hi = tuple(b + mi for b, mi in zip(bb[1], m))
     return Box(lo=lo, hi=hi)
 
 

@@ -40,12 +40,11 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
-from ..io import Volume
-from ..utils import Progress, seed_sequence
+from ..io import LPS_TO_RAS, Volume
+from ..utils import Progress, bounding_box, seed_sequence
 
 # SkullFix's array layout: +axis0 = patient left, +axis1 = posterior, +axis2 = superior. In RAS
-# world coordinates that is a flip of the first two axes.
-_LPS_INDEX_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# world coordinates that is a flip of the first two axes (io.LPS_TO_RAS).
 
 # Physical field of view of the default source grid (mm): the largest head the parameter ranges
 # below can produce, plus the pose, fits with a margin.
@@ -402,10 +401,10 @@ def _spread_cells(cells: np.ndarray, axis: int, n: int) -> np.ndarray:
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 6-connected piece: where two surfaces (orbit wall, cut plane, foramen) meet
     at a grazing angle, sampling can leave a few isolated voxels (1-4 voxels in 40 test skulls)."""
-    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(i.size == 0 for i in idx):
+    bb = bounding_box(mask)
+    if bb is None:
         return mask
-    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)  # label only the bone's bounding box
+    box = tuple(slice(lo, hi) for lo, hi in zip(*bb))  # label only the bone's bounding box
     labels, n = ndimage.label(mask[box])
     if n <= 1:
         return mask
@@ -444,7 +443,7 @@ def source_grid(size: int = 64) -> tuple[tuple[int, int, int], tuple[float, floa
 def source_affine(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
     """RAS affine of a source grid in the SkullFix index layout, centred on the world origin."""
     aff = np.eye(4)
-    aff[:3, :3] = _LPS_INDEX_TO_RAS @ np.diag(np.asarray(spacing, dtype=np.float64))
+    aff[:3, :3] = LPS_TO_RAS @ np.diag(np.asarray(spacing, dtype=np.float64))
     aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2.0)
     return aff
 

@@ -261,9 +261,9 @@ def batch_metrics(
     """:func:`case_metrics` for N cases stacked as (N, X, Y, Z) (numpy or torch; N spacings or one).
 
     A plain loop: MONAI's Hausdorff code loops over the batch in Python too and its distances run
-    on the CPU (KD-tree), so batching buys nothing, and one 64^3 case takes ~70 ms of CPU
-    (benchmarks/evaluate_speed.py), which keeps 100 cases well inside the 20 s target without
-    worker processes (whose start-up alone costs seconds).
+    on the CPU (KD-tree), so batching buys nothing; a 64^3 case is fast enough that 100 cases stay
+    well inside the 20 s target without worker processes (whose start-up alone costs seconds; the
+    measurement, benchmarks/evaluate_speed.py, is in README "Prediction and evaluation").
     """
     _check_hd95(hd95)
     p = _as_bool(pred, "pred")

@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 
 from ..config import ExperimentConfig, MethodSpec, dump_config, load_config, load_experiment
+from ..data.layout import implant_of
 from ..errors import InputError
 from ..io import atomic_write_text, json_default
 from ..training.run_dir import CONFIG_FILE, SWEEP_CONFIGS, SWEEP_RUNS, checkpoint_path, run_finished, sweep_config, sweep_log, sweep_run_dir
@@ -163,7 +164,7 @@ def evaluate_runs(
                     truth = split.complete if target == "skull" else split.implant
                     # the model's own implant: what it added where the input has no bone (predict also drops
                     # islands < 100 mm^3; scored here without that post-processing, measured to move DSC by ~0.01)
-                    pred = recon if target == "skull" else (recon & (1 - split.defective)).astype(np.uint8)
+                    pred = recon if target == "skull" else implant_of(recon, split.defective).astype(np.uint8)
                     case_rows += evaluate_arrays(pred, truth, split.spacings, defective=split.defective, hd95=exp.hd95,
                                                  ids=split.ids, target=target)
                 if split_name not in truth_pairwise:

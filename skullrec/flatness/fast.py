@@ -42,10 +42,10 @@ apply (fam.layers other than exactly ["decodeL"], another model, a loss that is 
 per-sample losses, a decoder with BatchNorm, or 16-bit autocast for the finite differences) the
 regulariser falls back to plain autograd with a one-time warning, so every configuration still trains.
 
-Cost (benchmarks/step_cost.py, docs/performance.md): on 2 CPU threads, batch 4, 64^3, a plain
-Dice+Adam step = 1; autograd 3.9-4.4; fd 2.3; fd-half 1.7; fd-quarter 1.35 (the default). The
-decoder after decodeL is ~55 % of a plain step here, so the two extra decoder passes of any
-whole-batch estimator (exact or finite-difference) cost >= ~2x by themselves.
+Cost: the measured step cost of every estimator relative to a plain Dice+Adam step is in
+docs/performance.md (benchmarks/step_cost.py). The decoder after decodeL is a large part of a plain
+step, so the two extra decoder passes of any whole-batch estimator (exact or finite-difference) cost
+about a plain step by themselves; the subset estimators pass fewer samples.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -195,21 +196,9 @@ def fam_term(
     return FamTerm(penalty=penalty, trace=torch.stack(traces).sum(), norm_sq=torch.stack(norms).sum(), per_layer=per_layer)
 
 
-def kappa_simplified(
-    loss: Tensor,
-    weights: Tensor | Sequence[Tensor],
-    *,
-    samples: int = 1,
-    gradient: str = "full",
-    norm: str = "squared",
-    trace: str = "signed",
-    generator: torch.Generator | None = None,
-    probes: Sequence[Tensor] | None = None,
-) -> Tensor:
-    """kappa_hat = sum over layers of ||w||^2 * Tr(H) (Hutchinson), with the options of :func:`fam_term`."""
-    return fam_term(
-        loss, weights, samples=samples, gradient=gradient, norm=norm, trace=trace, generator=generator, probes=probes
-    ).penalty
+def kappa_simplified(loss: Tensor, weights: Tensor | Sequence[Tensor], **options: Any) -> Tensor:
+    """kappa_hat = sum over layers of ||w||^2 * Tr(H) (Hutchinson): the penalty of :func:`fam_term` with the same options."""
+    return fam_term(loss, weights, **options).penalty
 
 
 def _check_exact_size(weight: Tensor, max_weights: int, what: str) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..data.layout import implant_of
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
 from ..errors import InputError
 from ..io import Volume, atomic_write_bytes, atomic_write_text, write_volume
@@ -189,7 +190,7 @@ def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, m
     added64 = (pred64 & ~prepared.data.astype(bool)).astype(np.float32)
     added = restore_to_grid(added64, prepared.affine, vol) > 0.5
     defective = vol.data.astype(bool)
-    implant, removed = remove_small_islands(complete & ~defective & added, vol.affine, min_island_mm3)
+    implant, removed = remove_small_islands(implant_of(complete, defective) & added, vol.affine, min_island_mm3)
     header = vol.header
     vox = voxel_volume_mm3(vol.affine)
     info = {

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..data.layout import implant_of
 from ..errors import InputError
 from ..io import Volume, case_id, is_volume_file, list_volumes, read_volume
 
@@ -99,7 +100,7 @@ def load_case(root: str | Path, split: str, cid: str) -> CaseVolumes:
         implant_path = _find_volume(folder / "implant", cid)
         # The layout defines implant = complete AND NOT defective; derive it when the file is absent.
         implant = read_volume(implant_path) if implant_path is not None else Volume(
-            (complete.data & (1 - defective.data)).astype(np.uint8), complete.affine, complete.header
+            implant_of(complete.data, defective.data).astype(np.uint8), complete.affine, complete.header
         )
     return CaseVolumes(name=f"{split}/{cid}", defective=defective, complete=complete, implant=implant)
 

@@ -29,12 +29,9 @@ DEFAULT_RUNS = Path("runs")
 DEFAULT_RUN_ROOTS = (DEFAULT_RUNS, Path("results"))
 
 
-def app_path() -> Path:
-    """Path of the Streamlit page ``app/viewer.py`` (next to the package in the repository)."""
-    path = Path(__file__).resolve().parents[2] / "app" / "viewer.py"
-    if not path.is_file():
-        raise InputError(f"{path}: the viewer page is missing; run 'skullrec view' from a source checkout")
-    return path
+def page_path() -> Path:
+    """Path of the Streamlit page, ``skullrec/viewer/page.py`` (inside the package, so a wheel has it too)."""
+    return Path(__file__).resolve().with_name("page.py")
 
 
 @dataclass
@@ -88,14 +85,14 @@ def streamlit_command(app: Path, host: str, port: int, max_upload_mb: int = DEFA
 
 
 def launch(settings: ViewerSettings, host: str, port: int) -> int:
-    """Run ``streamlit run app/viewer.py`` with ``settings`` until it exits; returns its exit code.
+    """Run ``streamlit run skullrec/viewer/page.py`` with ``settings`` until it exits; returns its exit code.
 
     The server is a child process: SIGTERM and SIGHUP sent to this launcher are forwarded to it
     (so ``kill`` of ``skullrec view`` never leaves a server running), and Ctrl-C / SIGINT stops it
     too. A stop asked for by such a signal returns 0.
     """
     env = {**os.environ, **settings.to_env()}
-    proc = subprocess.Popen(streamlit_command(app_path(), host, port, settings.max_upload_mb), env=env)
+    proc = subprocess.Popen(streamlit_command(page_path(), host, port, settings.max_upload_mb), env=env)
     forwarded: list[int] = []
 
     def forward(signum: int, frame: object) -> None:

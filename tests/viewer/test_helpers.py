@@ -1,4 +1,4 @@
-"""The viewer: its pure helpers (skullrec.viewer.helpers) and the Streamlit page (app/viewer.py) via AppTest.
+"""The viewer: its pure helpers (skullrec.viewer.helpers) and the Streamlit page (skullrec/viewer/page.py, through app/viewer.py) via AppTest.
 
 Everything runs on a tiny 32^3 data set and a small untrained checkpoint written in a temp folder,
 so the tests need neither the synthetic data set nor a trained run.
@@ -24,7 +24,8 @@ from skullrec.io import Volume, read_volume
 from skullrec.viewer import helpers as V
 from skullrec.viewer import launch as L
 
-APP = REPO / "app" / "viewer.py"
+APP = REPO / "app" / "viewer.py"  # the checkout entry; it runs the package's page
+PAGE = REPO / "skullrec" / "viewer" / "page.py"
 SPACING = (1.5, 1.5, 2.0)
 TIMEOUT = 120  # seconds per AppTest run: model loading + reconstruction on a busy 2-core CI machine
 
@@ -119,7 +120,7 @@ def test_view_command_runs_streamlit_headless_on_localhost(monkeypatch, dataset:
     monkeypatch.setattr(L.subprocess, "Popen", FakePopen)
     view_command(data=dataset, runs=runs, results=None, host="127.0.0.1", port=8765)
     cmd = seen["cmd"]
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == APP
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and Path(cmd[4]) == PAGE
     opts = dict(zip(cmd[5::2], cmd[6::2]))
     assert opts["--server.address"] == "127.0.0.1" and opts["--server.port"] == "8765"
     assert opts["--server.headless"] == "true" and opts["--browser.gatherUsageStats"] == "false"
