@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -82,11 +83,20 @@ class SamConfig:
 
 
 @dataclass
+class LookbehindConfig:
+    """Lookbehind-SAM (see skullrec.training.lookbehind); defaults are the paper's."""
+
+    k: int = 2  # inner (ascent, descent) steps per batch
+    alpha: float | Literal["adaptive"] = 0.5  # slow-weight step towards the fast weights, in (0, 1]
+    rho: float = 0.05  # radius of each ascent step
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, logging and checkpoints."""
 
-    # fam_authors: the FAM authors' public objective (see AUTHORS_FAM below and docs/flatness.md).
-    method: Literal["baseline", "fam", "fam_authors", "sam", "asam"] = "baseline"
+    # fam_authors: the FAM authors' public objective (see AUTHORS_FIXED below and docs/flatness.md).
+    method: Literal["baseline", "fam", "fam_authors", "sam", "asam", "lookbehind"] = "baseline"
     epochs: int = 200
     batch_size: int = 4
     lr: float = 1e-4
@@ -109,6 +119,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fam: FamConfig = field(default_factory=FamConfig)
     sam: SamConfig = field(default_factory=SamConfig)
+    lookbehind: LookbehindConfig = field(default_factory=LookbehindConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,7 +140,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
                 return _check_type(key, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        # Several alternatives (e.g. a number or 'adaptive'): name them all, not only the first.
+        alternatives = [errors[0]] + [e.removeprefix(f"{key}: ") for e in errors[1:]]
+        raise ConfigError(", or ".join(alternatives) if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
@@ -151,8 +164,16 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string; a number written that way is still a number.
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -177,6 +198,10 @@ def validate(cfg: Config) -> Config:
         ("seed", cfg.seed >= 0, "must be >= 0"),
         ("model.size", cfg.model.size % (2 ** len(cfg.model.strides)) == 0, "must be divisible by 2**len(strides)"),
         ("model.channels", len(cfg.model.channels) == len(cfg.model.strides), "needs one entry per stride"),
+        ("model.channels", len(cfg.model.channels) >= 1 and all(c >= 1 for c in cfg.model.channels),
+         f"every entry must be >= 1, got {cfg.model.channels}"),
+        ("model.strides", all(st in (1, 2) for st in cfg.model.strides), f"every entry must be 1 or 2, got {cfg.model.strides}"),
+        ("model.size", cfg.model.size >= 2, f"must be >= 2, got {cfg.model.size}"),
         ("model.latent_size", cfg.model.latent_size >= 1, "must be >= 1"),
         ("fam.lam", cfg.fam.lam >= 0, f"must be >= 0, got {cfg.fam.lam}"),
         ("fam.samples", cfg.fam.samples >= 1, "must be >= 1"),
@@ -184,6 +209,9 @@ def validate(cfg: Config) -> Config:
         ("fam.layers", len(cfg.fam.layers) >= 1, "name at least one Linear layer"),
         ("sam.rho", cfg.sam.rho > 0, "must be > 0"),
         ("sam.start_epoch", cfg.sam.start_epoch >= 1, "must be >= 1"),
+        ("lookbehind.k", cfg.lookbehind.k >= 1, "must be >= 1"),
+        ("lookbehind.alpha", cfg.lookbehind.alpha == "adaptive" or 0 < cfg.lookbehind.alpha <= 1, "must be in (0, 1] or 'adaptive'"),
+        ("lookbehind.rho", cfg.lookbehind.rho > 0, "must be > 0"),
         ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
