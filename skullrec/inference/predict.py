@@ -163,12 +163,15 @@ def predict_folder(
     overwrite: bool = False,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    stage2: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
     ``threshold`` binarises non-binary *inputs* (value > T); the model output is thresholded at 0.5.
     Returns one row per case (also written to out/predict.json); ``progress(done, total)`` is called
-    after each case and ``warn(message)`` for each empty implant.
+    after each case and ``warn(message)`` for each empty implant. With ``stage2`` (a
+    ``skullrec train-implant`` checkpoint) the implant is stage 2's (:mod:`skullrec.inference.stage2`,
+    in a box around stage 1's implant) and the complete skull is the defective skull plus that implant.
     """
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
@@ -178,6 +181,11 @@ def predict_folder(
     files = list_volumes(inp)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
+    model2 = cfg2 = meta2 = None
+    if stage2 is not None:
+        from ..nets.implant_checkpoint import load_implant_checkpoint
+
+        model2, cfg2, meta2 = load_implant_checkpoint(stage2, dev)
     summary: list[dict[str, Any]] = []
     with staged_output(out, overwrite) as staging:
         ids = list(files)
@@ -192,6 +200,8 @@ def predict_folder(
                     raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
             recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
             for cid, vol, rec in zip(chunk, vols, recs):
+                if model2 is not None:
+                    rec = _apply_stage2(rec, vol, model2, cfg2, dev)
                 write_nifti(staging / "complete" / f"{cid}.nii.gz", rec.complete.data, vol.affine, vol.header)
                 write_nifti(staging / "implant" / f"{cid}.nii.gz", rec.implant.data, vol.affine, vol.header)
                 row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty}
@@ -206,9 +216,28 @@ def predict_folder(
                 summary.append(row)
                 if progress is not None:
                     progress(len(summary), len(ids))
-        report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta, "input": str(inp), "device": str(dev),
+        report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta,
+                  "stage2": None if stage2 is None else str(stage2), "stage2_meta": meta2, "input": str(inp), "device": str(dev),
                   "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
     return summary
 
 
+
+
+def _apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
+    """Replace stage 1's implant by stage 2's; the complete skull becomes defective OR that implant."""
+    from .stage2 import stage2_implant
+
+    implant, info = stage2_implant(model2, vol, rec.complete.data.astype(bool), rec.implant.data.astype(bool),
+                                   cfg2.net.box_mm, cfg2.net.grid, device)
+    complete = vol.data.astype(bool) | implant
+    vox = voxel_volume_mm3(vol.affine)
+    new_info = {**rec.info, "stage1_implant_voxels": rec.info["implant_voxels"], "implant_voxels": int(implant.sum()),
+                "implant_mm3": round(float(implant.sum()) * vox, 1), "complete_voxels": int(complete.sum()), "stage2": info}
+    return Reconstruction(
+        complete=Volume(complete.astype(np.uint8), vol.affine, vol.header, vol.path),
+        implant=Volume(implant.astype(np.uint8), vol.affine, vol.header, vol.path),
+        prepared_input=rec.prepared_input, prepared_prob=rec.prepared_prob, prepared_prediction=rec.prepared_prediction,
+        islands_removed=rec.islands_removed, info=new_info,
+    )
