@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import InputError, check_choice
+from .errors import InputError, check_choice, describe_os_error
 
 app = typer.Typer(
     name="skullrec",
@@ -41,7 +41,7 @@ THRESHOLD = Annotated[Optional[float], typer.Option(help="Binarise non-binary in
 
 
 def user_errors(fn):
-    """Turn InputError into a one-line message and exit code 2, KeyboardInterrupt into exit 130."""
+    """Turn InputError, OSError and MemoryError into a one-line message and exit code 2, KeyboardInterrupt into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -49,6 +49,12 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except InputError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # permission denied, read-only file system, disk full, ...
+            typer.echo(f"error: {describe_os_error(exc)}", err=True)
+            raise typer.Exit(2) from None
+        except MemoryError:
+            typer.echo("error: out of memory (the volumes are too large for this machine; try fewer or smaller inputs)", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             if exc.args:  # e.g. the trainer's "state saved ...; continue with ..." line
@@ -85,7 +91,8 @@ def _bar(label: str, console: Any) -> Iterator[Callable[[int, int | None], None]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    bar = Progress(*columns, console=console, transient=True)
+    # Off when stderr is not a terminal (a log file, a pipe): rich would leave a blank line there.
+    bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
     task = None
 
     def update(done: int, total: int | None = None) -> None:
@@ -188,14 +195,13 @@ def defects_command(
     size: Annotated[int, typer.Option(hidden=True, help="Edge length of the prepared volumes.")] = 64,
 ) -> Path:
     """Cut set-1 (training-like) and set-2 (different) defects into any folder of complete skulls."""
-    from .data.defects import orientation_warnings
     from .data.resample import DEFAULT_MARGIN_MM
     from .io import list_volumes
 
+    # No orientation warning: read_volume brings every file to the canonical L, P, S order, so the
+    # defects land at the same anatomical place whatever voxel order a file uses.
     files = list_volumes(complete)  # InputError for a missing or empty folder
     console = _console(stderr=True)
-    for line in orientation_warnings(files.values()):
-        console.print(f"warning: {line}", markup=False)
     t0 = time.perf_counter()
     result = prepare_command(
         complete=Path(complete), out=Path(out), defective=None, size=size, margin_mm=DEFAULT_MARGIN_MM,
@@ -283,7 +289,9 @@ def predict_command(
     with _bar("predict", console) as progress:
         rows = predict_folder(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
-            progress=progress, warn=lambda msg: console.print(f"[yellow]{msg}[/]"), stage2=stage2,
+            # markup off: file names may hold [brackets]; soft_wrap: one message, one line
+            progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
+            stage2=stage2,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")

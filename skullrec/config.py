@@ -10,6 +10,7 @@ an out-of-range value raises :class:`ConfigError` naming the key, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,8 +140,16 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string; a number written that way is still a number.
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -165,6 +174,10 @@ def validate(cfg: Config) -> Config:
         ("seed", cfg.seed >= 0, "must be >= 0"),
         ("model.size", cfg.model.size % (2 ** len(cfg.model.strides)) == 0, "must be divisible by 2**len(strides)"),
         ("model.channels", len(cfg.model.channels) == len(cfg.model.strides), "needs one entry per stride"),
+        ("model.channels", len(cfg.model.channels) >= 1 and all(c >= 1 for c in cfg.model.channels),
+         f"every entry must be >= 1, got {cfg.model.channels}"),
+        ("model.strides", all(st in (1, 2) for st in cfg.model.strides), f"every entry must be 1 or 2, got {cfg.model.strides}"),
+        ("model.size", cfg.model.size >= 2, f"must be >= 2, got {cfg.model.size}"),
         ("model.latent_size", cfg.model.latent_size >= 1, "must be >= 1"),
         ("fam.lam", cfg.fam.lam >= 0, f"must be >= 0, got {cfg.fam.lam}"),
         ("fam.samples", cfg.fam.samples >= 1, "must be >= 1"),

@@ -27,4 +27,13 @@ def check_choice(label: str, value: str, choices: Sequence[str], error: type[Inp
     return value
 
 
-__all__ = ["InputError", "ConfigError", "DefectError", "check_choice"]
+__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error"]
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: problem`` for an OS error (permission denied, read-only file system, disk full), in one line."""
+    where = exc.filename if exc.filename is not None else "<unknown path>"
+    what = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    if exc.filename2 is not None:
+        what += f" (and {exc.filename2})"
+    return f"{where}: {what}"

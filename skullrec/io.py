@@ -5,6 +5,15 @@ Every volume in skullrec is a :class:`Volume`: a 3D array indexed (i, j, k) like
 NRRD files come in ITK's LPS world space; :func:`read_volume` converts them so that a NRRD and
 the NIfTI written from it describe the same physical points.
 
+**One canonical voxel order.** Files store the same head in any of 48 axis orders / flips, and
+the model, the crop and the defect geometry all assume one: SkullFix's, array axis 0 towards the
+patient's left, axis 1 posterior, axis 2 superior (nibabel axis codes ``L, P, S``,
+:data:`CANONICAL_AXCODES`). :func:`read_volume` brings every volume to that order with nibabel's
+orientation tools (only permutations and flips of whole axes, so no voxel is resampled); an oblique
+grid gets the closest axis order and keeps its tilt in the affine. The volume remembers its
+:class:`SourceGrid`, and :func:`write_volume` / :func:`to_source_grid` put results back onto the
+input's own voxel order, affine and header exactly.
+
 User mistakes (missing file, corrupt gzip, 4D data, NaN, non-binary values, ...) raise
 :class:`InputError` with a one-line message that names the file; the CLI prints it and exits 2.
 """
@@ -12,11 +21,13 @@ User mistakes (missing file, corrupt gzip, 4D data, NaN, non-binary values, ...)
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -31,6 +42,36 @@ VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
 # ITK's world space is LPS, NIfTI's is RAS: flipping the first two world axes converts between them.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
+# Warnings (not errors) go through logging: printed as the bare message on stderr unless configured.
+_log = logging.getLogger("skullrec")
+
+# The voxel order every Volume is read into (SkullFix's: axis 0 -> left, 1 -> posterior, 2 -> superior).
+CANONICAL_AXCODES = ("L", "P", "S")
+
+
+
+@dataclass(frozen=True)
+class SourceGrid:
+    """The grid a volume was stored on before :func:`read_volume` reoriented it to :data:`CANONICAL_AXCODES`.
+
+    Attributes:
+        shape: the file's array shape.
+        affine: the file's voxel-to-world affine (RAS+ mm).
+        ornt: nibabel orientation transform (3, 2) from the file's voxel order to the canonical one
+            (identity rows ``[[0, 1], [1, 1], [2, 1]]`` when the file already is canonical).
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    ornt: np.ndarray
+
+    @property
+    def is_canonical(self) -> bool:
+        """True when the file's voxel order already is the canonical one (nothing was permuted or flipped)."""
+        return bool(np.array_equal(self.ornt, _IDENTITY_ORNT))
+
+
+_IDENTITY_ORNT = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
 
 
 @dataclass
@@ -38,17 +79,28 @@ class Volume:
     """A 3D volume and where it lives in space.
 
     Attributes:
-        data: array of shape (X, Y, Z); uint8 {0, 1} for masks, float for raw images.
-        affine: (4, 4) voxel index -> RAS+ mm.
+        data: array of shape (X, Y, Z); uint8 {0, 1} for masks, float for raw images. Volumes from
+            :func:`read_volume` are in the canonical voxel order (:data:`CANONICAL_AXCODES`).
+        affine: (4, 4) voxel index -> RAS+ mm (of ``data`` as it is, i.e. of the canonical order).
         header: the NIfTI header the volume was read with (None for NRRD); written back by
             :func:`write_nifti` so that outputs keep the input's header fields.
         path: where it was read from (None for volumes built in memory).
+        source: the file's own grid (None for volumes built in memory: their grid is their own);
+            :func:`write_volume` writes results back onto it.
     """
 
     data: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header | None = None
     path: Path | None = field(default=None, compare=False)
+    source: SourceGrid | None = field(default=None, compare=False)
+
+    def like(self, data: np.ndarray) -> "Volume":
+        """A volume with new ``data`` (same shape) on this volume's grid, header, path and source grid."""
+        data = np.asarray(data)
+        if data.shape != self.data.shape:
+            raise ValueError(f"Volume.like: shape {data.shape} differs from {self.data.shape}")
+        return Volume(data=data, affine=self.affine, header=self.header, path=self.path, source=self.source)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -63,6 +115,43 @@ class Volume:
 def affine_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along each array axis of a 4x4 affine (its column norms)."""
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, SourceGrid]:
+    """Reorient ``data`` (on ``affine``) to :data:`CANONICAL_AXCODES`: (data, affine, source grid).
+
+    Only whole-axis permutations and flips (nibabel.orientations), so voxel values are untouched
+    and the result describes the same physical points; for an oblique affine the closest axis
+    order is taken and the remaining tilt stays in the returned affine.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    shape = tuple(int(n) for n in data.shape[:3])
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(CANONICAL_AXCODES)
+    )
+    source = SourceGrid(shape=shape, affine=affine.copy(), ornt=ornt)
+    if source.is_canonical:
+        return data, affine, source
+    out = nib.orientations.apply_orientation(data, ornt)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    return out, new_affine, source
+
+
+def to_source_grid(data: np.ndarray, source: SourceGrid | None) -> np.ndarray:
+    """Undo :func:`to_canonical`: canonical-order ``data`` back in the file's own voxel order (a copy)."""
+    data = np.asarray(data)
+    if source is None or source.is_canonical:
+        return np.ascontiguousarray(data)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(CANONICAL_AXCODES), _ornt_of_source(source))
+    out = np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
+    if out.shape[:3] != source.shape:  # a wrong-shaped array would be written on the wrong grid
+        raise ValueError(f"to_source_grid: shape {out.shape} does not match the source grid {source.shape}")
+    return out
+
+
+def _ornt_of_source(source: SourceGrid) -> np.ndarray:
+    """The file's own orientation (the one :func:`to_canonical` started from), recovered from the transform."""
+    return nib.orientations.io_orientation(source.affine)
 
 
 def case_id(path: str | Path) -> str:
@@ -82,41 +171,100 @@ def is_volume_file(path: str | Path) -> bool:
 def list_volumes(folder: str | Path) -> dict[str, Path]:
     """Map case id -> file for every volume file in ``folder`` (not recursive), sorted by id.
 
-    Raises InputError for a missing folder, an empty one, or two files with the same case id.
+    Raises InputError for a missing folder, a file given instead of a folder, an unreadable or
+    empty folder, or two files with the same case id. Other files are skipped with one warning
+    that lists them (hidden files and detached NRRD data, ``.raw[.gz]``, silently).
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise InputError(f"{folder}: is a file; give the folder that holds the volume files")
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
     cases: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
+    skipped: list[str] = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot read this folder ({exc.strerror or exc})") from None
+    for p in entries:
         if p.is_file() and is_volume_file(p):
             cid = case_id(p)
             if cid in cases:
                 raise InputError(f"{p}: case id '{cid}' also used by {cases[cid].name}")
             cases[cid] = p
+        elif p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith((".raw", ".raw.gz")):
+            skipped.append(p.name)
+    if skipped and cases:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        _log.warning(f"warning: {folder}: skipped {len(skipped)} file(s) of unsupported type: {shown} "
+                     f"(reading {', '.join(VOLUME_SUFFIXES)})")
     if not cases:
         raise InputError(f"{folder}: no volume files (.nii, .nii.gz, .nrrd) in this folder")
     return dict(sorted(cases.items()))
 
 
-def _check_gzip(path: Path) -> None:
-    """Read a gzip file to the end so that truncation is reported as such, not as a numpy error."""
+# The most voxels (and decoded bytes) one volume may have. Checked from the header, before any
+# voxel is read, so a tiny file whose header claims 1500^3 voxels costs nothing. 2^29 voxels is
+# e.g. 1024 x 1024 x 512, four times a 512 x 512 x 512 scan and 5-10x a SkullFix skull
+# (512 x 512 x 211-394); processing needs several float32 copies, so this is also about the most
+# a 16-32 GB machine handles.
+MAX_VOXELS = 2**29
+MAX_BYTES = 2 * 2**30
+
+
+def check_size(path: str | Path, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a volume whose header claims more than :data:`MAX_VOXELS` voxels or :data:`MAX_BYTES` bytes."""
+    n = 1
+    for s in shape:
+        n *= max(int(s), 0)
+    shown = " x ".join(str(int(s)) for s in shape)
+    if n > MAX_VOXELS or n * itemsize > MAX_BYTES:
+        raise InputError(
+            f"{path}: header claims {shown} voxels ({n * itemsize / 2**30:.1f} GiB); "
+            f"the limit is {MAX_VOXELS:,} voxels and {MAX_BYTES / 2**30:g} GiB per volume"
+        )
+
+
+def _check_gzip(path: Path) -> int:
+    """Read a gzip file to the end (in 4 MB pieces) so that truncation is reported as such; returns the decoded size."""
+    total = 0
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
+            while chunk := f.read(1 << 22):
+                total += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: corrupt or truncated gzip data ({exc})") from None
+    return total
+
+
+def _nifti_header(path: Path) -> Any:
+    """The image object with only its header read (nibabel reads voxels lazily)."""
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for broken files
+        # nibabel's messages can span lines ("...from \n - could the file be damaged?"); keep one line.
+        detail = " ".join(str(exc).split())
+        raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)
+    img = _nifti_header(path)
+    hdr = img.header
+    stored = np.dtype(hdr.get_data_dtype())
+    slope, inter = hdr.get_slope_inter()
+    scaled = (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
+    # Scaled data come back as float64; check the size of what would be allocated.
+    check_size(path, img.shape, max(stored.itemsize, 8 if scaled else 0))
+    # The image's own header has its offset reset for writing; the array proxy keeps the file's.
+    offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))
+    needed = offset + int(np.prod(img.shape, dtype=np.int64)) * stored.itemsize
+    have = _check_gzip(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+    if have < needed:
+        # Refuse before allocating: nibabel would allocate the whole claimed array, then fail.
+        raise InputError(f"{path}: truncated: the header needs {needed:,} bytes of data, the file holds {have:,}")
     try:
-        img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for broken files
-        # nibabel's messages can span lines ("...from \n - could the file be damaged?"); keep one line.
         detail = " ".join(str(exc).split())
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
     header = img.header.copy()
@@ -132,7 +280,12 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
         except OSError as exc:
             raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only
+        pixel = sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype
+        check_size(path, tuple(reader.GetSize()), pixel.itemsize * max(reader.GetNumberOfComponents(), 1))
+        img = reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
         raise InputError(f"{path}: not a readable NRRD file ({first})") from None
@@ -193,7 +346,8 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
         data = to_mask(data, threshold=threshold, source=path)
     elif np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():
         raise InputError(f"{path}: volume contains NaN values")
-    return Volume(data=np.ascontiguousarray(data), affine=affine, header=header, path=path)
+    data, canon_affine, source = to_canonical(data, affine)
+    return Volume(data=np.ascontiguousarray(data), affine=canon_affine, header=header, path=path, source=source)
 
 
 def to_mask(data: np.ndarray, *, threshold: float | None = None, source: str | Path = "<array>") -> np.ndarray:
@@ -225,14 +379,67 @@ def json_default(obj: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def current_umask() -> int:
+    """The process umask (reading it needs setting it; it is put back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def make_public_dir(path: str | Path) -> Path:
+    """Give a folder made private by ``tempfile.mkdtemp`` (0700) the mode a plain mkdir would (0777 & ~umask)."""
+    path = Path(path)
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
+def exclusive_lock(lock_path: str | Path, busy: str) -> Any:
+    """Hold an exclusive OS lock (fcntl.flock) on ``lock_path`` for the life of the returned handle.
+
+    A second holder is refused at once with ``InputError(busy)``. The kernel drops the lock when
+    the process ends, even by kill -9, so a stale lock never blocks a later run. After locking,
+    the file is checked to still be the one at ``lock_path``: :func:`release_lock` may unlink it,
+    and a process that opened the old file just before would otherwise hold a lock nobody sees.
+    Returns None where ``fcntl`` is missing (Windows): the caller is then unguarded.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(20):
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise InputError(busy) from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()  # the file was replaced under us: lock the current one
+    raise InputError(busy)
+
+
+def release_lock(handle: Any, lock_path: str | Path | None = None) -> None:
+    """Release a lock from :func:`exclusive_lock`; with ``lock_path``, remove the lock file first (still locked)."""
+    if handle is None:
+        return
+    if lock_path is not None:
+        Path(lock_path).unlink(missing_ok=True)
+    handle.close()
+
+
 def _atomic_target(path: Path) -> tuple[int, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffix on the temporary name: nibabel chooses gzip from the file name.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes[-2:]) or ".tmp", dir=path.parent)
     # mkstemp makes the file private (0600); give the result the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(fd, 0o666 & ~umask)
+    os.chmod(fd, 0o666 & ~current_umask())
     return fd, Path(tmp)
 
 
@@ -278,8 +485,11 @@ def write_nifti(
     img = nib.Nifti1Image(arr.astype(dtype, copy=False), np.asarray(affine, dtype=np.float64), header=hdr)
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    # Keep the input header's qform/sform codes (e.g. 2 = aligned to another scan); 1 (scanner) when unset.
+    qcode = int(hdr["qform_code"]) if hdr is not None and int(hdr["qform_code"]) > 0 else 1
+    scode = int(hdr["sform_code"]) if hdr is not None and int(hdr["sform_code"]) > 0 else 1
+    img.set_qform(affine, code=qcode)
+    img.set_sform(affine, code=scode)
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
@@ -292,5 +502,12 @@ def write_nifti(
 
 
 def write_volume(path: str | Path, volume: Volume) -> Path:
-    """Write a :class:`Volume` as uint8 NIfTI, keeping its affine and header."""
-    return write_nifti(path, volume.data, volume.affine, volume.header)
+    """Write a :class:`Volume` as uint8 NIfTI on its file's own grid (voxel order, affine, header).
+
+    A volume read by :func:`read_volume` is held in the canonical order; writing it goes back to
+    the grid it came from, so an output overlays its input voxel for voxel in any viewer.
+    Volumes built in memory (``source`` None) are written as they are.
+    """
+    if volume.source is None:
+        return write_nifti(path, volume.data, volume.affine, volume.header)
+    return write_nifti(path, to_source_grid(volume.data, volume.source), volume.source.affine, volume.header)

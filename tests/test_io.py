@@ -38,8 +38,13 @@ def test_nifti_round_trip_keeps_affine_values_and_header(tmp_path: Path) -> None
     out = write_nifti(tmp_path / "case.nii.gz", data, affine, hdr)
     vol = read_volume(out)
     assert vol.data.dtype == np.uint8
-    np.testing.assert_array_equal(vol.data, data)
-    np.testing.assert_allclose(vol.affine, affine, atol=1e-5)
+    # The affine points R, A, S: read_volume holds it in the canonical L, P, S order (axes 0 and 1
+    # reversed) and remembers the file's own grid.
+    np.testing.assert_array_equal(vol.data, data[::-1, ::-1, :])
+    np.testing.assert_array_equal(io.to_source_grid(vol.data, vol.source), data)
+    np.testing.assert_allclose(vol.source.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(vol.affine[:3, :2], -affine[:3, :2], atol=1e-5)
+    np.testing.assert_allclose(vol.affine @ [6, 8, 0, 1], affine @ [0, 0, 0, 1], atol=1e-5)
     assert vol.header["descrip"].tobytes().rstrip(b"\0") == b"skullrec test"
     np.testing.assert_allclose(vol.spacing, [0.45, 0.5, 0.7], atol=1e-6)
     # The file's qform and sform both carry the affine (what 3D Slicer reads).
@@ -48,7 +53,11 @@ def test_nifti_round_trip_keeps_affine_values_and_header(tmp_path: Path) -> None
     np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
     # Uncompressed .nii as well.
     vol2 = read_volume(write_nifti(tmp_path / "case.nii", data, affine))
-    np.testing.assert_array_equal(vol2.data, data)
+    np.testing.assert_array_equal(vol2.data, vol.data)
+    # write_volume puts it back on the file's own grid, voxel for voxel.
+    back = nib.load(str(io.write_volume(tmp_path / "back.nii.gz", vol)))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), data)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
 
 
 def test_nrrd_lps_to_ras_matches_simpleitk_physical_points(tmp_path: Path) -> None:
@@ -63,17 +72,19 @@ def test_nrrd_lps_to_ras_matches_simpleitk_physical_points(tmp_path: Path) -> No
     sitk.WriteImage(img, str(path), useCompression=True)
 
     vol = read_volume(path)
-    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_array_equal(io.to_source_grid(vol.data, vol.source), data)
     rng = np.random.default_rng(0)
     for idx in [(0, 0, 0), (5, 7, 4)] + [tuple(int(v) for v in rng.integers(0, (6, 8, 5))) for _ in range(5)]:
         lps = np.array(img.TransformIndexToPhysicalPoint(idx))
         ras = lps * np.array([-1.0, -1.0, 1.0])  # ITK LPS -> NIfTI RAS
-        np.testing.assert_allclose((vol.affine @ [*idx, 1.0])[:3], ras, atol=1e-9)
-        assert vol.data[idx] == img.GetPixel(idx)
+        np.testing.assert_allclose((vol.source.affine @ [*idx, 1.0])[:3], ras, atol=1e-9)
+        # The canonical voxel at the same physical point holds the same value.
+        canon_idx = np.rint(np.linalg.solve(vol.affine, [*ras, 1.0])[:3]).astype(int)
+        assert vol.data[tuple(canon_idx)] == img.GetPixel(idx)
     # The NIfTI written from the NRRD describes the same physical points.
     again = read_volume(write_nifti(tmp_path / "skull.nii.gz", vol.data, vol.affine))
     np.testing.assert_allclose(again.affine, vol.affine, atol=1e-5)
-    np.testing.assert_array_equal(again.data, data)
+    np.testing.assert_array_equal(again.data, vol.data)
 
 
 def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -156,7 +156,8 @@ def build_dataset(
     skulls; eval_skullfix = the given defective skulls of the held-out cases. ``progress(done, total)``
     is called after each case.
     """
-    check_output_dir(out, overwrite)  # fail before the slow part
+    inputs = (complete, defective)  # replacing the output must never delete an input
+    check_output_dir(out, overwrite, inputs)  # fail before the slow part
     cfiles = list_volumes(complete)
     dfiles = list_volumes(defective) if defective is not None else {}
     if defective is not None:
@@ -170,7 +171,7 @@ def build_dataset(
     train_ids, eval_ids = split_cases(ids, eval_fraction, seed)
     report = progress or (lambda done, total: None)
 
-    with staged_output(out, overwrite) as staging:
+    with staged_output(out, overwrite, inputs) as staging:
         jobs = [
             {
                 "cid": cid, "root": str(staging), "size": size, "margin_mm": margin_mm, "seed": seed,

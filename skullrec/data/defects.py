@@ -13,8 +13,8 @@ Two families (sizes in mm, so any grid spacing works; pass the spacing):
 
 Geometry is computed in the volume's *index frame in mm* (``index * spacing``) and assumes the
 SkullFix array layout: axis 0 towards the patient's left, axis 1 posterior, axis 2 superior
-(``skullrec.data.synth`` writes this layout; :func:`skullrec.cli.defects_command` reorients other inputs to it and
-back). Directions are given from the centre of the bone's bounding box as elevation (degrees
+(``skullrec.data.synth`` writes this layout, and :func:`skullrec.io.read_volume` reorients every file to
+it, so files in any axis order get their defects at the same anatomical place). Directions are given from the centre of the bone's bounding box as elevation (degrees
 above the axial plane) and azimuth (0 = +axis 0 = left, 90 = posterior, 180 = right,
 -90 = anterior), like the measurements.
 
@@ -27,14 +27,12 @@ skull defects, so the shapes are written here (vectorised numpy on the defect's 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..errors import DefectError
-from ..io import LPS_TO_RAS
 from ..utils import bounding_box
 
 # Removed bone fraction (of the complete skull's bone voxels) every defect must fall in.
@@ -368,48 +366,3 @@ def set2_defect(
         return parts, params
 
     return _fit_fraction(complete, sp, rng, draw, SET2_FRACTION, "set2")
-
-
-# ---------------------------------------------------------------------------------------------
-# command
-# ---------------------------------------------------------------------------------------------
-
-SKULLFIX_AXCODES = ("L", "P", "S")
-
-
-def _axcodes(path: Path) -> tuple[str, ...] | None:
-    """Orientation codes of a volume file from its header alone (None if the header has no orientation)."""
-    import nibabel as nib
-
-    name = path.name.lower()
-    try:
-        if name.endswith((".nii", ".nii.gz")):
-            img = nib.load(str(path))
-            if int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0:
-                return None
-            return tuple(nib.aff2axcodes(img.affine))
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(3, 3)
-        # ITK directions are LPS; in RAS the first two world axes flip
-        aff = np.eye(4)
-        aff[:3, :3] = LPS_TO_RAS @ direction
-        return tuple(nib.aff2axcodes(aff))
-    except Exception:  # an unreadable header is reported by the reader later, with the file name
-        return None
-
-
-def orientation_warnings(paths: Iterable[Path]) -> list[str]:
-    """One line per volume whose array axes do not point L, P, S like SkullFix's (defects are placed by array axes)."""
-    out = []
-    for path in paths:
-        codes = _axcodes(Path(path))
-        if codes is not None and codes != SKULLFIX_AXCODES:
-            out.append(
-                f"{path}: array axes point {''.join(codes)}, not LPS (left, posterior, superior) like SkullFix; "
-                "set-1 and set-2 defects will be placed relative to the array axes"
-            )
-    return out

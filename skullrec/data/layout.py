@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..io import Volume, affine_spacing, atomic_write_text, case_id, json_default, list_volumes, read_volume, write_nifti
+from ..io import (
+    Volume, affine_spacing, atomic_write_text, case_id, exclusive_lock, json_default, list_volumes, make_public_dir,
+    read_volume, release_lock, write_nifti,
+)
+
+# Warnings from domain code go through logging (printed as their bare message on stderr unless the caller configures logging).
+log = logging.getLogger("skullrec")
 
 SPLITS = ("train", "eval_set1", "eval_set2")
 KINDS = ("complete", "defective", "implant")
@@ -156,37 +163,85 @@ def load_split(root: str | Path, split: str, max_cases: int | None = None) -> Sp
     return Split(ids=ids, defective=np.stack(defective), complete=np.stack(complete), affines=np.stack(affines))
 
 
-def check_output_dir(root: str | Path, overwrite: bool) -> Path:
-    """Refuse an output folder that already holds files unless ``overwrite`` is set."""
+def _overlap(out: Path, inp: Path) -> str | None:
+    """How output folder ``out`` overlaps input ``inp`` (None when apart); paths resolved, symlinks followed."""
+    o, i = out.resolve(), inp.resolve()
+    if o == i:
+        return f"is the input folder {inp}"
+    if o.is_relative_to(i):
+        return f"lies inside the input folder {inp}"
+    if i.is_relative_to(o):
+        return f"contains the input folder {inp}"
+    return None
+
+
+def check_output_dir(root: str | Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Refuse an output folder that overlaps an input folder (whatever ``overwrite``) or already holds files.
+
+    Replacing an output removes the old folder, so an output that is, contains or lies inside
+    one of ``inputs`` would delete (or hide) the inputs; that is refused even with --overwrite.
+    """
     root = Path(root)
+    for inp in inputs:
+        if inp is not None:
+            how = _overlap(root, Path(inp))
+            if how is not None:
+                raise InputError(f"{root}: output folder {how}; choose an output folder outside the inputs")
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise InputError(f"{root}: output folder already holds results; pass --overwrite to replace them")
+        raise InputError(f"{root}: output folder is not empty; pass --overwrite to replace its contents")
     return root
 
 
+def _lock_path(root: Path) -> Path:
+    return root.parent / f".{root.name}.lock"
+
+
+def stale_staging(root: str | Path) -> list[Path]:
+    """Leftovers of runs into ``root`` that died (kill -9, power loss): ``.NAME.staging-*`` and ``.NAME.old-*`` beside it."""
+    root = Path(root)
+    if not root.parent.is_dir():
+        return []
+    return sorted(p for p in root.parent.iterdir()
+                  if p.is_dir() and p.name.startswith((f".{root.name}.staging-", f".{root.name}.old-")))
+
+
 @contextlib.contextmanager
-def staged_output(root: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(root: str | Path, overwrite: bool = False, inputs: Sequence[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a staging folder beside ``root``; on success it replaces ``root`` in one rename.
 
-    On error (or Ctrl-C) the staging folder is deleted and an existing ``root`` is untouched.
+    One writer at a time: a lock file ``.NAME.lock`` beside ``root`` (fcntl, released when the
+    process ends, even by kill -9) refuses a second writer of the same output with one line.
+    Holding the lock, staging folders left by dead runs are removed (and reported: they are
+    only partial outputs). On error (or Ctrl-C) the staging folder is deleted and an existing
+    ``root`` is untouched. The output gets the user's umask (mkdtemp alone would make it 0700).
     """
-    root = check_output_dir(root, overwrite)
+    root = check_output_dir(root, overwrite, inputs)
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
+    lock_path = _lock_path(root)
+    lock = exclusive_lock(lock_path, f"{root}: another skullrec command is writing this output folder; wait for it or stop it first")
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if root.exists():
-        old = root.parent / f".{root.name}.old-{staging.name.rsplit('-', 1)[-1]}"
-        root.rename(old)
-    staging.rename(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        # Checked again under the lock: another writer may have finished into it meanwhile.
+        check_output_dir(root, overwrite, inputs)
+        for old in stale_staging(root):
+            log.warning(f"warning: {old}: removed the partial output of an earlier run that did not finish")
+            shutil.rmtree(old, ignore_errors=True)
+        staging = make_public_dir(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        old = None
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+            root.rename(old)
+        staging.rename(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        release_lock(lock, lock_path)
 
 
 __all__ = [
@@ -203,5 +258,6 @@ __all__ = [
     "splits_in",
     "load_split",
     "check_output_dir",
+    "stale_staging",
     "staged_output",
 ]

@@ -196,7 +196,10 @@ def restore_to_grid(
     offset = m[:3, :3] @ lo + m[:3, 3]
     sub = ndimage.affine_transform(
         prob, m[:3, :3], offset=offset, output_shape=tuple(int(v) for v in hi - lo),
-        order=1, mode="constant", cval=cval, output=np.float32,
+        # "grid-constant" blends towards cval beyond the last node instead of cutting to cval there:
+        # the result is continuous in position, so the float32 rounding of a file's affine (NIfTI)
+        # versus its text (NRRD) or another voxel order cannot flip a whole border slab of voxels.
+        order=1, mode="grid-constant", cval=cval, output=np.float32,
     )
     out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = sub
     return out

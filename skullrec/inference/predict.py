@@ -15,6 +15,7 @@ around the whole skull. Where the model *added* bone (prediction AND NOT prepare
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from scipy import ndimage
 from ..data.layout import implant_of
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
 from ..errors import InputError
-from ..io import Volume, atomic_write_bytes, atomic_write_text, write_nifti
+from ..io import Volume, atomic_write_bytes, atomic_write_text, write_volume
 from ..utils import Progress, resolve_device
 from .mesh import mesh_from_mask, stl_bytes
 
@@ -37,18 +38,32 @@ from .mesh import mesh_from_mask, stl_bytes
 # ~30,000-70,000 mm^3), so only interpolation crumbs along the defect rim are removed.
 MIN_ISLAND_MM3 = 100.0
 
+# Plausibility of an input as a (defective) skull, in physical units. An adult skull has some
+# 400-900 cm^3 of bone and spans ~140-200 mm (SkullFix: 512 x 512 voxels of ~0.45 mm in plane);
+# the model was trained on such heads. Below the hard limits the input cannot be a skull at all
+# (a single voxel, a speck of noise) and no result is written; outside the soft range it is
+# reconstructed with a warning (a child's skull, a partial scan, a phantom, a wrong spacing).
+MIN_BONE_MM3 = 1_000.0  # hard: 1 cm^3
+MIN_EXTENT_MM = 20.0  # hard: on every axis
+PLAUSIBLE_BONE_CM3 = (100.0, 2_500.0)  # soft
+PLAUSIBLE_EXTENT_MM = (80.0, 320.0)  # soft, largest extent of the bone's bounding box
+
 
 @dataclass
 class Reconstruction:
     """The result for one defective skull.
 
     Attributes:
-        complete: reconstructed complete skull on the input's grid (uint8, input affine and header).
+        complete: reconstructed complete skull on the input's grid (uint8, input affine, header and
+            source grid: :func:`skullrec.io.write_volume` writes it in the input file's own voxel order).
         implant: implant on the input's grid (uint8): complete AND NOT defective, cleaned.
         prepared_input: the ``size^3`` defective skull the model saw (its affine places it in mm).
         prepared_prob: the model's sigmoid probability at ``size^3`` (float32).
         prepared_prediction: ``prepared_prob > threshold`` as a ``size^3`` Volume (same affine as the input one).
         islands_removed: implant components dropped as smaller than ``min_island_mm3``.
+        problems: why this result is not usable (non-finite model output, empty reconstruction,
+            an input that cannot be a skull); an unusable result is never written as one.
+        warnings: doubts that still leave a usable result (an input outside the usual skull range).
     """
 
     complete: Volume
@@ -58,10 +73,46 @@ class Reconstruction:
     prepared_prediction: Volume
     islands_removed: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def implant_empty(self) -> bool:
         return not bool(self.implant.data.any())
+
+    @property
+    def usable(self) -> bool:
+        """True when the result may be written (no entry in ``problems``)."""
+        return not self.problems
+
+
+def input_plausibility(vol: Volume) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a defective skull as model input, from its bone volume and extent in mm.
+
+    Problems (below :data:`MIN_BONE_MM3` / :data:`MIN_EXTENT_MM`) mean it cannot be a skull;
+    warnings (outside :data:`PLAUSIBLE_BONE_CM3` / :data:`PLAUSIBLE_EXTENT_MM`) that it is unlike one.
+    """
+    bone = vol.data.astype(bool)
+    n = int(bone.sum())
+    if n == 0:
+        return ["no bone voxels (empty mask)"], []
+    bone_mm3 = n * voxel_volume_mm3(vol.affine)
+    idx = [np.flatnonzero(bone.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    extent = [float((i[-1] - i[0] + 1) * s) for i, s in zip(idx, vol.spacing)]
+    problems, warnings = [], []
+    if bone_mm3 < MIN_BONE_MM3 or min(extent) < MIN_EXTENT_MM:
+        problems.append(
+            f"input is far from a plausible skull: {bone_mm3:.0f} mm^3 of bone ({n} voxels) spanning "
+            + " x ".join(f"{e:.0f}" for e in extent) + f" mm (a skull has > {MIN_BONE_MM3 / 1000:g} cm^3 and > {MIN_EXTENT_MM:g} mm on every axis)"
+        )
+    else:
+        lo, hi = PLAUSIBLE_BONE_CM3
+        if not lo <= bone_mm3 / 1000 <= hi:
+            warnings.append(f"{bone_mm3 / 1000:.0f} cm^3 of bone is outside the usual {lo:g}-{hi:g} cm^3 of a skull")
+        lo, hi = PLAUSIBLE_EXTENT_MM
+        if not lo <= max(extent) <= hi:
+            warnings.append(f"bone spans {max(extent):.0f} mm, outside the usual {lo:g}-{hi:g} mm of a skull")
+    return problems, warnings
 
 
 def voxel_volume_mm3(affine: np.ndarray) -> float:
@@ -116,9 +167,18 @@ def reconstruct(
             prepared = [prepare_volume(v, size, margin_mm)[0] for v in batch]
             x = torch.from_numpy(np.stack([p.data for p in prepared]).astype(np.float32)[:, None]).to(device)
             with torch.inference_mode():
-                prob = torch.sigmoid(model(x)).float().cpu().numpy()[:, 0]
-            for vol, p, pr in zip(batch, prepared, prob):
-                results.append(_finish(vol, p, pr, threshold, min_island_mm3))
+                logits = model(x).float()
+                finite = torch.isfinite(logits).flatten(1).all(dim=1).cpu().numpy()
+                prob = torch.sigmoid(logits).cpu().numpy()[:, 0]
+            for vol, p, pr, ok in zip(batch, prepared, prob, finite):
+                rec = _finish(vol, p, np.nan_to_num(pr, nan=0.0), threshold, min_island_mm3)
+                problems, warnings = input_plausibility(vol)
+                if not ok:
+                    problems.append("the model output is not finite (NaN or inf logits); the checkpoint or the input is broken")
+                elif not rec.complete.data.any():
+                    problems.append("empty reconstruction (the model predicted no bone at all)")
+                rec.problems, rec.warnings = problems, warnings
+                results.append(rec)
     finally:
         model.train(was_training)
     return results
@@ -142,8 +202,8 @@ def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, m
         "prepared_spacing_mm": [round(s, 4) for s in prepared.spacing],
     }
     return Reconstruction(
-        complete=Volume(complete.astype(np.uint8), vol.affine, header, vol.path),
-        implant=Volume(implant.astype(np.uint8), vol.affine, header, vol.path),
+        complete=vol.like(complete.astype(np.uint8)),
+        implant=vol.like(implant.astype(np.uint8)),
         prepared_input=prepared,
         prepared_prob=prob.astype(np.float32),
         prepared_prediction=Volume(pred64.astype(np.uint8), prepared.affine, None, vol.path),
@@ -169,15 +229,19 @@ def predict_folder(
 
     ``threshold`` binarises non-binary *inputs* (value > T); the model output is thresholded at 0.5.
     Returns one row per case (also written to out/predict.json); ``progress(done, total)`` is called
-    after each case and ``warn(message)`` for each empty implant. With ``stage2`` (a
-    ``skullrec train-implant`` checkpoint) the implant is stage 2's (:mod:`skullrec.inference.stage2`,
-    in a box around stage 1's implant) and the complete skull is the defective skull plus that implant.
+    after each case and ``warn(message)`` for each empty implant, doubtful input and unusable result.
+    An unusable result (see :attr:`Reconstruction.problems`) is not written; it is listed under
+    ``failed`` in predict.json, and when no case is usable the call fails with InputError and
+    leaves nothing behind. With ``stage2`` (a ``skullrec train-implant`` checkpoint) the implant is
+    stage 2's (:mod:`skullrec.inference.stage2`, in a box around stage 1's implant) and the
+    complete skull is the defective skull plus that implant.
     """
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
     from ..nets.checkpoint import load_checkpoint
 
-    check_output_dir(out, overwrite)
+    inputs = (inp, checkpoint)  # replacing the output must never delete an input
+    check_output_dir(out, overwrite, inputs)
     files = list_volumes(inp)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
@@ -187,7 +251,10 @@ def predict_folder(
 
         model2, cfg2, meta2 = load_implant_checkpoint(stage2, dev)
     summary: list[dict[str, Any]] = []
-    with staged_output(out, overwrite) as staging:
+    failed: list[dict[str, Any]] = []
+    done = 0
+    say = warn or (lambda msg: None)
+    with staged_output(out, overwrite, inputs) as staging:
         ids = list(files)
         if progress is not None:
             progress(0, len(ids))
@@ -200,25 +267,40 @@ def predict_folder(
                     raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
             recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
             for cid, vol, rec in zip(chunk, vols, recs):
+                done += 1
+                if progress is not None:
+                    progress(done, len(ids))
+                for w in rec.warnings:
+                    say(f"warning: {files[cid]}: {w}")
+                if not rec.usable:
+                    # Garbage is never written as a result: report it, write nothing for this case.
+                    say(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}")
+                    failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems})
+                    continue
                 if model2 is not None:
                     rec = _apply_stage2(rec, vol, model2, cfg2, dev)
-                write_nifti(staging / "complete" / f"{cid}.nii.gz", rec.complete.data, vol.affine, vol.header)
-                write_nifti(staging / "implant" / f"{cid}.nii.gz", rec.implant.data, vol.affine, vol.header)
-                row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty}
+                # Back on the input file's own grid: its voxel order, affine and header.
+                write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
+                write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
+                row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty,
+                       "warnings": rec.warnings}
                 if stl:
                     for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):
                         verts, faces = mesh_from_mask(mask, vol.affine)
                         if len(faces) == 0:
                             continue  # an empty implant has no surface: reported below, no file
                         atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, f"skullrec {cid} {kind} (mm)"))
-                if rec.implant_empty and warn is not None:
-                    warn(f"{cid}: empty implant (the model added no bone outside the defective skull)")
+                if rec.implant_empty:
+                    say(f"{cid}: empty implant (the model added no bone outside the defective skull)")
                 summary.append(row)
-                if progress is not None:
-                    progress(len(summary), len(ids))
+        if not summary:
+            # No usable output at all: fail (exit 2) and leave nothing behind (the staging folder goes).
+            first = failed[0]
+            more = f" (and {len(failed) - 1} more cases)" if len(failed) > 1 else ""
+            raise InputError(f"{first['input']}: no usable result: {'; '.join(first['problems'])}{more}")
         report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta,
                   "stage2": None if stage2 is None else str(stage2), "stage2_meta": meta2, "input": str(inp), "device": str(dev),
-                  "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary}
+                  "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary, "failed": failed}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
     return summary
 
@@ -235,9 +317,4 @@ def _apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg
     vox = voxel_volume_mm3(vol.affine)
     new_info = {**rec.info, "stage1_implant_voxels": rec.info["implant_voxels"], "implant_voxels": int(implant.sum()),
                 "implant_mm3": round(float(implant.sum()) * vox, 1), "complete_voxels": int(complete.sum()), "stage2": info}
-    return Reconstruction(
-        complete=Volume(complete.astype(np.uint8), vol.affine, vol.header, vol.path),
-        implant=Volume(implant.astype(np.uint8), vol.affine, vol.header, vol.path),
-        prepared_input=rec.prepared_input, prepared_prob=rec.prepared_prob, prepared_prediction=rec.prepared_prediction,
-        islands_removed=rec.islands_removed, info=new_info,
-    )
+    return dataclasses.replace(rec, complete=vol.like(complete.astype(np.uint8)), implant=vol.like(implant.astype(np.uint8)), info=new_info)

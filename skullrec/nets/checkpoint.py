@@ -103,13 +103,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, 
     return tensors, cfg, str(metadata.get("architecture", "")), meta
 
 
+def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or inf (a diverged run, a damaged export): they would make every skull empty."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in sorted(tensors.items()) if t.is_floating_point()}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        first = next(iter(bad))
+        more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+        raise InputError(f"{path}: checkpoint weights are not finite ({bad[first]} NaN/inf values in '{first}'{more}); "
+                         "the run diverged or the file was altered")
+
+
 def load_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", expect_architecture: str | None = None
 ) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """Rebuild the model stored in ``path`` on ``device``: (model in eval mode, cfg, meta).
 
-    Refused with a one-line InputError: a missing, corrupt or truncated file; a checkpoint whose
-    architecture differs from what this version builds for its config, or from ``expect_architecture``.
+    Refused with a one-line InputError: a missing, corrupt or truncated file; NaN or inf weights; a
+    checkpoint whose architecture differs from what this version builds for its config, or from ``expect_architecture``.
     """
     from .autoencoder import build_model
 
@@ -120,6 +131,7 @@ def load_checkpoint(
         raise InputError(f"{path}: checkpoint architecture '{arch}' differs from the one this skullrec builds for its config ('{current}')")
     if expect_architecture is not None and arch != expect_architecture:
         raise InputError(f"{path}: checkpoint architecture '{arch}' is not the expected '{expect_architecture}'")
+    check_finite(path, tensors)
     model = build_model(cfg.model)
     try:
         model.load_state_dict(tensors, strict=True)
@@ -143,9 +155,19 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no training state; nothing to resume")
+    import pickle
+
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+    except pickle.UnpicklingError as exc:
+        # torch's restricted unpickler met a Python object (a class, a function, a __reduce__ payload).
+        # skullrec never writes one; say so, without torch's hint to retry with weights_only=False.
+        if "weights only load failed" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise InputError(f"{path}: not a skullrec training state: it holds Python objects (not just tensors and "
+                             "plain values), which skullrec never writes; refused without loading them") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: corrupt or truncated training state ({reason[:200]})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ... for bad files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: corrupt or truncated training state ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

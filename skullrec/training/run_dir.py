@@ -87,18 +87,10 @@ def lock_run_dir(run_dir: Path) -> Any:
     is released when the process ends, even by kill -9, so a stale lock never blocks a resume.
     Returns None where ``fcntl`` is missing (Windows): the run is then unguarded.
     """
-    try:
-        import fcntl
-    except ImportError:
-        return None
+    from ..io import exclusive_lock  # the one lock helper (also guards staged output folders)
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise InputError(f"{run_dir}: another skullrec train is writing this run folder; wait for it or stop it first") from None
-    return handle
+    return exclusive_lock(run_dir / LOCK_FILE, f"{run_dir}: another skullrec train is writing this run folder; wait for it or stop it first")
 
 
 def check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:

@@ -207,7 +207,7 @@ def read_upload(name: str, payload: bytes, *, threshold: float | None = None, ma
             # Show the user's file name, not the temporary folder.
             msg = str(exc).replace(str(path), name)
             raise InputError(msg.replace("pass --threshold T to binarise", "tick 'Binarise' and set a threshold")) from None
-    vol.path = None
+    vol.path = Path(name)  # later messages (e.g. an all-background upload) name the user's file, not a temporary one
     return vol
 
 

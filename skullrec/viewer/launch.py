@@ -6,7 +6,9 @@ The folders reach the page through environment variables rather than script argu
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -83,12 +85,45 @@ def streamlit_command(app: Path, host: str, port: int, max_upload_mb: int = DEFA
 
 
 def launch(settings: ViewerSettings, host: str, port: int) -> int:
-    """Run ``streamlit run skullrec/viewer/page.py`` with ``settings`` until it exits (Ctrl-C stops it); returns its exit code."""
+    """Run ``streamlit run skullrec/viewer/page.py`` with ``settings`` until it exits; returns its exit code.
+
+    The server is a child process: SIGTERM and SIGHUP sent to this launcher are forwarded to it
+    (so ``kill`` of ``skullrec view`` never leaves a server running), and Ctrl-C / SIGINT stops it
+    too. A stop asked for by such a signal returns 0.
+    """
     env = {**os.environ, **settings.to_env()}
     proc = subprocess.Popen(streamlit_command(page_path(), host, port, settings.max_upload_mb), env=env)
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, forward)
+        except ValueError:  # not the main thread (e.g. called from a test runner's worker): no forwarding
+            pass
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 0 if forwarded else code
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
+        _stop(proc)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # any other way out of here: never leave the server behind
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the server, and kill it if it has not gone after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -62,13 +62,13 @@ def read_upload(name: str, digest: str, _payload: bytes, threshold: float | None
 
 # Few entries: a reconstructed 512^3 upload holds two full-size volumes.
 @st.cache_data(show_spinner="Reconstructing ...", max_entries=6)
-def reconstruct(input_key: str, ckpt: str, mtime_ns: int, _defective: Volume) -> tuple[Volume, Volume]:
-    """Complete skull and implant of one input on its own grid (skullrec.inference.predict.reconstruct)."""
+def reconstruct(input_key: str, ckpt: str, mtime_ns: int, _defective: Volume) -> tuple[Volume, Volume, list[str], list[str]]:
+    """Complete skull, implant, problems and warnings of one input on its own grid (skullrec.inference.predict.reconstruct)."""
     from skullrec.inference.predict import reconstruct as _reconstruct
 
     model, _, _ = load_model(ckpt, mtime_ns)
     rec = _reconstruct(model, [_defective], batch_size=1, device="cpu")[0]
-    return rec.complete, rec.implant
+    return rec.complete, rec.implant, rec.problems, rec.warnings
 
 
 @st.cache_data(show_spinner="Meshing ...", max_entries=64)
@@ -208,9 +208,15 @@ def run_reconstruction(key: str, case: V.CaseVolumes, label: str) -> Recon | Non
     path = checkpoint_path(label)
     stamp = mtime_ns(path)
     try:
-        complete, implant = reconstruct(key, str(path), stamp, case.defective)
+        complete, implant, problems, warnings = reconstruct(key, str(path), stamp, case.defective)
     except InputError as exc:
         st.error(str(exc))
+        return None
+    for w in warnings:
+        st.warning(f"{label}: {w}")
+    if problems:
+        # Like `skullrec predict`: an unusable result is not shown (or offered for download) as one.
+        st.error(f"{label}: no usable reconstruction: {'; '.join(problems)}")
         return None
     return Recon(complete, implant, f"{key}|{path}|{stamp}")
 
@@ -394,11 +400,18 @@ def page_results() -> None:
 
 if "page" not in st.session_state:
     st.session_state["page"] = "Case"
-key, case, ckpt = sidebar()
-page = st.radio("View", PAGES, horizontal=True, key="page", label_visibility="collapsed")
-if page == "Case":
-    page_case(key, case, ckpt)
-elif page == "Compare runs":
-    page_compare(key, case)
-else:
-    page_results()
+try:
+    key, case, ckpt = sidebar()
+    page = st.radio("View", PAGES, horizontal=True, key="page", label_visibility="collapsed")
+    if page == "Case":
+        page_case(key, case, ckpt)
+    elif page == "Compare runs":
+        page_compare(key, case)
+    else:
+        page_results()
+except InputError as exc:
+    st.error(str(exc))
+except MemoryError:
+    st.error("out of memory: the volume is too large for this machine")
+except Exception as exc:  # noqa: BLE001 - a page must show a message, not a traceback; st.stop/rerun are BaseException
+    st.error(f"the page failed: {type(exc).__name__}: {' '.join(str(exc).split())}")

@@ -10,6 +10,9 @@ from skullrec.errors import InputError
 from skullrec.io import read_volume
 
 
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # unit voxels in the canonical L, P, S voxel order
+
+
 def _pair(rng: np.random.Generator, shape=(12, 10, 8)):
     complete = rng.random(shape) > 0.5
     defective = complete & (rng.random(shape) > 0.3)
@@ -19,7 +22,7 @@ def _pair(rng: np.random.Generator, shape=(12, 10, 8)):
 def test_write_case_implant_is_exactly_complete_and_not_defective(tmp_path):
     rng = np.random.default_rng()
     complete, defective = _pair(rng)
-    affine = np.diag([0.5, 0.7, 1.2, 1.0])
+    affine = np.diag([-0.5, -0.7, 1.2, 1.0])  # the layout's canonical L, P, S order
     counts = write_case(tmp_path, "train", "007", complete, defective, affine)
     implant = read_volume(tmp_path / "train" / "implant" / "007.nii.gz")
     np.testing.assert_array_equal(implant.data, (complete & ~defective).astype(np.uint8))
@@ -35,7 +38,7 @@ def test_load_split_stacks_cases_and_manifest_round_trips(tmp_path):
     rng = np.random.default_rng()
     pairs = {cid: _pair(rng) for cid in ("a", "b", "c")}
     for cid, (c, d) in pairs.items():
-        write_case(tmp_path, "eval_set1", cid, c, d, np.eye(4))
+        write_case(tmp_path, "eval_set1", cid, c, d, LPS)
     write_manifest(tmp_path, [{"split": "eval_set1", "case_id": k, "seed": np.int64(3)} for k in pairs], {"source": "test"})
     split = load_split(tmp_path, "eval_set1")
     assert split.ids == ["a", "b", "c"]
@@ -58,7 +61,7 @@ def test_staged_output_refuses_existing_results_and_keeps_them_on_failure(tmp_pa
     root = tmp_path / "ds"
     root.mkdir()
     (root / "old.txt").write_text("precious")
-    with pytest.raises(InputError, match="already holds results; pass --overwrite"):
+    with pytest.raises(InputError, match="is not empty; pass --overwrite"):
         with staged_output(root):
             pass
     with pytest.raises(RuntimeError):

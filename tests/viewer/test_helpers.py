@@ -48,7 +48,8 @@ def toy_skull(n: int = 32, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def toy_affine() -> np.ndarray:
-    a = np.diag([*SPACING, 1.0])
+    # The canonical voxel order (axis 0 -> left, 1 -> posterior, 2 -> superior) that read_volume returns.
+    a = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])
     a[:3, 3] = (-20.0, -30.0, 5.0)
     return a
 
@@ -111,6 +112,9 @@ def test_view_command_runs_streamlit_headless_on_localhost(monkeypatch, dataset:
             seen["cmd"], seen["env"] = cmd, env
 
         def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
             return 0
 
     monkeypatch.setattr(L.subprocess, "Popen", FakePopen)
@@ -304,8 +308,9 @@ def test_surface_trace_and_figure_are_in_mm() -> None:
     assert verts.dtype == np.float32 and faces.dtype == np.int32 and len(faces) > 1000
     # The surface lies within the bone's world bounding box, padded by one voxel.
     idx = np.argwhere(complete)
-    lo = toy_affine()[:3, :3] @ idx.min(0) + toy_affine()[:3, 3] - np.array(SPACING)
-    hi = toy_affine()[:3, :3] @ idx.max(0) + toy_affine()[:3, 3] + np.array(SPACING)
+    ends = [toy_affine()[:3, :3] @ i + toy_affine()[:3, 3] for i in (idx.min(0), idx.max(0))]
+    lo = np.minimum(*ends) - np.array(SPACING)
+    hi = np.maximum(*ends) + np.array(SPACING)
     assert np.all(verts >= lo - 1e-3) and np.all(verts <= hi + 1e-3)
     trace = V.mesh_trace(verts, faces, "implant", opacity=0.4)
     assert trace.type == "mesh3d" and trace.color == "rgb(240,80,30)" and trace.opacity == 0.4
@@ -446,9 +451,9 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     assert {"Defective skull", "Ground truth"} <= set(names)
     bone = next(t for t in traces if t["name"] == "Defective skull")
     assert bone["type"] == "mesh3d" and bone["opacity"] == 0.5
-    # Coordinates are in mm: x spans the bone's extent on the 1.5 mm grid starting at -20 mm.
+    # Coordinates are in mm: x spans the bone's extent on the 1.5 mm grid running from -20 mm leftwards (-x).
     x = array_of(bone["x"])
-    assert -20.0 - 1.5 <= x.min() and x.max() <= -20.0 + 31 * 1.5 + 1.5
+    assert -20.0 - 31 * 1.5 - 1.5 <= x.min() and x.max() <= -20.0 + 1.5
     labels = [m.label for m in at.metric]
     assert labels == ["DSC (skull)", "HD (skull)", "HD95 (skull)", "DSC (implant)"]
     assert at.metric[1].value.endswith(" mm") and at.metric[2].value.endswith(" mm")
@@ -604,3 +609,30 @@ def test_broken_checkpoint_is_an_error_line_not_a_crash(app, runs: Path) -> None
     at.sidebar.selectbox(key="ckpt").set_value("runs/a/last.safetensors").run()
     at.sidebar.button(key="reconstruct").click().run()
     assert not at.error and [m.label for m in at.metric][0] == "DSC (skull)"
+
+
+def test_nan_checkpoint_and_implausible_upload_are_errors_not_results(app, runs: Path) -> None:
+    import torch
+
+    from skullrec.nets.checkpoint import load_checkpoint, save_checkpoint
+
+    model, cfg, _ = load_checkpoint(runs / "a" / "last.safetensors")
+    with torch.no_grad():
+        model.decodeL.weight[0, 0] = float("nan")
+    (runs / "nan").mkdir()
+    save_checkpoint(runs / "nan" / "last.safetensors", model, cfg)
+    at = app.run()
+    at.sidebar.selectbox(key="ckpt").set_value("runs/nan/last.safetensors").run()
+    at.sidebar.button(key="reconstruct").click().run()
+    no_failures(at)
+    assert len(at.error) == 1 and "checkpoint weights are not finite" in at.error[0].value
+    assert not at.get("download_button")
+    # One bone voxel uploaded: no reconstruction is shown or offered for download.
+    speck = np.zeros((32, 32, 32), np.uint8)
+    speck[16, 16, 16] = 1
+    at = upload_and_run(at, "speck.nii.gz", nifti_payload(speck))
+    at.sidebar.selectbox(key="ckpt").set_value("runs/a/last.safetensors").run()
+    at.sidebar.button(key="reconstruct").click().run()
+    no_failures(at)
+    assert len(at.error) == 1 and "no usable reconstruction: input is far from a plausible skull" in at.error[0].value
+    assert not at.get("download_button") and not at.metric
