@@ -268,6 +268,11 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         detail = " ".join(str(exc).split())
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
     header = img.header.copy()
+    if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
+        # No orientation stored: nibabel's fallback affine (axes L, A, S from the voxel sizes) decides
+        # the canonical order, and the defects' placement with it. Say so rather than guess silently.
+        _log.warning(f"warning: {path}: the header stores no orientation (qform and sform codes 0); "
+                     "assuming nibabel's default (array axes towards L, A, S)")
     return data, np.asarray(img.affine, dtype=np.float64), header
 
 

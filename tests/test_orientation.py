@@ -196,3 +196,20 @@ def test_skullfix_grids_are_already_canonical_and_their_tilt_is_kept() -> None:
         tilts.append(np.degrees(np.arccos(np.clip(np.abs(direction).max(axis=0), -1, 1))).max())
     tilts = np.array(tilts)
     assert (tilts > 1.0).sum() == 35 and 20.0 < tilts.max() < 25.0, (int((tilts > 1).sum()), tilts.max())
+
+
+def test_a_nifti_without_orientation_is_read_with_nibabels_default_and_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    data = (np.random.default_rng(0).random((6, 7, 5)) > 0.5).astype(np.uint8)
+    hdr = nib.Nifti1Header()  # qform and sform codes 0, as ANALYZE-era tools write
+    hdr.set_data_shape(data.shape)
+    hdr.set_zooms((1.0, 2.0, 3.0))
+    nib.save(nib.Nifti1Image(data, None, hdr), str(tmp_path / "bare.nii"))
+    assert int(nib.load(str(tmp_path / "bare.nii")).header["sform_code"]) == 0
+    with caplog.at_level(logging.WARNING, logger="skullrec"):
+        vol = sio.read_volume(tmp_path / "bare.nii")
+    assert any("stores no orientation" in r.getMessage() for r in caplog.records)
+    # nibabel's fallback affine is diag(-1, 2, 3): axes L, A, S, so axis 1 is reversed into L, P, S.
+    np.testing.assert_array_equal(vol.data, data[:, ::-1, :])
+    np.testing.assert_allclose(vol.spacing, (1.0, 2.0, 3.0))
