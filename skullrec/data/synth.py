@@ -460,15 +460,24 @@ def _case_streams(seed: int, index: int) -> tuple[np.random.SeedSequence, np.ran
 
 
 def make_case(
-    seed: int, index: int, shape: tuple[int, int, int], spacing: tuple[float, float, float], sets: tuple[int, ...] = (1,)
+    seed: int, index: int, shape: tuple[int, int, int], spacing: tuple[float, float, float], sets: tuple[int, ...] = (1,),
+    timing: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any], dict[int, tuple[np.ndarray, dict[str, Any]]]]:
-    """Case ``index`` of the data set with master ``seed``: (complete, shape params, {set: (defective, defect params)})."""
+    """Case ``index`` of the data set with master ``seed``: (complete, shape params, {set: (defective, defect params)}).
+
+    ``timing``, when given, accumulates the seconds spent in "generate" and "defects".
+    """
     from .defects import set1_defect, set2_defect
 
     s_skull, s1, s2 = _case_streams(seed, index)
+    t0 = time.perf_counter()
     complete, params = generate_skull(s_skull, shape, spacing)
+    t1 = time.perf_counter()
     cut = {1: (set1_defect, s1), 2: (set2_defect, s2)}
     out = {k: cut[k][0](complete, spacing, np.random.default_rng(cut[k][1])) for k in sets}
+    if timing is not None:
+        timing["generate"] = timing.get("generate", 0.0) + t1 - t0
+        timing["defects"] = timing.get("defects", 0.0) + time.perf_counter() - t1
     return complete, params, out
 
 
@@ -498,7 +507,6 @@ def write_synthetic(
     there, and every pair goes through :func:`skullrec.data.resample.prepare_pair` like a real SkullFix pair.
     ``progress(done, total)`` is called after each skull. The flags are checked by ``skullrec.cli.synth_command``.
     """
-    from .defects import set1_defect, set2_defect
     from .layout import check_output_dir, staged_output, write_case, write_manifest
     from .resample import DEFAULT_MARGIN_MM, prepare_pair
 
@@ -513,17 +521,8 @@ def write_synthetic(
         for index in range(total):
             is_eval = index >= n_train
             cid = f"syn{index:04d}"
-            s_skull, s1, s2 = _case_streams(seed, index)
-            t0 = time.perf_counter()
-            complete, params = generate_skull(s_skull, shape, spacing)
-            t1 = time.perf_counter()
-            cuts = [("eval_set1" if is_eval else "train", set1_defect, s1)]
-            if is_eval:
-                cuts.append(("eval_set2", set2_defect, s2))
-            cut = [(split, *fn(complete, spacing, np.random.default_rng(ss))) for split, fn, ss in cuts]
-            t2 = time.perf_counter()
-            timing["generate"] += t1 - t0
-            timing["defects"] += t2 - t1
+            complete, params, defects = make_case(seed, index, shape, spacing, sets=(1, 2) if is_eval else (1,), timing=timing)
+            cut = [("eval_set1" if is_eval else "train", *defects[1])] + ([("eval_set2", *defects[2])] if is_eval else [])
             cvol = Volume(complete.astype(np.uint8), affine)
             for split, defective, dparams in cut:
                 t3 = time.perf_counter()

@@ -403,8 +403,6 @@ def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str
             run.save_state(epoch, i + 1, sums=sums, reg_steps=reg_steps, elapsed=elapsed + time.perf_counter() - t0,
                            probes=probes.get_state())
             raise _interrupted(run.run_dir, epoch, i + 1)
-        if interrupt.requested:
-            break
     bar.close()
     return sums, reg_steps, elapsed + time.perf_counter() - t0
 
