@@ -49,6 +49,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "fam-default": ("fam", {}, "FamConfig defaults (what configs/fam.yaml trains: fd-quarter)"),
     "sam": ("sam", {}, "SAM (two forward/backward passes)"),
     "asam": ("asam", {}, "ASAM"),
+    "lookbehind": ("lookbehind", {}, "Lookbehind-SAM, k = 2 (three forward/backward passes, two Adam steps)"),
 }
 
 
@@ -114,7 +115,7 @@ def build_runner(name: str, size: int, batch: int, device: torch.device, seed: i
         attach_taps(model)
     x, y = make_batch(batch, size, device, seed)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    sam = method in ("sam", "asam")
+    sam = method in ("sam", "asam", "lookbehind")
     every = cfg.fam.every
     counter = [0]
 

@@ -220,7 +220,7 @@ def train_command(
     device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
 ) -> None:
-    """Train the autoencoder (baseline, fam, sam or asam)."""
+    """Train the autoencoder (baseline, fam, sam, asam or lookbehind)."""
     from .training.run_dir import CONFIG_FILE
     from .training.trainer import run_training
 
@@ -389,6 +389,53 @@ def experiment_command(
     return result.out
 
 
+def sites_command(
+    source: Annotated[Path, typer.Option("--in", help="Data set whose complete skulls are split (its train split by default).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: site1/ .. siteN/, each a data set.")],
+    n_sites: Annotated[int, typer.Option("--n-sites", help="Number of sites.")] = 3,
+    weights: Annotated[Optional[list[float]], typer.Option("--weight", help="Relative size of each site (repeat per site; default 1, 2, .., N).")] = None,
+    set2_fraction: Annotated[Optional[list[float]], typer.Option("--set2-fraction", help="Share of set-2 defects at each site (repeat per site; default 0 .. 1).")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Share of each site's skulls held out (eval_site).")] = 0.25,
+    split: Annotated[str, typer.Option(help="Split of --in to take the complete skulls from.")] = "train",
+    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N skulls.")] = None,
+    seed: SEED = 0,
+    overwrite: OVERWRITE = False,
+) -> list[dict[str, Any]]:
+    """Split one data set into N non-IID sites (different sizes and defect mixes) for 'skullrec federate'."""
+    from .federated.sites import make_sites, summarise_sites
+
+    folders = make_sites(source, out, n_sites, seed=seed, split=split, weights=weights, set2_fraction=set2_fraction,
+                         eval_fraction=eval_fraction, max_cases=max_cases, overwrite=overwrite)
+    rows = summarise_sites(folders)
+    for r in rows:
+        print(f"{r['site']}: {r['train']} training + {r['held_out']} held-out skulls, {r['set2_cases']} with set-2 defects "
+              f"(p = {r['set2_fraction']:.2f}) -> {r['folder']}", flush=True)
+    return rows
+
+
+def federate_command(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Federation YAML (e.g. configs/federate.yaml).")] = None,
+    sites: Annotated[Optional[list[Path]], typer.Option("--site", help="A site's data-set folder (repeatable; replaces the config's sites).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a federation key: --set rounds=5 (repeatable).")] = None,
+    train_overrides: Annotated[Optional[list[str]], typer.Option("--train-set", help="Override a training-config key: --train-set train.method=sam (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Federation folder (default from the config).")] = None,
+    superlink: Annotated[Optional[str], typer.Option("--superlink", help="Run on real sites: a SuperLink connection named in Flower's config.toml; --site then names the sites.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the federation in this folder (redoes an interrupted round).")] = None,
+    overwrite: OVERWRITE = False,
+) -> None:
+    """Federated training on Flower: FedAvg or FedAvg + SWA over site folders, each site training locally."""
+    from .federated.run import FederationFailed, federate
+
+    overrides = (overrides or []) + ([f"superlink={superlink}"] if superlink else [])
+    try:
+        folder, state = federate(config, sites or [], overrides, train_overrides or [], out, resume, overwrite,
+                                 echo=lambda s: print(s, flush=True))
+    except FederationFailed as exc:  # a failed round is not a user error: exit code 1
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    print(f"done: {folder / 'final.safetensors'} (round {state['round']}; metrics per round and site in {folder / 'metrics.jsonl'})", flush=True)
+
+
 def view_command(
     data: Annotated[Optional[Path], typer.Option("--data", help="Data-set folder to browse.")] = None,
     runs: Annotated[Optional[Path], typer.Option("--runs", help="Folder of run folders (checkpoints).")] = None,
@@ -429,6 +476,8 @@ for _name, _command in (
     ("predict", predict_command),
     ("evaluate", evaluate_command),
     ("experiment", experiment_command),
+    ("sites", sites_command),
+    ("federate", federate_command),
     ("view", view_command),
 ):
     app.command(name=_name)(user_errors(_command))

@@ -72,10 +72,19 @@ class SamConfig:
 
 
 @dataclass
+class LookbehindConfig:
+    """Lookbehind-SAM (see skullrec.training.lookbehind); defaults are the paper's."""
+
+    k: int = 2  # inner (ascent, descent) steps per batch
+    alpha: float | Literal["adaptive"] = 0.5  # slow-weight step towards the fast weights, in (0, 1]
+    rho: float = 0.05  # radius of each ascent step
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, logging and checkpoints."""
 
-    method: Literal["baseline", "fam", "sam", "asam"] = "baseline"
+    method: Literal["baseline", "fam", "sam", "asam", "lookbehind"] = "baseline"
     epochs: int = 200
     batch_size: int = 4
     lr: float = 1e-4
@@ -98,6 +107,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fam: FamConfig = field(default_factory=FamConfig)
     sam: SamConfig = field(default_factory=SamConfig)
+    lookbehind: LookbehindConfig = field(default_factory=LookbehindConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,7 +128,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
                 return _check_type(key, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+        # Several alternatives (e.g. a number or 'adaptive'): name them all, not only the first.
+        alternatives = [errors[0]] + [e.removeprefix(f"{key}: ") for e in errors[1:]]
+        raise ConfigError(", or ".join(alternatives) if errors else f"{key}: invalid value {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
@@ -185,6 +197,9 @@ def validate(cfg: Config) -> Config:
         ("fam.layers", len(cfg.fam.layers) >= 1, "name at least one Linear layer"),
         ("sam.rho", cfg.sam.rho > 0, "must be > 0"),
         ("sam.start_epoch", cfg.sam.start_epoch >= 1, "must be >= 1"),
+        ("lookbehind.k", cfg.lookbehind.k >= 1, "must be >= 1"),
+        ("lookbehind.alpha", cfg.lookbehind.alpha == "adaptive" or 0 < cfg.lookbehind.alpha <= 1, "must be in (0, 1] or 'adaptive'"),
+        ("lookbehind.rho", cfg.lookbehind.rho > 0, "must be > 0"),
         ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),

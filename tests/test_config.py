@@ -19,7 +19,9 @@ def _write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("name,method", [("baseline", "baseline"), ("fam", "fam"), ("sam", "sam"), ("asam", "asam")])
+@pytest.mark.parametrize(
+    "name,method", [("baseline", "baseline"), ("fam", "fam"), ("sam", "sam"), ("asam", "asam"), ("lookbehind", "lookbehind")]
+)
 def test_shipped_paper_configs_follow_the_protocol(name: str, method: str) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.train.method == method
@@ -62,7 +64,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("train: {epochs: three}\n", r"train\.epochs: expected an integer, got 'three'"),
         ("train: {epochs: 2.5}\n", r"train\.epochs: expected an integer"),
         ("train: {deterministic: 1}\n", r"train\.deterministic: expected true or false"),
-        ("train: {method: adamw}\n", r"train\.method: must be one of baseline, fam, sam, asam, got 'adamw'"),
+        ("train: {method: adamw}\n", r"train\.method: must be one of baseline, fam, sam, asam, lookbehind, got 'adamw'"),
         ("train: {checkpoint_epochs: 100}\n", r"train\.checkpoint_epochs: expected a list"),
         ("train: {checkpoint_epochs: [100, x]}\n", r"train\.checkpoint_epochs\[1\]: expected an integer"),
         ("train: {method: fam}\nfam: {lam: -1}\n", r"fam\.lam: must be >= 0, got -1\.0"),
@@ -71,6 +73,9 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ("fam: {lam: -0.5}\n", r"fam\.lam: must be >= 0"),
         ("fam: {lam: abc}\n", r"fam\.lam: expected a number, got 'abc'"),
         ("sam: {rho: 0}\n", r"sam\.rho: must be > 0"),
+        ("lookbehind: {k: 0}\n", r"lookbehind\.k: must be >= 1"),
+        ("lookbehind: {alpha: 1.5}\n", r"lookbehind\.alpha: must be in \(0, 1\] or 'adaptive'"),
+        ("lookbehind: {alpha: fast}\n", r"lookbehind\.alpha: expected a number, got 'fast', or must be one of adaptive"),
         ("train: {method: sam}\nsam: {adaptive: true}\n", r"sam\.adaptive: adaptive SAM is method 'asam'"),
         ("train: {lr: 0}\n", r"train\.lr: must be > 0"),
         ("model: {size: 50}\n", r"model\.size: must be divisible"),

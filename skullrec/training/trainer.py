@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..nets.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ..utils import resolve_device
 from . import distributed
+from .lookbehind import Lookbehind
 from .run_dir import (
     BEST,
     LAST,
@@ -86,7 +87,8 @@ def train_step(
 ) -> StepResult:
     """One step: Dice loss (+ lam * FAM penalty when ``reg`` is given), backward, optimizer update.
 
-    ``sam=True`` makes the two-pass SAM/ASAM update (``optimizer`` is a :class:`skullrec.training.sam.SAM`);
+    ``sam=True`` makes the two-pass SAM/ASAM update (``optimizer`` is a :class:`skullrec.training.sam.SAM`),
+    or the k + 1-pass Lookbehind-SAM update (a :class:`skullrec.training.lookbehind.Lookbehind`);
     otherwise a plain ``optimizer.step()`` (for a SAM wrapper before ``sam.start_epoch``: its base
     optimizer's step). Never syncs with the host: everything returned stays on the device.
     """
@@ -104,7 +106,16 @@ def train_step(
             out.trace = term.trace.detach()
             out.norm_sq = term.norm_sq.detach()
     total.backward()
-    if sam:
+    if sam and isinstance(optimizer, Lookbehind):  # Lookbehind-SAM: k accumulating ascents, then the slow-weight step
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            with _amp_context(amp, device):
+                inner = loss_fn(model(x).float(), y)
+            inner.backward()
+            return inner
+
+        optimizer.step(closure)
+    elif sam:
         optimizer.first_step()
         optimizer.zero_grad(set_to_none=True)
         with _amp_context(amp, device):
@@ -115,14 +126,21 @@ def train_step(
     return out
 
 
+# Methods whose step is a SAM-like update (from sam.start_epoch on; plain base-optimizer steps before).
+SAM_LIKE = ("sam", "asam", "lookbehind")
+
+
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam (lr, weight_decay from cfg.train), wrapped in SAM / ASAM for those methods."""
+    """Adam (lr, weight_decay from cfg.train), wrapped in SAM / ASAM / Lookbehind for those methods."""
     kw = dict(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.method in ("sam", "asam"):
         from .sam import SAM
 
         # Method 'asam' is what selects the adaptive variant (config validation refuses sam + adaptive).
         return SAM(model.parameters(), torch.optim.Adam, rho=cfg.sam.rho, adaptive=cfg.train.method == "asam", eta=cfg.sam.eta, **kw)
+    if cfg.train.method == "lookbehind":
+        lb = cfg.lookbehind
+        return Lookbehind(model.parameters(), torch.optim.Adam, rho=lb.rho, k=lb.k, alpha=lb.alpha, **kw)
     return torch.optim.Adam(model.parameters(), **kw)
 
 
@@ -381,7 +399,7 @@ def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str
         sums = {k: v.to(dev) for k, v in run.resumed["sums"].items()}
         reg_steps, elapsed, first = int(run.resumed["reg_steps"]), float(run.resumed["elapsed"]), run.start_step
         probes.set_state(run.resumed["probes"].cpu())  # a generator state is a CPU tensor, even for CUDA
-    use_sam = method in ("sam", "asam") and epoch >= cfg.sam.start_epoch
+    use_sam = method in SAM_LIKE and epoch >= cfg.sam.start_epoch
     bar = _Progress(run.steps_per_epoch, epoch, cfg.train.epochs, first, run.progress)
     t0 = time.perf_counter()
     for i in range(first, run.steps_per_epoch):
@@ -419,7 +437,7 @@ def _epoch_record(run: _Run, epoch: int, sums: dict[str, torch.Tensor], reg_step
         "regularizer": summary["penalty"] / reg_steps if reg_steps else None,
         "trace": summary["trace"] / reg_steps if reg_steps else None,
         "norm_sq": float(_layer_norm_sq(run.model, cfg.fam.layers)),
-        "sam": cfg.train.method in ("sam", "asam") and epoch >= cfg.sam.start_epoch,
+        "sam": cfg.train.method in SAM_LIKE and epoch >= cfg.sam.start_epoch,
         "seconds": seconds,
     }
     if record["trace"] is not None:

@@ -18,7 +18,7 @@ from skullrec.experiment.sweep import _pairwise_dsc, run_overrides
 def test_paper_config_loads_and_scale_shrinks_epochs_and_checkpoints():
     exp = load_experiment(REPO / "configs" / "paper_skull.yaml", [], None)
     assert [m.name for m in exp.methods] == [
-        "baseline", "fam_0.0006", "fam_0.002", "fam_0.02", "fam_0.1", "fam_0.7", "sam", "asam",
+        "baseline", "fam_0.0006", "fam_0.002", "fam_0.02", "fam_0.1", "fam_0.7", "sam", "asam", "lookbehind",
     ]
     assert exp.checkpoint_epochs == [100, 200] and len(exp.seeds) >= 3
     small = load_experiment(REPO / "configs" / "paper_skull.yaml", [], 0.1)

@@ -151,15 +151,21 @@ def test_train_step_adds_lam_times_penalty_to_the_gradient(data_root: Path) -> N
         torch.testing.assert_close(p1.detach(), expected, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_sam_step_uses_the_gradient_at_the_perturbed_point(data_root: Path, adaptive: bool) -> None:
-    """SAM/ASAM around SGD(lr=1): the update is minus the gradient at w + e, e computed here by hand."""
+@pytest.mark.parametrize("adaptive,lookbehind", [(False, False), (True, False), (False, True)])
+def test_sam_step_uses_the_gradient_at_the_perturbed_point(data_root: Path, adaptive: bool, lookbehind: bool) -> None:
+    """SAM/ASAM around SGD(lr=1): the update is minus the gradient at w + e, e computed here by hand.
+    Lookbehind with k = 1, alpha = 1 is that same SAM step (through train_step's Lookbehind branch)."""
     sam_mod = pytest.importorskip("skullrec.training.sam")
+    from skullrec.training.lookbehind import Lookbehind
+
     cfg, x, y = _tiny(data_root, "sam")
     loss_fn, rho, eta = DiceLoss(sigmoid=True), 0.05, 0.01
     model = build_model(cfg.model, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
-    opt = sam_mod.SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=1.0)
+    if lookbehind:
+        opt = Lookbehind(model.parameters(), torch.optim.SGD, rho=rho, k=1, alpha=1.0, lr=1.0)
+    else:
+        opt = sam_mod.SAM(model.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=1.0)
     train_step(model, x, y, loss_fn, opt, sam=True)
 
     ref = build_model(cfg.model, seed=0)
@@ -222,11 +228,12 @@ def test_run_folder_metrics_and_checkpoints(reference_runs: dict[str, Path], dat
 
 
 def test_baseline_and_sam_log_monitored_flatness(reference_runs: dict[str, Path]) -> None:
-    for method in ("baseline", "sam"):
+    for method in ("baseline", "sam", "lookbehind"):
         records = _metrics(reference_runs[method])
         assert all(r["method"] == method and r["reg_steps"] == 0 and r["trace"] is None for r in records)
         assert all(np.isfinite(r["monitor_trace"]) and np.isfinite(r["monitor_kappa_hat"]) for r in records)
     assert all(r["sam"] for r in _metrics(reference_runs["sam"]))
+    assert all(r["sam"] for r in _metrics(reference_runs["lookbehind"]))
 
 
 def test_same_seed_same_bytes_other_seed_differs(reference_runs: dict[str, Path], data_root: Path, tmp_path: Path) -> None:
@@ -289,6 +296,7 @@ def _child(mode: str, target: int, method: str, data_root: Path, run_dir: Path) 
         ("kill-step", 3, "fam"),  # SIGKILL after the 1st step of epoch 2 (the epoch's commit never happens)
         ("kill-commit", 2, "sam"),  # SIGKILL after epoch 2's checkpoints and metrics, before its state (SAM's
         # base optimizer state must survive the resume)
+        ("kill-step", 3, "lookbehind"),  # Lookbehind-SAM: its k Adam steps per batch resume exactly too
     ],
 )
 def test_kill9_then_resume_equals_uninterrupted(
