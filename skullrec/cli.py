@@ -296,6 +296,7 @@ def predict_command(
     threshold: THRESHOLD = None,
     device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
+    stage2: Annotated[Optional[Path], typer.Option("--stage2", help="A stage-2 checkpoint from 'skullrec train-implant': the implant is designed in a box around the defect.")] = None,
 ) -> Path:
     """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
     from .inference.predict import predict_folder
@@ -307,6 +308,7 @@ def predict_command(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
+            stage2=stage2,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")
@@ -483,6 +485,49 @@ def view_command(
         raise InputError(f"streamlit exited with code {code} (is port {port} free?)")
 
 
+def prepare_implant_command(
+    prepared: Annotated[Path, typer.Option("--prepared", help="A data set from 'skullrec prepare' (its train_ids and source folders are used).")],
+    stage1: Annotated[Path, typer.Option("--stage1", help="A stage-1 checkpoint from 'skullrec train'.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder of stage-2 samples.")],
+    kinds: Annotated[str, typer.Option(help="Defect kinds, comma-separated: skullfix, set1, set2.")] = "skullfix,set1,set2",
+    box_mm: Annotated[float, typer.Option(help="Edge of the cubic box around the defect (mm).")] = 128.0,
+    grid: Annotated[int, typer.Option(help="The box is resampled to GRID^3 voxels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the defects and box offsets.")] = 0,
+    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N training skulls.")] = None,
+    overwrite: OVERWRITE = False,
+) -> Path:
+    """Stage-2 training samples at the skulls' own resolution (training skulls only)."""
+    from .data.stage2 import build_stage2_data
+
+    _at_least("--box-mm", box_mm, 1e-6)
+    _at_least("--grid", grid, 8)
+    console = _console(stderr=True)
+    with _bar("prepare-implant", console) as progress:
+        recs = build_stage2_data(prepared, stage1, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                                 box_mm=box_mm, grid=grid, seed=seed, max_cases=max_cases, overwrite=overwrite,
+                                 progress=progress, log=lambda s: console.print(f"[yellow]{s}[/]"))
+    console.print(f"{len(recs)} samples -> {out}")
+    return Path(out)
+
+
+def train_implant_command(
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML stage-2 config (configs/stage2.yaml).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set train.epochs=5 (repeatable).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the stage-2 run in this folder.")] = None,
+    overwrite: OVERWRITE = False,
+) -> None:
+    """Train stage 2 (the implant UNet in a box around the defect)."""
+    from .training.stage2 import load_stage2_config, train_implant
+
+    if config is None and resume is None:
+        raise InputError("--config: required (or --resume RUN_DIR)")
+    if resume is not None:
+        train_implant(load_stage2_config(None), resume, resume=True, log=lambda s: print(s, flush=True))
+        return
+    cfg = load_stage2_config(config, overrides or [])
+    train_implant(cfg, cfg.out, overwrite=overwrite, log=lambda s: print(s, flush=True))
+
+
 # The commands, in the order `skullrec --help` lists them; user_errors turns InputError into one line + exit 2.
 for _name, _command in (
     ("synth", synth_command),
@@ -490,6 +535,8 @@ for _name, _command in (
     ("prepare", prepare_command),
     ("train", train_command),
     ("flatness", flatness_command),
+    ("prepare-implant", prepare_implant_command),
+    ("train-implant", train_implant_command),
     ("predict", predict_command),
     ("evaluate", evaluate_command),
     ("experiment", experiment_command),

@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class SourceGrid:
     shape: tuple[int, int, int]
     affine: np.ndarray
     ornt: np.ndarray
+    oriented: bool = True  # False: a NIfTI with qform and sform codes 0 (its voxel order taken as canonical)
 
     @property
     def is_canonical(self) -> bool:
@@ -268,7 +270,18 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         detail = " ".join(str(exc).split())
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
     header = img.header.copy()
-    return data, np.asarray(img.affine, dtype=np.float64), header
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
+        # No orientation stored: the voxel order is taken as the canonical (SkullFix's) one rather
+        # than nibabel's fallback (axes L, A, S), which would reverse axis 1. The shipped SkullBreak
+        # sample is such a file, and of its 48 orders the stored one overlaps SkullFix heads best
+        # (benchmarks/skullbreak_orientation.py; numbers in the README).
+        # Outputs keep codes 0 (write_nifti), so they overlay the input wherever it is shown.
+        zooms = [float(z) for z in hdr.get_zooms()[:3]]
+        affine = np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])
+        _log.warning(f"warning: {path}: the header stores no orientation (qform and sform codes 0); "
+                     "its voxel order is taken as SkullFix's (axis 0 left, 1 posterior, 2 superior)")
+    return data, affine, header
 
 
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -347,6 +360,8 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
     elif np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():
         raise InputError(f"{path}: volume contains NaN values")
     data, canon_affine, source = to_canonical(data, affine)
+    if header is not None and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        source = dataclasses.replace(source, oriented=False)
     return Volume(data=np.ascontiguousarray(data), affine=canon_affine, header=header, path=path, source=source)
 
 
@@ -469,11 +484,14 @@ def write_nifti(
     affine: np.ndarray,
     header: nib.Nifti1Header | None = None,
     dtype: type = np.uint8,
+    *,
+    oriented: bool = True,
 ) -> Path:
     """Write a 3D array as NIfTI (uint8 by default) atomically: a temporary file, then a rename.
 
     The given ``header`` (e.g. from the input volume) is kept apart from data type and scaling;
-    qform and sform are both set to ``affine`` so that viewers such as 3D Slicer place it correctly.
+    qform and sform are both set to ``affine`` so that viewers such as 3D Slicer place it correctly
+    (``oriented=False``: both codes 0, for results of an input that stored no orientation).
     """
     path = Path(path)
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -486,10 +504,15 @@ def write_nifti(
     img.set_data_dtype(dtype)
     img.header.set_slope_inter(1.0, 0.0)
     # Keep the input header's qform/sform codes (e.g. 2 = aligned to another scan); 1 (scanner) when unset.
-    qcode = int(hdr["qform_code"]) if hdr is not None and int(hdr["qform_code"]) > 0 else 1
-    scode = int(hdr["sform_code"]) if hdr is not None and int(hdr["sform_code"]) > 0 else 1
-    img.set_qform(affine, code=qcode)
-    img.set_sform(affine, code=scode)
+    # An input stored without any orientation gives outputs without one: they overlay it as it is.
+    if not oriented:
+        img.set_qform(affine, code=0)
+        img.set_sform(affine, code=0)
+    else:
+        qcode = int(hdr["qform_code"]) if hdr is not None and int(hdr["qform_code"]) > 0 else 1
+        scode = int(hdr["sform_code"]) if hdr is not None and int(hdr["sform_code"]) > 0 else 1
+        img.set_qform(affine, code=qcode)
+        img.set_sform(affine, code=scode)
     fd, tmp = _atomic_target(path)
     os.close(fd)
     try:
@@ -510,4 +533,5 @@ def write_volume(path: str | Path, volume: Volume) -> Path:
     """
     if volume.source is None:
         return write_nifti(path, volume.data, volume.affine, volume.header)
-    return write_nifti(path, to_source_grid(volume.data, volume.source), volume.source.affine, volume.header)
+    return write_nifti(path, to_source_grid(volume.data, volume.source), volume.source.affine, volume.header,
+                       oriented=volume.source.oriented)

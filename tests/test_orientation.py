@@ -196,3 +196,26 @@ def test_skullfix_grids_are_already_canonical_and_their_tilt_is_kept() -> None:
         tilts.append(np.degrees(np.arccos(np.clip(np.abs(direction).max(axis=0), -1, 1))).max())
     tilts = np.array(tilts)
     assert (tilts > 1.0).sum() == 35 and 20.0 < tilts.max() < 25.0, (int((tilts > 1).sum()), tilts.max())
+
+
+def test_a_nifti_without_orientation_keeps_its_voxel_order_with_a_warning_and_outputs_keep_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    data = (np.random.default_rng(0).random((6, 7, 5)) > 0.5).astype(np.uint8)
+    hdr = nib.Nifti1Header()  # qform and sform codes 0, as ANALYZE-era tools and the SkullBreak sample have
+    hdr.set_data_shape(data.shape)
+    hdr.set_zooms((1.0, 2.0, 3.0))
+    nib.save(nib.Nifti1Image(data, None, hdr), str(tmp_path / "bare.nii"))
+    assert int(nib.load(str(tmp_path / "bare.nii")).header["sform_code"]) == 0
+    with caplog.at_level(logging.WARNING, logger="skullrec"):
+        vol = sio.read_volume(tmp_path / "bare.nii")
+    assert any("stores no orientation" in r.getMessage() for r in caplog.records)
+    # Taken as the canonical order (nibabel's fallback would say L, A, S and reverse axis 1).
+    np.testing.assert_array_equal(vol.data, data)
+    assert nib.aff2axcodes(vol.affine) == sio.CANONICAL_AXCODES
+    np.testing.assert_allclose(vol.spacing, (1.0, 2.0, 3.0))
+    # A result written for it has no orientation either and lies on the same voxels.
+    out = nib.load(str(sio.write_volume(tmp_path / "out.nii.gz", vol.like(1 - vol.data))))
+    assert int(out.header["qform_code"]) == 0 and int(out.header["sform_code"]) == 0
+    np.testing.assert_array_equal(np.asarray(out.dataobj), 1 - data)
+    np.testing.assert_allclose(out.header.get_zooms(), (1.0, 2.0, 3.0))

@@ -15,6 +15,7 @@ around the whole skull. Where the model *added* bone (prediction AND NOT prepare
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ def predict_folder(
     overwrite: bool = False,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    stage2: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
@@ -243,7 +245,9 @@ def predict_folder(
     after each case and ``warn(message)`` for each empty implant, doubtful input and unusable result.
     An unusable result (see :attr:`Reconstruction.problems`) is not written; it is listed under
     ``failed`` in predict.json, and when no case is usable the call fails with InputError and
-    leaves nothing behind.
+    leaves nothing behind. With ``stage2`` (a ``skullrec train-implant`` checkpoint) the implant is
+    stage 2's (:mod:`skullrec.inference.stage2`, in a box around stage 1's implant) and the
+    complete skull is the defective skull plus that implant.
     """
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
@@ -254,6 +258,11 @@ def predict_folder(
     files = list_volumes(inp)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
+    model2 = cfg2 = meta2 = None
+    if stage2 is not None:
+        from ..nets.implant_checkpoint import load_implant_checkpoint
+
+        model2, cfg2, meta2 = load_implant_checkpoint(stage2, dev)
     summary: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     done = 0
@@ -281,6 +290,8 @@ def predict_folder(
                     say(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}")
                     failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems})
                     continue
+                if model2 is not None:
+                    rec = _apply_stage2(rec, vol, model2, cfg2, dev)
                 # Back on the input file's own grid: its voxel order, affine and header.
                 write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
                 write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
@@ -300,9 +311,23 @@ def predict_folder(
             first = failed[0]
             more = f" (and {len(failed) - 1} more cases)" if len(failed) > 1 else ""
             raise InputError(f"{first['input']}: no usable result: {'; '.join(first['problems'])}{more}")
-        report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta, "input": str(inp), "device": str(dev),
+        report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta,
+                  "stage2": None if stage2 is None else str(stage2), "stage2_meta": meta2, "input": str(inp), "device": str(dev),
                   "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary, "failed": failed}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
     return summary
 
 
+
+
+def _apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
+    """Replace stage 1's implant by stage 2's; the complete skull becomes defective OR that implant."""
+    from .stage2 import stage2_implant
+
+    implant, info = stage2_implant(model2, vol, rec.complete.data.astype(bool), rec.implant.data.astype(bool),
+                                   cfg2.net.box_mm, cfg2.net.grid, device)
+    complete = vol.data.astype(bool) | implant
+    vox = voxel_volume_mm3(vol.affine)
+    new_info = {**rec.info, "stage1_implant_voxels": rec.info["implant_voxels"], "implant_voxels": int(implant.sum()),
+                "implant_mm3": round(float(implant.sum()) * vox, 1), "complete_voxels": int(complete.sum()), "stage2": info}
+    return dataclasses.replace(rec, complete=vol.like(complete.astype(np.uint8)), implant=vol.like(implant.astype(np.uint8)), info=new_info)

@@ -1,13 +1,16 @@
 """Relative flatness: every estimator checked against an independent dense-Hessian computation.
 
-Verification tests use float64, tiny networks and fresh random inputs on every run (the seed is drawn
-from os.urandom and printed in the failure message so a failure can be replayed).
+Verification tests use float64, tiny networks and random inputs. The seed of each test is derived from its
+name and SKULLREC_TEST_SEED (default 0), so CI is reproducible: the statistical (3-standard-error) checks
+cannot flake there. ``SKULLREC_TEST_SEED=random`` draws a fresh seed per test from os.urandom to explore
+other inputs; every failure message prints the seed so it can be replayed.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -41,9 +44,18 @@ DT = torch.float64
 SMALL = ModelConfig(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
 
 
+def seed_of_this_test() -> int:
+    """This test's seed: from its name and SKULLREC_TEST_SEED, or fresh from os.urandom when that is 'random'."""
+    base = os.environ.get("SKULLREC_TEST_SEED", "0")
+    if base == "random":
+        return int.from_bytes(os.urandom(4), "little")
+    name = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    return (int(base) + zlib.crc32(name.encode())) % 2**32
+
+
 def fresh() -> tuple[torch.Generator, int]:
-    """A generator with a fresh random seed (reported in assertion messages)."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """A generator with this test's seed (reported in assertion messages)."""
+    seed = seed_of_this_test()
     return torch.Generator().manual_seed(seed), seed
 
 
@@ -377,7 +389,7 @@ def test_flatness_command_prints_estimates_and_exact_values(tmp_path, capsys):
     ckpt_mod = pytest.importorskip("skullrec.nets.checkpoint")
     from skullrec.data.layout import load_split, write_case, write_manifest
 
-    g = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    g = np.random.default_rng(seed_of_this_test())
     root = tmp_path / "data"
     for i in range(3):
         complete = g.random((16, 16, 16)) > 0.7

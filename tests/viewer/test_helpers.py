@@ -473,6 +473,14 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     no_failures(at)
 
 
+def _huge_header() -> bytes:
+    """A 1.4 KB gzipped NIfTI whose header claims 1500^3 voxels: bounded by the header, not the byte limit."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((1500, 1500, 1500))
+    hdr["vox_offset"] = 352
+    return gzip.compress(hdr.binaryblock + b"\0" * 1004)
+
+
 def upload_and_run(at, name: str, payload: bytes):
     at.sidebar.radio(key="source").set_value("Upload").run()
     at.sidebar.file_uploader(key="upload").upload(name, payload).run()
@@ -488,6 +496,7 @@ def upload_and_run(at, name: str, payload: bytes):
         ("scan.nii", "4d", "scan.nii: expected a 3D volume, got shape (32, 32, 32, 2)"),
         ("scan.nii", "nonbinary", "scan.nii: mask has values other than 0 and 1"),
         ("scan.nii", "big", "scan.nii: 2.0 MB is over the upload limit of 1 MB"),
+        ("scan.nii.gz", "header", "scan.nii.gz: header claims 1500 x 1500 x 1500 voxels"),
     ],
 )
 def test_bad_upload_shows_error_and_page_keeps_working(app, name: str, kind: str, message: str) -> None:
@@ -499,6 +508,7 @@ def test_bad_upload_shows_error_and_page_keeps_working(app, name: str, kind: str
         "4d": nifti_payload(np.stack([defective] * 2, axis=-1), name=name),
         "nonbinary": nifti_payload(defective.astype(np.float32) * 0.7 + 0.2, name=name),
         "big": b"\0" * (2 * 2**20),
+        "header": _huge_header(),
     }[kind]
     at = upload_and_run(app.run(), name, payload)
     no_failures(at)

@@ -1,0 +1,160 @@
+"""Stage-2 training samples at the skull's own resolution (``skullrec prepare-implant``).
+
+For every *training* skull of a prepared data set (``manifest.json``'s ``meta.train_ids``, e.g. the
+80 of ``skullrec prepare --eval-fraction 0.2 --seed 0``; its evaluation skulls are never read) and
+every defect kind:
+
+* ``skullfix``: SkullFix's own defective skull (``meta.defective_folder``);
+* ``set1`` / ``set2``: the project's defects (:mod:`skullrec.data.defects`, in mm) cut at the native
+  grid of the complete skull, seeded by (seed, case, kind);
+
+stage 1 (a ``skullrec train`` checkpoint) reconstructs the defective skull exactly as
+``skullrec predict`` does, and the box of :mod:`skullrec.inference.stage2` is cut around the true
+implant's bounding-box centre shifted by a seeded uniform offset of up to ``jitter_mm`` per axis
+(stage 1's localisation error, so the network sees defects off-centre as at inference). A sample
+``OUT/CASE_KIND.npz`` holds ``x`` (2 x grid^3 float16: defective crop, stage-1 complete crop) and
+``y`` (grid^3 uint8: true implant fraction > 0.5 on the grid) and ``box``; ``OUT/samples.json``
+lists them with their parameters.
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.layout import implant_of, read_manifest
+from ..errors import InputError
+from ..inference.stage2 import box_around, crop, to_grid
+from ..io import Volume, atomic_write_bytes, atomic_write_text, list_volumes, read_volume
+from ..utils import Progress, seed_sequence
+
+KINDS: tuple[str, ...] = ("skullfix", "set1", "set2")
+DEFAULT_JITTER_MM = 10.0
+SAMPLES_FILE = "samples.json"
+
+
+def training_ids(prepared: str | Path) -> tuple[list[str], Path, Path | None]:
+    """(train ids, complete folder, defective folder or None) of a prepared real data set."""
+    meta = read_manifest(prepared).get("meta", {})
+    ids = meta.get("train_ids")
+    if not ids:
+        raise InputError(f"{prepared}: manifest lists no train_ids (not a data set from skullrec prepare?)")
+    complete = meta.get("complete_folder")
+    if not complete:
+        raise InputError(f"{prepared}: manifest has no complete_folder")
+    defective = meta.get("defective_folder")
+    return [str(i) for i in ids], Path(complete), None if not defective else Path(defective)
+
+
+def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.ndarray, box_mm: float, grid: int,
+                rng: np.random.Generator, jitter_mm: float = DEFAULT_JITTER_MM) -> dict[str, Any]:
+    """One training sample: network input ``x``, target ``y`` and the box, for a defective skull on ``complete``'s grid."""
+    comp = complete.data.astype(bool)
+    implant = implant_of(comp, defective)
+    bb = np.argwhere(implant)
+    if bb.size == 0:
+        raise InputError(f"{complete.path}: the defective skull lacks no bone of the complete skull (no implant)")
+    centre = (bb.min(0) + bb.max(0)) / 2.0
+    shift_mm = rng.uniform(-jitter_mm, jitter_mm, 3)
+    centre = centre + shift_mm / np.asarray(complete.spacing)
+    box = box_around(centre, complete.spacing, box_mm)
+    x = np.stack([to_grid(crop(defective.astype(np.uint8), box), grid), to_grid(crop(stage1_complete.astype(np.uint8), box), grid)])
+    y = to_grid(crop(implant.astype(np.uint8), box), grid) > 0.5
+    inside = int(crop(implant.astype(np.uint8), box).sum())
+    return {"x": x.astype(np.float16), "y": y.astype(np.uint8), "box": box,
+            "shift_mm": [round(float(s), 2) for s in shift_mm], "implant_voxels": int(implant.sum()), "implant_in_box": inside}
+
+
+def _defective(kind: str, cid: str, complete: Volume, defective_dir: Path | None, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    if kind == "skullfix":
+        if defective_dir is None:
+            raise InputError("kind 'skullfix' needs the manifest's defective_folder")
+        files = list_volumes(defective_dir)
+        if cid not in files:
+            raise InputError(f"{defective_dir}: no defective skull for case {cid}")
+        d = read_volume(files[cid])
+        return d.data.astype(bool) & complete.data.astype(bool), {"defect_source": "given"}
+    from .defects import set1_defect, set2_defect
+
+    fn = set1_defect if kind == "set1" else set2_defect
+    rng = np.random.default_rng(seed_sequence(seed, cid, kind, "defect"))
+    mask, params = fn(complete.data.astype(bool), complete.spacing, rng)
+    return mask, {"defect_source": kind, "defect": params}
+
+
+def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS,
+                      box_mm: float = 128.0, grid: int = 128, seed: int = 0, jitter_mm: float = DEFAULT_JITTER_MM,
+                      max_cases: int | None = None, overwrite: bool = False, progress: Progress | None = None,
+                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Write stage-2 samples for the training skulls of ``prepared`` into ``out`` (staged, then renamed); returns the records."""
+    from ..data.layout import check_output_dir, staged_output
+    from ..inference.predict import reconstruct
+    from ..nets.checkpoint import load_checkpoint
+
+    for k in kinds:
+        if k not in KINDS:
+            raise InputError(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    ids, complete_dir, defective_dir = training_ids(prepared)
+    if max_cases is not None:
+        ids = ids[:max_cases]
+    complete_files = list_volumes(complete_dir)
+    check_output_dir(out, overwrite)
+    model, cfg, _ = load_checkpoint(stage1, "cpu")
+    records: list[dict[str, Any]] = []
+    total = len(ids) * len(kinds)
+    with staged_output(out, overwrite) as staging:
+        for cid in ids:
+            if cid not in complete_files:
+                raise InputError(f"{complete_dir}: no complete skull for training case {cid}")
+            complete = read_volume(complete_files[cid])
+            for kind in kinds:
+                dmask, extra = _defective(kind, cid, complete, defective_dir, seed)
+                dvol = Volume(dmask.astype(np.uint8), complete.affine, complete.header, complete.path)
+                rec = reconstruct(model, [dvol], batch_size=1, size=cfg.model.size)[0]
+                rng = np.random.default_rng(seed_sequence(seed, cid, kind, "box"))
+                s = make_sample(complete, dmask, rec.complete.data.astype(bool), box_mm, grid, rng, jitter_mm)
+                name = f"{cid}_{kind}.npz"
+                buf = _stdio.BytesIO()
+                np.savez_compressed(buf, x=s["x"], y=s["y"], box_lo=np.asarray(s["box"].lo), box_hi=np.asarray(s["box"].hi))
+                atomic_write_bytes(staging / name, buf.getvalue())
+                records.append({"file": name, "case_id": cid, "kind": kind, "source": str(complete_files[cid]),
+                                "box": s["box"].to_dict(), "shift_mm": s["shift_mm"], "implant_voxels": s["implant_voxels"],
+                                "implant_in_box": s["implant_in_box"], **{k: v for k, v in extra.items() if k != "defect"}})
+                if log is not None and s["implant_in_box"] < s["implant_voxels"]:
+                    log(f"{cid} {kind}: {s['implant_voxels'] - s['implant_in_box']} implant voxels outside the box")
+                if progress is not None:
+                    progress(len(records), total)
+        meta = {"prepared": str(prepared), "stage1": str(stage1), "kinds": list(kinds), "box_mm": box_mm, "grid": grid,
+                "seed": seed, "jitter_mm": jitter_mm, "train_ids": ids, "samples": records}
+        atomic_write_text(staging / SAMPLES_FILE, json.dumps(meta, indent=1) + "\n")
+    return records
+
+
+def load_stage2_samples(root: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """(samples.json, x (N, 2, g, g, g) float32, y (N, 1, g, g, g) float32) of a stage-2 data folder."""
+    root = Path(root)
+    meta_file = root / SAMPLES_FILE
+    if not meta_file.is_file():
+        raise InputError(f"{root}: no {SAMPLES_FILE} (not a folder from skullrec prepare-implant)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{meta_file}: invalid JSON ({exc})") from None
+    xs, ys = [], []
+    for rec in meta.get("samples", []):
+        path = root / rec["file"]
+        try:
+            # allow_pickle=False: a sample file can only hold plain arrays, never code.
+            with np.load(path, allow_pickle=False) as z:
+                xs.append(z["x"].astype(np.float32))
+                ys.append(z["y"].astype(np.float32)[None])
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{path}: unreadable stage-2 sample ({exc})") from None
+    if not xs:
+        raise InputError(f"{root}: no samples")
+    return meta, np.stack(xs), np.stack(ys)

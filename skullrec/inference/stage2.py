@@ -1,0 +1,176 @@
+"""Stage 2: the implant designed near the input's own resolution, in a fixed box around the defect.
+
+Stage 1 (the 64^3 autoencoder, :mod:`skullrec.inference.predict`) localises the defect and gives a
+shape prior. Stage 2:
+
+1. **Locate** the defect: the bounding-box centre of the largest 26-connected piece of stage 1's
+   implant (where stage 1 added bone, mapped to the input grid; :func:`defect_centre`).
+2. **Box**: a cube of ``box_mm`` on each side centred there, as a whole number of *input voxels*
+   per axis (``round(box_mm / spacing)``), so cutting and pasting are plain index slices
+   (:func:`crop`, :func:`paste`): a pasted crop lands exactly where it was cut, at any spacing and
+   axis order (the box follows the array axes, and a permuted volume gives the permuted box).
+   Where the box reaches past the volume, the outside reads as background and is not pasted.
+3. **Network grid**: the crop is resampled to ``grid^3`` (area averaging, i.e. each grid voxel's
+   bone fraction, so thin bone is not skipped) for the UNet of :mod:`skullrec.nets.implant_net`,
+   whose two input channels are the defective skull and stage 1's complete skull in the box.
+   Its probability is resampled back to the crop's shape (trilinear) and pasted.
+4. **Restrict**: the implant is ``probability > 0.5 AND NOT defective`` (it never overlaps the
+   defective skull) and only its largest 26-connected piece that touches stage 1's implant is kept
+   (the largest piece if none does), so it is one piece.
+
+Box size (SkullFix, ``benchmarks/results/skullfix_defects.json``): the 100 implants' axis-aligned
+extents are at most 106.1 x 89.3 x 65.6 mm (median 88.9 x 65.5 x 44.4 mm); a 128 mm cube holds the
+largest with 11 mm to spare on its longest side for stage 1's localisation error, and a cube rather
+than a slab because set-2 defects sit at other positions and orientations. At the default grid of
+128 that is 1.0 mm voxels (SkullFix is 0.45 x 0.45 x 0.63 mm; 1 mm is what a 2-core CPU can train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ..data.resample import Box
+from ..io import Volume
+from ..utils import bounding_box
+
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood, as predict's island removal
+
+
+def box_around(centre: np.ndarray | tuple[float, ...], spacing: tuple[float, ...], box_mm: float) -> Box:
+    """A box of ``round(box_mm / spacing)`` input voxels per axis whose centre is nearest ``centre`` (voxel index)."""
+    n = np.array([max(1, int(round(box_mm / float(s)))) for s in spacing])
+    lo = np.floor(np.asarray(centre, dtype=np.float64) - (n - 1) / 2.0 + 0.5).astype(int)  # lo + (n-1)/2 nearest centre
+    return Box(lo=tuple(int(v) for v in lo), hi=tuple(int(v) for v in lo + n))
+
+
+def _overlap(box: Box, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+    """(slices into the volume, slices into the crop) of the part of ``box`` inside ``shape``."""
+    vol, sub = [], []
+    for lo, hi, dim in zip(box.lo, box.hi, shape):
+        a, b = max(lo, 0), min(hi, dim)
+        if b <= a:
+            return None
+        vol.append(slice(a, b))
+        sub.append(slice(a - lo, b - lo))
+    return tuple(vol), tuple(sub)
+
+
+def crop(data: np.ndarray, box: Box) -> np.ndarray:
+    """The voxels of ``data`` inside ``box`` (shape ``box.shape``); outside the volume: 0."""
+    out = np.zeros(box.shape, dtype=data.dtype)
+    ov = _overlap(box, data.shape)
+    if ov is not None:
+        out[ov[1]] = data[ov[0]]
+    return out
+
+
+def paste(part: np.ndarray, box: Box, shape: tuple[int, ...]) -> np.ndarray:
+    """A volume of ``shape`` holding ``part`` at ``box`` (the part of the box inside the volume), 0 elsewhere."""
+    if part.shape != box.shape:
+        raise ValueError(f"part has shape {part.shape}, box has {box.shape}")
+    out = np.zeros(shape, dtype=part.dtype)
+    ov = _overlap(box, shape)
+    if ov is not None:
+        out[ov[0]] = part[ov[1]]
+    return out
+
+
+def to_grid(part: np.ndarray, grid: int) -> np.ndarray:
+    """A crop resampled to ``grid^3`` (float32): area averaging when shrinking, trilinear when growing."""
+    t = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))[None, None]
+    shrink = all(s >= grid for s in part.shape)
+    mode = "area" if shrink else "trilinear"
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(t, size=(grid,) * 3, mode=mode, **kw)[0, 0].numpy()
+
+
+def from_grid(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A ``grid^3`` map resampled back to a crop's ``shape`` (trilinear, voxel centres aligned as in :func:`to_grid`)."""
+    t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of ``mask`` (empty in, empty out)."""
+    labels, n = ndimage.label(mask, structure=CONNECTIVITY)
+    if n == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def defect_centre(stage1_implant: np.ndarray) -> np.ndarray | None:
+    """Voxel-index centre of the bounding box of stage 1's largest implant piece; None when it is empty."""
+    piece = largest_piece(np.asarray(stage1_implant, dtype=bool))
+    bb = bounding_box(piece)
+    if bb is None:
+        return None
+    return (np.asarray(bb[0], dtype=np.float64) + np.asarray(bb[1], dtype=np.float64) - 1.0) / 2.0
+
+
+def restrict_implant(mask: np.ndarray, defective: np.ndarray, stage1_implant: np.ndarray) -> np.ndarray:
+    """``mask AND NOT defective``, then its largest 26-connected piece touching ``stage1_implant`` (else the largest)."""
+    m = np.asarray(mask, dtype=bool) & ~np.asarray(defective, dtype=bool)
+    labels, n = ndimage.label(m, structure=CONNECTIVITY)
+    if n == 0:
+        return m
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    touching = np.unique(labels[np.asarray(stage1_implant, dtype=bool) & (labels > 0)])
+    if touching.size:
+        keep = int(touching[np.argmax(sizes[touching])])
+    else:
+        keep = int(np.argmax(sizes))
+    return labels == keep
+
+
+@dataclass
+class Stage2Input:
+    """The network input of one case and where its box sits on the input grid."""
+
+    x: np.ndarray  # (2, grid, grid, grid) float32: defective crop, stage-1 complete crop
+    box: Box
+    centre: np.ndarray
+
+
+def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
+                 spacing: tuple[float, ...], box_mm: float, grid: int) -> Stage2Input | None:
+    """Locate the defect, cut the box and build the two-channel input; None when stage 1 found no defect."""
+    centre = defect_centre(stage1_implant)
+    if centre is None:
+        return None
+    box = box_around(centre, spacing, box_mm)
+    x = np.stack([to_grid(crop(np.asarray(defective, dtype=np.uint8), box), grid),
+                  to_grid(crop(np.asarray(stage1_complete, dtype=np.uint8), box), grid)])
+    return Stage2Input(x=x.astype(np.float32), box=box, centre=centre)
+
+
+def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
+                   box_mm: float, grid: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+    """Stage 2 on one defective skull: the implant on the input grid (bool) and what was done (info).
+
+    Without a defect from stage 1 (empty stage-1 implant) the result is empty and ``info['box']`` None.
+    """
+    defective = vol.data.astype(bool)
+    inp = stage2_input(defective, stage1_complete, stage1_implant, vol.spacing, box_mm, grid)
+    if inp is None:
+        return np.zeros(vol.shape, dtype=bool), {"box": None}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(inp.x)[None].to(device)).float().cpu().numpy()[0, 0]
+    finally:
+        model.train(was_training)
+    prob = from_grid(1.0 / (1.0 + np.exp(-logits)), inp.box.shape)
+    mask = paste(prob > 0.5, inp.box, vol.shape)
+    implant = restrict_implant(mask, defective, stage1_implant)
+    return implant, {"box": inp.box.to_dict(), "box_centre_vox": [round(float(c), 1) for c in inp.centre],
+                     "stage2_raw_voxels": int(mask.sum()), "stage2_voxels": int(implant.sum())}

@@ -1,0 +1,112 @@
+"""Stage-2 training (``skullrec train-implant``): the implant UNet on samples from ``skullrec prepare-implant``.
+
+The run folder follows ``skullrec train``'s rules (:mod:`skullrec.training.run_dir` names): ``config.yaml``
+(the resolved, validated config), ``metrics.jsonl`` (one record per epoch: Dice + BCE loss, training
+Dice, seconds), ``ckpt_epochNNN.safetensors`` at ``train.checkpoint_epochs``, ``last.safetensors``,
+``state.pt`` (weights, optimizer, epoch; written atomically after every epoch and read with
+``torch.load(weights_only=True)``), and the lock file; an existing run folder is refused without
+``--overwrite``, and ``--resume RUN`` continues from the last finished epoch. Shuffles come from
+``torch.Generator``s seeded by (seed, epoch), so a resumed run equals an uninterrupted one.
+Checkpoints: :mod:`skullrec.nets.implant_checkpoint` (safetensors + config + architecture + checksum;
+loading never unpickles).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..errors import InputError
+from ..io import atomic_write_text
+from ..nets.checkpoint import load_training_state, save_training_state
+from ..nets.implant_checkpoint import (
+    FORMAT, Stage2Config, Stage2TrainConfig, load_implant_checkpoint, load_stage2_config, save_implant_checkpoint,
+    stage2_config_from_dict, validate_stage2,
+)
+from ..nets.implant_net import build_implant_net
+from ..utils import derive_seed
+from .run_dir import CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, lock_run_dir, read_metrics, write_metrics
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, bce_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(sigmoid=True)(logits, y)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    return dice + bce_weight * bce, dice
+
+
+def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                  log: Callable[[str], None] | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train stage 2 into ``run_dir`` (or continue it with ``resume``); returns the last epoch record.
+
+    ``stop_after_epoch`` ends the run early after that epoch as an interruption would (tests of resume).
+    """
+    from ..data.stage2 import load_stage2_samples
+
+    run_dir = Path(run_dir)
+    if resume:
+        cfg_file = run_dir / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")
+        cfg = load_stage2_config(cfg_file)
+    else:
+        if check_new_run_dir(run_dir, overwrite):
+            clear_run_dir(run_dir)
+    meta, x, y = load_stage2_samples(cfg.data)  # a data error leaves no run folder behind
+    if meta.get("grid") != cfg.net.grid or float(meta.get("box_mm", -1)) != cfg.net.box_mm:
+        raise InputError(f"{cfg.data}: samples were cut with box {meta.get('box_mm')} mm / grid {meta.get('grid')}, "
+                         f"the config asks for {cfg.net.box_mm} mm / {cfg.net.grid}")
+    _lock = lock_run_dir(run_dir)
+    if cfg.train.num_threads is not None:
+        torch.set_num_threads(cfg.train.num_threads)
+    model = build_implant_net(cfg.net, seed=derive_seed(cfg.seed, "implant-init"))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    start, records = 1, []
+    if resume:
+        state = load_training_state(run_dir / STATE_FILE)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"]) + 1
+        records = read_metrics(run_dir / METRICS_FILE, upto_epoch=start - 1)
+    else:
+        atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    n = len(xt)
+    record: dict[str, Any] = records[-1] if records else {}
+    for epoch in range(start, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "implant-epoch", epoch))
+        order = torch.randperm(n, generator=gen)
+        model.train()
+        tot, tot_dice, steps = 0.0, 0.0, 0
+        for s in range(0, n, cfg.train.batch_size):
+            idx = order[s : s + cfg.train.batch_size]
+            loss, dice = _loss(model(xt[idx]), yt[idx], cfg.train.bce_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot, tot_dice, steps = tot + float(loss.detach()), tot_dice + float(dice.detach()), steps + 1
+        record = {"epoch": epoch, "loss": tot / steps, "dice_loss": tot_dice / steps, "seconds": round(time.perf_counter() - t0, 3), "samples": n}
+        records.append(record)
+        write_metrics(run_dir / METRICS_FILE, records)
+        save_implant_checkpoint(run_dir / LAST, model, cfg, epoch=epoch, loss=record["loss"])
+        if epoch in cfg.train.checkpoint_epochs:
+            save_implant_checkpoint(checkpoint_path(run_dir, epoch), model, cfg, epoch=epoch, loss=record["loss"])
+        save_training_state(run_dir / STATE_FILE, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch})
+        if log is not None:
+            log(f"epoch {epoch}/{cfg.train.epochs}  loss {record['loss']:.4f}  dice loss {record['dice_loss']:.4f}  {record['seconds']:.1f} s")
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    del _lock
+    return record
+
+
+__all__ = ["FORMAT", "Stage2Config", "Stage2TrainConfig", "load_implant_checkpoint", "load_stage2_config",
+           "save_implant_checkpoint", "stage2_config_from_dict", "train_implant", "validate_stage2"]

@@ -1,0 +1,134 @@
+"""Stage-2 geometry: the box, crop and paste (exact, any spacing and axis order), the network grid
+round trip, localisation and the restriction of the implant (no overlap, one piece)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage as ndi
+
+from skullrec.inference.stage2 import (
+    box_around, crop, defect_centre, from_grid, largest_piece, paste, restrict_implant, stage2_implant, to_grid,
+)
+from skullrec.io import Volume
+from skullrec.nets.implant_net import ImplantNetConfig, build_implant_net
+
+
+def _blob(rng, shape, sigma=2.0):
+    return ndi.gaussian_filter((rng.random(shape) < 0.5).astype(float), sigma) > 0.5
+
+
+def _affine(spacing, origin=(10.0, -20.0, 5.0)):
+    a = np.eye(4)
+    a[:3, :3] = np.diag(spacing)
+    a[:3, 3] = origin
+    return a
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pasted_crop_lands_exactly_where_it_was_cut(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(30, 50, 3))
+    spacing = tuple(float(s) for s in rng.uniform(0.4, 2.5, 3))
+    mask = _blob(rng, shape)
+    # near a corner (seed 0: the box hangs over the volume) or inside
+    centre = np.array([2.0, 3.0, shape[2] - 2.0]) if seed == 0 else rng.uniform(5, np.array(shape) - 5)
+    box = box_around(centre, spacing, box_mm=20.0)
+    n = np.array(box.shape)
+    assert np.all(np.abs(n * np.array(spacing) - 20.0) <= np.array(spacing) / 2 + 1e-9)  # 20 mm per axis
+    assert np.all(np.abs((np.array(box.lo) + np.array(box.hi) - 1) / 2 - centre) <= 0.5 + 1e-9)  # centred
+    part = crop(mask.astype(np.uint8), box)
+    assert part.shape == box.shape
+    pasted = paste(part, box, shape)
+    inside = np.zeros(shape, bool)
+    inside[tuple(slice(max(lo, 0), min(hi, s)) for lo, hi, s in zip(box.lo, box.hi, shape))] = True
+    np.testing.assert_array_equal(pasted.astype(bool), mask & inside)
+    if seed == 0:
+        assert inside.sum() < np.prod(box.shape)  # really overhanging: outside read as 0, not pasted
+
+
+@pytest.mark.parametrize("perm", list(itertools.permutations(range(3))))
+def test_box_follows_any_axis_order_in_physical_space(perm):
+    """The same skull stored with permuted axes: the box and the pasted crop cover the same mm points."""
+    rng = np.random.default_rng(7)
+    shape, spacing = (40, 34, 28), (0.5, 0.9, 1.6)
+    mask = _blob(rng, shape)
+    aff = _affine(spacing)
+    centre = np.array([21.3, 15.8, 12.2])
+    box = box_around(centre, spacing, 18.0)
+    ref = paste(crop(mask.astype(np.uint8), box), box, shape).astype(bool)
+    ref_world = {tuple(np.round(aff[:3, :3] @ i + aff[:3, 3], 6)) for i in np.argwhere(ref)}
+    # permuted copy: array axis k of the copy is axis perm[k] of the original
+    m2 = np.transpose(mask, perm)
+    aff2 = np.eye(4)
+    aff2[:3, :3] = aff[:3, :3][:, list(perm)]
+    aff2[:3, 3] = aff[:3, 3]
+    sp2 = tuple(spacing[p] for p in perm)
+    box2 = box_around(centre[list(perm)], sp2, 18.0)
+    assert box2.lo == tuple(box.lo[p] for p in perm) and box2.hi == tuple(box.hi[p] for p in perm)
+    got = paste(crop(m2.astype(np.uint8), box2), box2, m2.shape).astype(bool)
+    got_world = {tuple(np.round(aff2[:3, :3] @ i + aff2[:3, 3], 6)) for i in np.argwhere(got)}
+    assert got_world == ref_world and len(ref_world) > 100
+
+
+def test_network_grid_round_trip_keeps_shape_and_place():
+    rng = np.random.default_rng(3)
+    part = _blob(rng, (57, 43, 38), sigma=3.0)
+    g = to_grid(part.astype(np.uint8), 32)
+    assert g.shape == (32, 32, 32) and 0 <= g.min() and g.max() <= 1
+    # area averaging: the grid holds the crop's bone fraction
+    assert abs(g.mean() - part.mean()) < 0.01
+    back = from_grid(g, part.shape) > 0.5
+    dsc = 2 * (back & part).sum() / (back.sum() + part.sum())
+    assert dsc > 0.93
+    c1, c2 = np.argwhere(part).mean(0), np.argwhere(back).mean(0)
+    assert np.all(np.abs(c1 - c2) < 0.5)  # no half-voxel shift between the two grids
+
+
+def test_defect_centre_and_restriction():
+    shape = (30, 30, 30)
+    stage1 = np.zeros(shape, bool)
+    stage1[5:9, 5:9, 5:9] = True  # a crumb
+    stage1[12:24, 10:20, 14:18] = True  # the defect stage 1 found
+    np.testing.assert_allclose(defect_centre(stage1), [17.5, 14.5, 15.5])
+    assert defect_centre(np.zeros(shape, bool)) is None
+    defective = np.zeros(shape, bool)
+    defective[:, :, 10:13] = True
+    mask = np.zeros(shape, bool)
+    mask[14:22, 11:19, 8:18] = True  # overlaps the defective skull: that part must go
+    mask[0:10, 22:30, 20:30] = True  # a larger piece away from stage 1's defect: dropped
+    out = restrict_implant(mask, defective, stage1)
+    assert not (out & defective).any()
+    assert ndi.label(out, structure=np.ones((3, 3, 3)))[1] == 1
+    assert out[16, 15, 15] and not out[5, 25, 25]
+    # the part below the skull plate (z 8-9) is another piece, not touching stage 1: dropped too
+    np.testing.assert_array_equal(out, mask & ~defective & (np.indices(shape)[0] >= 14) & (np.indices(shape)[2] >= 13))
+    # nothing touching stage 1: the largest piece
+    far = restrict_implant(mask, defective, np.zeros(shape, bool))
+    np.testing.assert_array_equal(far, largest_piece(mask & ~defective))
+
+
+def test_stage2_implant_on_a_volume_is_one_piece_outside_the_skull():
+    rng = np.random.default_rng(0)
+    shape, spacing = (40, 36, 30), (1.2, 1.0, 1.5)
+    g = np.indices(shape).astype(float)
+    r = np.sqrt((((g.T - np.array(shape) / 2) * spacing) ** 2).sum(-1)).T
+    complete = (r < 18) & (r > 14)
+    defective = complete & ~(g[2] > 22)
+    vol = Volume(defective.astype(np.uint8), _affine(spacing))
+    torch.manual_seed(0)
+    net = build_implant_net(ImplantNetConfig(grid=16, box_mm=30.0, channels=[2, 4, 8], strides=[2, 2]), seed=1)
+    # a bias that makes the untrained net say "implant" everywhere: the restriction must shape it
+    with torch.no_grad():
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d) or isinstance(m, torch.nn.ConvTranspose3d)][-1]
+        last.bias.fill_(50.0)
+    implant, info = stage2_implant(net, vol, complete, complete & ~defective, 30.0, 16)
+    assert implant.any() and not (implant & defective).any()
+    assert ndi.label(implant, structure=np.ones((3, 3, 3)))[1] == 1
+    lo, hi = np.array(info["box"]["lo"]), np.array(info["box"]["hi"])
+    idx = np.argwhere(implant)
+    assert np.all(idx >= np.maximum(lo, 0)) and np.all(idx < hi)  # only inside the box
+    assert info["stage2_voxels"] == int(implant.sum())

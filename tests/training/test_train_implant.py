@@ -1,0 +1,129 @@
+"""Stage 2 end to end on tiny data: samples from the training skulls only, training, resume equal to
+an uninterrupted run, the run-folder rules, safe checkpoints, and ``skullrec predict --stage2``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from scipy import ndimage as ndi
+from typer.testing import CliRunner
+
+from skullrec.cli import app
+from skullrec.config import config_from_dict
+from skullrec.data.layout import write_manifest
+from skullrec.data.stage2 import build_stage2_data, load_stage2_samples
+from skullrec.errors import InputError
+from skullrec.io import read_volume, write_nifti
+from skullrec.nets.autoencoder import build_model
+from skullrec.nets.checkpoint import save_checkpoint
+from skullrec.training.stage2 import load_implant_checkpoint, stage2_config_from_dict, train_implant
+
+GRID, BOX_MM = 16, 64.0
+
+
+def _skull(shape, spacing, cap_z):
+    g = np.indices(shape).astype(float)
+    r = np.sqrt((((g.T - (np.array(shape) - 1) / 2) * spacing) ** 2).sum(-1)).T
+    complete = (r < 26) & (r > 21)
+    return complete, complete & ~(g[2] > cap_z)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    spacing = (1.3, 1.1, 1.6)
+    aff = np.diag([*spacing, 1.0])
+    for i, cid in enumerate(["000", "001", "002"]):
+        complete, defective = _skull((44, 50, 36), spacing, 26 + i)
+        write_nifti(root / "complete" / f"{cid}.nii.gz", complete, aff)
+        write_nifti(root / "defective" / f"{cid}.nii.gz", defective, aff)
+    # case 002 is an evaluation skull: it must never be read (its files are removed below)
+    write_manifest(root / "prepared", [], {"train_ids": ["000", "001"], "eval_ids": ["002"],
+                                           "complete_folder": str(root / "complete"), "defective_folder": str(root / "defective")})
+    (root / "complete" / "002.nii.gz").unlink()
+    (root / "defective" / "002.nii.gz").unlink()
+    cfg = config_from_dict({"model": {"size": 32, "channels": [2, 2, 2, 2, 2]}})
+    stage1 = save_checkpoint(root / "stage1.safetensors", build_model(cfg.model, seed=0), cfg, epoch=0)
+    recs = build_stage2_data(root / "prepared", stage1, root / "samples", kinds=("skullfix",), box_mm=BOX_MM, grid=GRID, seed=0)
+    return root, recs
+
+
+def _cfg(root: Path, **train):
+    return stage2_config_from_dict({"data": str(root / "samples"), "seed": 3, "out": str(root / "run"),
+                                    "net": {"grid": GRID, "box_mm": BOX_MM, "channels": [4, 8, 8], "strides": [2, 2]},
+                                    "train": {"epochs": 3, "batch_size": 1, "lr": 1e-2, "checkpoint_epochs": [2], **train}})
+
+
+def test_samples_come_from_training_skulls_and_hold_the_implant(tiny):
+    root, recs = tiny
+    assert [r["case_id"] for r in recs] == ["000", "001"]
+    meta, x, y = load_stage2_samples(root / "samples")
+    assert x.shape == (2, 2, GRID, GRID, GRID) and y.shape == (2, 1, GRID, GRID, GRID)
+    assert meta["train_ids"] == ["000", "001"]
+    for r, xi, yi in zip(recs, x, y):
+        complete = read_volume(root / "complete" / f"{r['case_id']}.nii.gz").data.astype(bool)
+        defective = read_volume(root / "defective" / f"{r['case_id']}.nii.gz").data.astype(bool)
+        assert r["implant_voxels"] == int((complete & ~defective).sum()) > 0
+        assert r["implant_in_box"] > 0.9 * r["implant_voxels"]  # a 64 mm box around a ~44 mm cap, shifted by up to 10 mm
+        assert yi.sum() > 0 and 0 <= xi.min() and xi.max() <= 1
+        # target and defective channel do not overlap much (only through the grid resampling)
+        assert (yi[0] * xi[0]).sum() < 0.2 * yi.sum()
+    # the same seed gives the same samples
+    again = build_stage2_data(root / "prepared", root / "stage1.safetensors", root / "samples2", kinds=("skullfix",),
+                              box_mm=BOX_MM, grid=GRID, seed=0)
+    assert [a["box"] for a in again] == [r["box"] for r in recs]
+    np.testing.assert_array_equal(load_stage2_samples(root / "samples2")[1], x)
+
+
+def test_train_resume_equals_uninterrupted_and_run_folder_rules(tiny):
+    root, _ = tiny
+    full = train_implant(_cfg(root), root / "full")
+    part = train_implant(_cfg(root), root / "part", stop_after_epoch=1)
+    assert part["epoch"] == 1
+    resumed = train_implant(_cfg(root), root / "part", resume=True)
+    assert resumed["epoch"] == 3 and resumed["loss"] == full["loss"]
+    a, b = load_file(root / "full" / "last.safetensors"), load_file(root / "part" / "last.safetensors")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    records = [json.loads(l) for l in (root / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns something even at this size
+    assert (root / "full" / "ckpt_epoch002.safetensors").is_file() and (root / "full" / "state.pt").is_file()
+    with pytest.raises(InputError, match="--overwrite"):
+        train_implant(_cfg(root), root / "full")
+    model, cfg, meta = load_implant_checkpoint(root / "full" / "last.safetensors")
+    assert meta["epoch"] == 3 and cfg.net.grid == GRID
+    # a flipped byte in the weights is refused, not loaded
+    raw = bytearray((root / "full" / "last.safetensors").read_bytes())
+    raw[-5] ^= 0xFF
+    (root / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="checksum|corrupt"):
+        load_implant_checkpoint(root / "bad.safetensors")
+    with pytest.raises(InputError, match="not a stage-2"):
+        load_implant_checkpoint(root / "stage1.safetensors")
+
+
+def test_predict_with_a_stage2_checkpoint(tiny):
+    root, _ = tiny
+    train_implant(_cfg(root, epochs=1, checkpoint_epochs=[]), root / "p_run")
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", "--checkpoint", str(root / "stage1.safetensors"), "--stage2", str(root / "p_run" / "last.safetensors"),
+                              "--in", str(root / "defective"), "--out", str(root / "pred"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((root / "pred" / "predict.json").read_text())
+    assert report["stage2"].endswith("last.safetensors")
+    for case in report["cases"]:
+        d = read_volume(root / "defective" / f"{case['case_id']}.nii.gz").data.astype(bool)
+        imp = read_volume(root / "pred" / "implant" / f"{case['case_id']}.nii.gz").data.astype(bool)
+        comp = read_volume(root / "pred" / "complete" / f"{case['case_id']}.nii.gz").data.astype(bool)
+        assert not (imp & d).any()
+        assert ndi.label(imp, structure=np.ones((3, 3, 3)))[1] <= 1
+        np.testing.assert_array_equal(comp, d | imp)
+        assert case["implant_voxels"] == int(imp.sum()) and "stage2" in case
+        assert case["stage2"]["box"] is not None and imp.any()  # stage 2 really ran and designed something
+    res = runner.invoke(app, ["predict", "--checkpoint", str(root / "stage1.safetensors"), "--stage2", str(root / "stage1.safetensors"),
+                              "--in", str(root / "defective"), "--out", str(root / "pred2"), "--device", "cpu"])
+    assert res.exit_code == 2 and "not a stage-2" in res.output and "Traceback" not in res.output
