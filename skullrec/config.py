@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError
 
 
 @dataclass
@@ -192,6 +192,23 @@ def _from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _optimisation_checks(train: Any) -> list[tuple[str, bool, str]]:
+    """The range checks that every ``train:`` section (autoencoder and stage 2) shares."""
+    return [
+        ("train.epochs", train.epochs >= 1, "must be >= 1"),
+        ("train.batch_size", train.batch_size >= 1, "must be >= 1"),
+        ("train.lr", train.lr > 0, "must be > 0"),
+        ("train.checkpoint_epochs", all(e >= 1 for e in train.checkpoint_epochs), "epochs must be >= 1"),
+    ]
+
+
+def check_ranges(checks: list[tuple[str, bool, str]], prefix: str = "") -> None:
+    """Raise ConfigError ``prefix + key: message`` for the first (key, ok, message) whose ok is False."""
+    for key, ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{prefix}{key}: {msg}")
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express; returns ``cfg``."""
     checks = [
@@ -212,20 +229,15 @@ def validate(cfg: Config) -> Config:
         ("lookbehind.k", cfg.lookbehind.k >= 1, "must be >= 1"),
         ("lookbehind.alpha", cfg.lookbehind.alpha == "adaptive" or 0 < cfg.lookbehind.alpha <= 1, "must be in (0, 1] or 'adaptive'"),
         ("lookbehind.rho", cfg.lookbehind.rho > 0, "must be > 0"),
-        ("train.epochs", cfg.train.epochs >= 1, "must be >= 1"),
-        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
-        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        *_optimisation_checks(cfg.train),
         ("train.val_every", cfg.train.val_every >= 0, "must be >= 0"),
-        ("train.checkpoint_epochs", all(e >= 1 for e in cfg.train.checkpoint_epochs), "epochs must be >= 1"),
         ("data.max_train_cases", cfg.data.max_train_cases is None or cfg.data.max_train_cases >= 1, "must be >= 1"),
         ("data.max_eval_cases", cfg.data.max_eval_cases is None or cfg.data.max_eval_cases >= 1, "must be >= 1"),
         ("sam.eta", cfg.sam.eta >= 0, "must be >= 0"),
         ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
         ("train.num_threads", cfg.train.num_threads is None or cfg.train.num_threads >= 1, "must be >= 1"),
     ]
-    for key, ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
+    check_ranges(checks)
     if cfg.train.method in FAM_METHODS and cfg.fam.lam == 0:
         raise ConfigError(f"fam.lam: method '{cfg.train.method}' needs lam > 0 (use method 'baseline' for lam = 0)")
     if cfg.train.method == "sam" and cfg.sam.adaptive:
@@ -297,22 +309,27 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply overrides and validate."""
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None, what: str = "config file") -> dict[str, Any]:
+    """The mapping in a YAML config file (empty when ``path`` is None) with ``--set`` overrides applied."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
+            raise ConfigError(f"{path}: no such {what}")
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    apply_overrides(values, overrides or [])
+    return apply_overrides(values, overrides or [])
+
+
+def _load(parse: typing.Callable[[dict[str, Any]], Any], path: str | Path | None, overrides: list[str] | None) -> Any:
+    """``parse(read_yaml(path, overrides))``, its ConfigError prefixed with the file name."""
+    values = read_yaml(path, overrides)
     try:
-        return config_from_dict(values)
+        return parse(values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
 
@@ -338,21 +355,12 @@ def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:
 
 def load_stored_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Like :func:`load_config` for a config a run wrote (``runs/NAME/config.yaml``): legacy keys filled in."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    upgrade_stored(values)
-    apply_overrides(values, overrides or [])
-    try:
-        return config_from_dict(values)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return _load(lambda values: config_from_dict(upgrade_stored(values)), path, overrides)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply overrides and validate."""
+    return _load(config_from_dict, path, overrides)
 
 
 def dump_config(cfg: Config) -> str:
@@ -410,13 +418,7 @@ REFERENCES = ("mean_shape", "input", "nearest")
 
 def load_experiment(path: str | Path, overrides: list[str], scale: float | None) -> ExperimentConfig:
     """Read and validate an experiment YAML; ``scale`` shrinks epochs and case counts."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such experiment config")
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    apply_overrides(values, overrides)
+    values = read_yaml(path, overrides, what="experiment config")
     try:
         cfg: ExperimentConfig = _from_dict(ExperimentConfig, values)
     except ConfigError as exc:
@@ -445,3 +447,74 @@ def load_experiment(path: str | Path, overrides: list[str], scale: float | None)
         if cfg.max_train_cases is not None:
             cfg.max_train_cases = max(2, round(cfg.max_train_cases * scale))
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2 (skullrec train-implant): the full-resolution implant network
+
+
+@dataclass
+class ImplantNetConfig:
+    """Stage-2 network and its box (see skullrec.nets.implant_net; validated by validate_stage2)."""
+
+    grid: int = 128  # the box is resampled to grid^3 voxels for the network
+    box_mm: float = 128.0  # edge of the cubic box around the defect, in mm
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Stage2TrainConfig:
+    """Optimisation of stage 2."""
+
+    epochs: int = 20
+    batch_size: int = 1
+    lr: float = 1e-3
+    bce_weight: float = 1.0  # loss = Dice + bce_weight * BCE (Dice alone is flat on an empty prediction)
+    checkpoint_epochs: list[int] = field(default_factory=list)
+    num_threads: int | None = None
+
+
+@dataclass
+class Stage2Config:
+    """A ``skullrec train-implant`` run."""
+
+    data: str = "data/stage2"  # a folder from skullrec prepare-implant
+    seed: int = 0
+    out: str = "runs/implant"
+    net: ImplantNetConfig = field(default_factory=ImplantNetConfig)
+    train: Stage2TrainConfig = field(default_factory=Stage2TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate_stage2(cfg: Stage2Config) -> Stage2Config:
+    """Range checks; ConfigError naming the key."""
+    div = 2 ** len(cfg.net.strides)
+    checks = [
+        ("seed", cfg.seed >= 0, "must be >= 0"),
+        ("net.grid", cfg.net.grid >= div and cfg.net.grid % div == 0, f"must be a multiple of 2**len(strides) = {div}"),
+        ("net.box_mm", cfg.net.box_mm > 0, "must be > 0"),
+        ("net.channels", len(cfg.net.channels) == len(cfg.net.strides) + 1, "needs one entry more than strides"),
+        ("net.num_res_units", cfg.net.num_res_units >= 0, "must be >= 0"),
+        *_optimisation_checks(cfg.train),
+        ("train.bce_weight", cfg.train.bce_weight >= 0, "must be >= 0"),
+        ("train.num_threads", cfg.train.num_threads is None or cfg.train.num_threads >= 1, "must be >= 1"),
+    ]
+    check_ranges(checks)
+    return cfg
+
+
+def stage2_config_from_dict(values: dict[str, Any]) -> Stage2Config:
+    """Build and validate a Stage2Config from a mapping (unknown keys and wrong types are ConfigErrors)."""
+    return validate_stage2(_from_dict(Stage2Config, values or {}))
+
+
+def load_stage2_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage2Config:
+    """Read a stage-2 YAML config (defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    return _load(stage2_config_from_dict, path, overrides)

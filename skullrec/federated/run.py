@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..config import Config, _from_dict, apply_overrides, dump_config, load_config
+from ..config import Config, _from_dict, apply_overrides, check_ranges, dump_config, load_config, read_yaml
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from .server_app import read_metrics, read_state
@@ -72,15 +72,7 @@ class FederationFailed(RuntimeError):
 
 def load_federation_config(path: Path | None, overrides: list[str], sites: list[Path]) -> FederateConfig:
     """Read, override and validate a federation YAML; ``sites`` (from the command line) replace the file's."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"{path}: no such federation config")
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    apply_overrides(values, overrides)
+    values = read_yaml(path, overrides, what="federation config")
     if sites:
         values["sites"] = [str(s) for s in sites]
     label = f"{path}: " if path is not None else ""
@@ -98,9 +90,7 @@ def load_federation_config(path: Path | None, overrides: list[str], sites: list[
         ("sites", len(fed.sites) >= 2, f"need at least 2 site folders (--site DIR, repeatable), got {len(fed.sites)}"),
         ("sites", fed.superlink is None or len(set(fed.sites)) == len(fed.sites), "site names must be distinct"),
     ]
-    for key, ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"{label}{key}: {msg}")
+    check_ranges(checks, label)
     if fed.swa_start is None:
         fed.swa_start = max(1, int(round(0.75 * fed.rounds)))
     return fed

@@ -260,7 +260,7 @@ def predict_folder(
     model, cfg, meta = load_checkpoint(checkpoint, dev)
     model2 = cfg2 = meta2 = None
     if stage2 is not None:
-        from ..nets.implant_checkpoint import load_implant_checkpoint
+        from ..nets.checkpoint import load_implant_checkpoint
 
         model2, cfg2, meta2 = load_implant_checkpoint(stage2, dev)
     summary: list[dict[str, Any]] = []

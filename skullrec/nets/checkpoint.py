@@ -22,6 +22,7 @@ import hashlib
 import io as _io
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,11 +30,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..config import Config, config_from_dict, upgrade_stored
+from ..config import Config, Stage2Config, config_from_dict, stage2_config_from_dict, upgrade_stored
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_bytes, json_default
 
 FORMAT = "skullrec-checkpoint/1"
+IMPLANT_FORMAT = "skullrec-implant-checkpoint/1"  # stage 2 (skullrec train-implant)
 STATE_FORMAT = "skullrec-training-state/1"
 
 
@@ -58,15 +60,15 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, **meta: Any) -> Path:
-    """Write ``model``'s weights with ``cfg``, its architecture and JSON-able ``meta`` to ``path`` atomically."""
+def _write_safetensors(path: str | Path, model: torch.nn.Module, fmt: str, config: dict[str, Any], arch: str, meta: dict[str, Any]) -> Path:
+    """Weights + format tag + config + architecture + meta + checksum as safetensors, written atomically."""
     path = Path(path)
     # clone(): safetensors refuses tensors that share storage, and a copy on the CPU is needed anyway.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     metadata = {
-        "format": FORMAT,
-        "config": json.dumps(cfg.to_dict()),
-        "architecture": architecture(cfg),
+        "format": fmt,
+        "config": json.dumps(config),
+        "architecture": arch,
         "meta": json.dumps(meta, default=json_default),
         "sha256": _digest(tensors),
     }
@@ -74,14 +76,16 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, **met
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, str, dict[str, Any]]:
-    """Read and verify a checkpoint file without building a model: (tensors, cfg, architecture, meta)."""
-    path = Path(path)
+def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any]) -> tuple[dict[str, torch.Tensor], Any, str, dict[str, Any]]:
+    """(tensors, config, architecture, meta) of a checkpoint file of format ``fmt``, verified; InputError otherwise.
+
+    ``parse`` turns the stored config mapping into the typed config (a ConfigError becomes an InputError).
+    """
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     payload = path.read_bytes()
     if len(payload) < 8:
-        raise InputError(f"{path}: not a skullrec checkpoint (file is {len(payload)} bytes; truncated?)")
+        raise InputError(f"{path}: not a {kind} checkpoint (file is {len(payload)} bytes; truncated?)")
     try:
         tensors = st_load(payload)
         header_len = int.from_bytes(payload[:8], "little")
@@ -89,18 +93,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, 
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
-    if metadata.get("format") != FORMAT:
-        raise InputError(f"{path}: not a skullrec checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    if metadata.get("format") != fmt:
+        raise InputError(f"{path}: not a {kind} checkpoint (format {metadata.get('format')!r}, expected {fmt!r})")
     if metadata.get("sha256") != _digest(tensors):
         raise InputError(f"{path}: corrupt checkpoint (tensor data do not match their checksum)")
     try:
-        cfg = config_from_dict(upgrade_stored(json.loads(metadata["config"])))
+        cfg = parse(json.loads(metadata["config"]))
         meta = json.loads(metadata.get("meta") or "{}")
     except (KeyError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: checkpoint metadata unreadable ({type(exc).__name__}: {exc})") from None
     except ConfigError as exc:
         raise InputError(f"{path}: checkpoint config invalid for this skullrec version ({exc})") from None
-    return tensors, cfg, _upgrade_architecture(str(metadata.get("architecture", ""))), meta
+    return tensors, cfg, str(metadata.get("architecture", "")), meta
 
 
 def _upgrade_architecture(arch: str) -> str:
@@ -113,6 +117,28 @@ def _upgrade_architecture(arch: str) -> str:
         desc["out_channels"] = 1
         return json.dumps(desc, sort_keys=True)
     return arch
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, **meta: Any) -> Path:
+    """Write ``model``'s weights with ``cfg``, its architecture and JSON-able ``meta`` to ``path`` atomically."""
+    return _write_safetensors(path, model, FORMAT, cfg.to_dict(), architecture(cfg), meta)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, str, dict[str, Any]]:
+    """Read and verify a checkpoint file without building a model: (tensors, cfg, architecture, meta)."""
+    # Stored configs and descriptors written before model.loss / out_channels existed are the sigmoid head.
+    tensors, cfg, arch, meta = _read_safetensors(Path(path), FORMAT, "skullrec", lambda v: config_from_dict(upgrade_stored(v)))
+    return tensors, cfg, _upgrade_architecture(arch), meta
+
+
+def _load_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], arch: str) -> torch.nn.Module:
+    """``model`` with ``tensors`` loaded strictly; a mismatch is a one-line InputError naming the architecture."""
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise InputError(f"{path}: weights do not fit architecture '{arch}' ({first})") from None
+    return model
 
 
 def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -144,12 +170,7 @@ def load_checkpoint(
     if expect_architecture is not None and arch != expect_architecture:
         raise InputError(f"{path}: checkpoint architecture '{arch}' is not the expected '{expect_architecture}'")
     check_finite(path, tensors)
-    model = build_model(cfg.model)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise InputError(f"{path}: weights do not fit architecture '{arch}' ({first})") from None
+    model = _load_weights(path, build_model(cfg.model), tensors, arch)
     model.to(device).eval()
     return model, cfg, meta
 
@@ -196,3 +217,29 @@ __all__ = [
     "save_training_state",
     "load_training_state",
 ]
+
+
+# ------------------------------------------------------------------------------------------- stage 2
+
+def _implant_architecture(cfg: Stage2Config) -> str:
+    from .implant_net import architecture as net_architecture
+
+    return json.dumps(net_architecture(cfg.net), sort_keys=True)
+
+
+def save_implant_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Stage2Config, **meta: Any) -> Path:
+    """Stage-2 weights + config + architecture + checksum as safetensors, written atomically."""
+    return _write_safetensors(path, model, IMPLANT_FORMAT, cfg.to_dict(), _implant_architecture(cfg), meta)
+
+
+def load_implant_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Stage2Config, dict[str, Any]]:
+    """(model in eval mode, cfg, meta) from a stage-2 checkpoint; one-line InputError for anything wrong."""
+    from .implant_net import build_implant_net
+
+    path = Path(path)
+    tensors, cfg, arch, meta = _read_safetensors(path, IMPLANT_FORMAT, "stage-2 (implant)", stage2_config_from_dict)
+    if arch != _implant_architecture(cfg):
+        raise InputError(f"{path}: checkpoint architecture differs from the one this skullrec builds for its config")
+    check_finite(path, tensors)
+    model = _load_weights(path, build_implant_net(cfg.net), tensors, arch)
+    return model.to(device).eval(), cfg, meta

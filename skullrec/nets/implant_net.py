@@ -10,27 +10,14 @@ recipe that must train on 2 cores. Normalisation is instance norm (batch size 1-
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from monai.networks.nets import UNet
 
+from ..config import ImplantNetConfig
+
 IN_CHANNELS = 2  # defective skull crop, stage-1 reconstruction crop (the prior)
-
-
-@dataclass
-class ImplantNetConfig:
-    """Stage-2 network and its box (all validated by skullrec.training.stage2.validate_stage2)."""
-
-    grid: int = 128  # the box is resampled to grid^3 voxels for the network
-    box_mm: float = 128.0  # edge of the cubic box around the defect, in mm
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
-    num_res_units: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def architecture(cfg: ImplantNetConfig) -> dict[str, Any]:

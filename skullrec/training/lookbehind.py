@@ -44,32 +44,21 @@ from typing import Any
 
 import torch
 
+from .sam import WrappedOptimizer
 
-class Lookbehind(torch.optim.Optimizer):
+
+class Lookbehind(WrappedOptimizer):
     """Lookbehind-SAM around ``base_optimizer_cls(self.param_groups, **base_kwargs)``."""
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        base_optimizer_cls: type[torch.optim.Optimizer],
-        rho: float = 0.05,
-        k: int = 2,
-        alpha: float | str = 0.5,
-        **base_kwargs: Any,
-    ) -> None:
-        if rho <= 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
+    def __init__(self, params: Iterable[Any], base_optimizer_cls: type[torch.optim.Optimizer], rho: float = 0.05,
+                 k: int = 2, alpha: float | str = 0.5, **base_kwargs: Any) -> None:
         if int(k) != k or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k}")
         if alpha != "adaptive" and not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
             raise ValueError(f"alpha must be in (0, 1] or 'adaptive', got {alpha!r}")
-        super().__init__(params, dict(rho=rho, **base_kwargs))
+        super().__init__(params, base_optimizer_cls, rho, {}, **base_kwargs)
         self.k = int(k)
         self.alpha = alpha
-        # The base optimizer shares our param groups (one set for schedulers and state_dict).
-        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -121,14 +110,6 @@ class Lookbehind(torch.optim.Optimizer):
                 alpha = _adaptive_alpha(s, first[j], f) if first is not None else float(self.alpha)
                 p.copy_(s + alpha * (f - s))
         return loss
-
-    # Like SAM: nothing of the wrapper's own lives between steps, the base optimizer holds Adam's moments.
-    def state_dict(self) -> dict[str, Any]:
-        return self.base_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
 
 
 def _adaptive_alpha(slow: torch.Tensor, first: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:

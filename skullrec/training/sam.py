@@ -27,7 +27,32 @@ from typing import Any
 import torch
 
 
-class SAM(torch.optim.Optimizer):
+class WrappedOptimizer(torch.optim.Optimizer):
+    """An optimizer that steps ``base_optimizer_cls(self.param_groups, **base_kwargs)`` at perturbed weights.
+
+    The base optimizer holds the state worth saving (e.g. Adam's moments); the wrapper's own state is
+    empty between steps, so checkpoints store and restore the base optimizer's state dict.
+    """
+
+    def __init__(self, params: Iterable[Any], base_optimizer_cls: type[torch.optim.Optimizer], rho: float,
+                 defaults: dict[str, Any], **base_kwargs: Any) -> None:
+        if rho <= 0:
+            raise ValueError(f"rho must be > 0, got {rho}")
+        super().__init__(params, dict(defaults, rho=rho, **base_kwargs))
+        # The base optimizer shares our param groups, so learning-rate schedulers and state_dict see one set.
+        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+
+
+class SAM(WrappedOptimizer):
     """Sharpness-aware minimisation around ``base_optimizer_cls(self.param_groups, **base_kwargs)``."""
 
     def __init__(
@@ -39,15 +64,9 @@ class SAM(torch.optim.Optimizer):
         eta: float = 0.01,
         **base_kwargs: Any,
     ) -> None:
-        if rho <= 0:
-            raise ValueError(f"rho must be > 0, got {rho}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
-        # The base optimizer shares our param groups, so learning-rate schedulers and state_dict see one set.
-        self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        super().__init__(params, base_optimizer_cls, rho, dict(adaptive=adaptive, eta=eta), **base_kwargs)
 
     @staticmethod
     def _scale(p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor | float:
@@ -105,14 +124,6 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
-    # The base optimizer holds the state worth saving (e.g. Adam's moments); SAM's own state (old_p) is
-    # empty between steps. So checkpoints store and restore the base optimizer's state dict.
-    def state_dict(self) -> dict[str, Any]:
-        return self.base_optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
-        self.param_groups = self.base_optimizer.param_groups
 
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "WrappedOptimizer"]

@@ -7,7 +7,7 @@ Dice, seconds), ``ckpt_epochNNN.safetensors`` at ``train.checkpoint_epochs``, ``
 ``torch.load(weights_only=True)``), and the lock file; an existing run folder is refused without
 ``--overwrite``, and ``--resume RUN`` continues from the last finished epoch. Shuffles come from
 ``torch.Generator``s seeded by (seed, epoch), so a resumed run equals an uninterrupted one.
-Checkpoints: :mod:`skullrec.nets.implant_checkpoint` (safetensors + config + architecture + checksum;
+Checkpoints: :mod:`skullrec.nets.checkpoint` (``save_implant_checkpoint`` / ``load_implant_checkpoint``) (safetensors + config + architecture + checksum;
 loading never unpickles).
 """
 
@@ -23,11 +23,8 @@ import yaml
 
 from ..errors import InputError
 from ..io import atomic_write_text
-from ..nets.checkpoint import load_training_state, save_training_state
-from ..nets.implant_checkpoint import (
-    FORMAT, Stage2Config, Stage2TrainConfig, load_implant_checkpoint, load_stage2_config, save_implant_checkpoint,
-    stage2_config_from_dict, validate_stage2,
-)
+from ..config import Stage2Config, load_stage2_config
+from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state
 from ..nets.implant_net import build_implant_net
 from ..utils import derive_seed
 from .run_dir import CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, lock_run_dir, read_metrics, write_metrics
@@ -106,7 +103,3 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
             break
     del _lock
     return record
-
-
-__all__ = ["FORMAT", "Stage2Config", "Stage2TrainConfig", "load_implant_checkpoint", "load_stage2_config",
-           "save_implant_checkpoint", "stage2_config_from_dict", "train_implant", "validate_stage2"]

@@ -20,7 +20,9 @@ from skullrec.errors import InputError
 from skullrec.io import read_volume, write_nifti
 from skullrec.nets.autoencoder import build_model
 from skullrec.nets.checkpoint import save_checkpoint
-from skullrec.training.stage2 import load_implant_checkpoint, stage2_config_from_dict, train_implant
+from skullrec.config import stage2_config_from_dict
+from skullrec.nets.checkpoint import load_implant_checkpoint
+from skullrec.training.stage2 import train_implant
 
 GRID, BOX_MM = 16, 64.0
 
