@@ -120,18 +120,9 @@ def check_unbiased(cfg: FamConfig, world_size: int = 1) -> None:
         )
 
 
-def grad_ratio(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    reg: FamRegularizer,
-    generator: torch.Generator | None = None,
-    *,
-    lam: float = 1.0,
-    loss_scale: float = 1.0,
-    penalty_scale: float = 1.0,
-) -> dict[str, float]:
+def grad_ratio(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], reg: FamRegularizer,
+               generator: torch.Generator | None = None, *, lam: float = 1.0, loss_scale: float = 1.0,
+               penalty_scale: float = 1.0) -> dict[str, float]:
     """||grad(lam * penalty_scale * penalty)|| / ||grad(loss_scale * loss)|| on one batch, over all parameters and per layer.
 
     Keys: ``all`` (every parameter of the model) and each regularised layer's name (its weight only).

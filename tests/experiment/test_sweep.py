@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, seed_of_this_test
 from scipy import stats
 
 from skullrec.config import ExperimentConfig, MethodSpec, load_experiment
@@ -186,7 +185,7 @@ def test_reference_predictors_against_a_direct_numpy_computation(tmp_path):
     from skullrec.experiment.references import mean_shape
     from skullrec.experiment.sweep import ExperimentConfig, evaluate_references
 
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    rng = np.random.default_rng(seed_of_this_test())
     data = tmp_path / "data"
     for split, k in (("train", 5), ("eval_set1", 3)):
         for i in range(k):

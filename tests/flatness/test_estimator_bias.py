@@ -18,7 +18,6 @@ The target of the penalty is N(w) * T(Tr H) with Tr H the exact trace of the *wh
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from skullrec.errors import ConfigError
 from skullrec.flatness.hessian import layer_hessian, rademacher
 from skullrec.flatness.regularizer import FamRegularizer, check_unbiased
 from skullrec.nets.autoencoder import build_model, loss_function
+from conftest import seed_of_this_test
 
 torch.set_num_threads(1)
 # decodeL 32 x 2 (64 weights): the dense Hessian is cheap; the real layer types and loss.
@@ -37,7 +37,7 @@ SMALL = ModelConfig(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], laten
 
 
 def _fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little") % 2**31
+    return seed_of_this_test()
 
 
 def _setup(cfg: ModelConfig, batch: int, seed: int, loss: str = "sigmoid_dice"):

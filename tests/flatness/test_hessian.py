@@ -1,16 +1,12 @@
 """Relative flatness: every estimator checked against an independent dense-Hessian computation.
 
-Verification tests use float64, tiny networks and random inputs. The seed of each test is derived from its
-name and SKULLREC_TEST_SEED (default 0), so CI is reproducible: the statistical (3-standard-error) checks
-cannot flake there. ``SKULLREC_TEST_SEED=random`` draws a fresh seed per test from os.urandom to explore
-other inputs; every failure message prints the seed so it can be replayed.
+Verification tests use float64, tiny networks and random inputs seeded by conftest.seed_of_this_test
+(reproducible in CI; ``SKULLREC_TEST_SEED=random`` explores fresh seeds; failure messages print the seed).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import zlib
 
 import numpy as np
 import pytest
@@ -38,19 +34,11 @@ from skullrec.flatness.hessian import (
 )
 from skullrec.flatness.regularizer import FamRegularizer
 from skullrec.nets.autoencoder import build_model, loss_function
+from conftest import seed_of_this_test
 
 torch.set_num_threads(1)
 DT = torch.float64
 SMALL = ModelConfig(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
-
-
-def seed_of_this_test() -> int:
-    """This test's seed: from its name and SKULLREC_TEST_SEED, or fresh from os.urandom when that is 'random'."""
-    base = os.environ.get("SKULLREC_TEST_SEED", "0")
-    if base == "random":
-        return int.from_bytes(os.urandom(4), "little")
-    name = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-    return (int(base) + zlib.crc32(name.encode())) % 2**32
 
 
 def fresh() -> tuple[torch.Generator, int]:

@@ -26,6 +26,7 @@ from skullrec.flatness.hessian import rademacher
 from skullrec.flatness.regularizer import FamRegularizer
 from skullrec.io import Volume
 from skullrec.nets.autoencoder import bone_logit, build_model, loss_function
+from conftest import seed_of_this_test
 
 SMALL = dict(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +50,7 @@ def _numpy_sigmoid_dice(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def test_losses_match_a_direct_numpy_computation():
-    seed = int.from_bytes(__import__("os").urandom(4), "little")
+    seed = seed_of_this_test()
     g = torch.Generator().manual_seed(seed)
     y = (torch.rand(3, 1, 6, 6, 6, generator=g) > 0.5).double()
     two = 2 * torch.randn(3, 2, 6, 6, 6, generator=g, dtype=torch.float64)
@@ -145,7 +146,7 @@ def _softmax_setup(seed: int):
 
 def test_fast_estimators_with_softmax_dice_match_autograd():
     torch.set_num_threads(1)
-    seed = int.from_bytes(__import__("os").urandom(4), "little") % 2**31
+    seed = seed_of_this_test()
     model, x, y, gen = _softmax_setup(seed)
     loss_fn = loss_function("softmax_dice")
     probes = rademacher(1, model.decodeL.weight, gen)
