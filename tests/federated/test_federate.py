@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("flwr")
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, shell_pair  # noqa: E402
 from skullrec.cli import app  # noqa: E402
 from skullrec.data.cache import load_training_data  # noqa: E402
 from skullrec.data.layout import write_case  # noqa: E402
@@ -37,24 +37,13 @@ TRAIN_SET = [
 SITES = {"alpha": 3, "beta": 5}  # training cases per site: FedAvg weights 3/8 and 5/8
 
 
-def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    g = np.indices((n, n, n), dtype=np.float64)
-    c = (n - 1) / 2 + rng.uniform(-1.5, 1.5, 3)
-    r = n * rng.uniform(0.36, 0.44)
-    d = np.sqrt(((g - c[:, None, None, None]) ** 2).sum(0))
-    complete = (d < r) & (d > r - 2.0)
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    return complete, complete & (np.tensordot(axis, g - c[:, None, None, None], axes=1) < 0.6 * r)
-
-
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sites")
     rng = np.random.default_rng(0)
     for name, n in SITES.items():
         for i in range(n):
-            complete, defective = _shell(16, rng)
+            complete, defective = shell_pair(16, rng)
             write_case(root / name, "train", f"{i:03d}", complete, defective, np.diag([1.5, 1.5, 1.5, 1.0]))
     return {name: root / name for name in SITES}
 

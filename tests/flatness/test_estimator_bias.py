@@ -17,6 +17,7 @@ The target of the penalty is N(w) * T(Tr H) with Tr H the exact trace of the *wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -28,7 +29,7 @@ from skullrec.errors import ConfigError
 from skullrec.flatness.hessian import layer_hessian, rademacher
 from skullrec.flatness.regularizer import FamRegularizer, check_unbiased
 from skullrec.nets.autoencoder import build_model, loss_function
-from conftest import seed_of_this_test
+from conftest import perturbed_model_and_batch, seed_of_this_test
 
 torch.set_num_threads(1)
 # decodeL 32 x 2 (64 weights): the dense Hessian is cheap; the real layer types and loss.
@@ -41,15 +42,7 @@ def _fresh_seed() -> int:
 
 
 def _setup(cfg: ModelConfig, batch: int, seed: int, loss: str = "sigmoid_dice"):
-    gen = torch.Generator().manual_seed(seed)
-    model = build_model(ModelConfig(**{**cfg.__dict__, "loss": loss}), seed=seed).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    s = cfg.size
-    x = (torch.rand(batch, 1, s, s, s, generator=gen) > 0.6).double()
-    y = ((torch.rand(batch, 1, s, s, s, generator=gen) > 0.6) | (x > 0)).double()
-    return model, x, y, gen
+    return perturbed_model_and_batch(dataclasses.replace(cfg, loss=loss), batch, seed)
 
 
 def _exact(model, x, y, loss_fn) -> tuple[float, float]:

@@ -22,7 +22,8 @@ from skullrec.config import FamConfig, ModelConfig
 from skullrec.flatness import fast as ff
 from skullrec.flatness.hessian import exact_trace, fam_term, rademacher
 from skullrec.flatness.regularizer import FamRegularizer
-from skullrec.nets.autoencoder import build_model, loss_function
+from skullrec.nets.autoencoder import loss_function
+from conftest import perturbed_model_and_batch
 
 torch.set_num_threads(1)
 
@@ -30,19 +31,6 @@ torch.set_num_threads(1)
 SMALL = ModelConfig(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
 # For the dense Hessian: decodeL 32 x 2 (64 weights).
 TINY = ModelConfig(size=16, channels=[4, 4, 4], strides=[2, 2, 2], latent_size=2)
-
-
-def _setup(cfg: ModelConfig, batch: int, seed: int):
-    """A float64 model moved off its initialisation (generic PReLU slopes and weights) and a batch."""
-    gen = torch.Generator().manual_seed(seed)
-    model = build_model(cfg, seed=seed).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    s = cfg.size
-    x = (torch.rand(batch, 1, s, s, s, generator=gen) > 0.6).double()
-    y = ((torch.rand(batch, 1, s, s, s, generator=gen) > 0.6) | (x > 0)).double()
-    return model, x, y, gen
 
 
 def _flat(grads):
@@ -73,7 +61,7 @@ def _fd(model, x, y, probes, idx=None, eps=ff.FD_EPS):
 
 
 def test_outspace_is_exact():
-    model, x, y, gen = _setup(SMALL, 2, seed=int(torch.randint(0, 2**31, ()).item()))
+    model, x, y, gen = perturbed_model_and_batch(SMALL, 2, seed=int(torch.randint(0, 2**31, ()).item()))
     probes = rademacher(2, model.decodeL.weight, gen)
     q_ref, g_ref = _autograd(model, x, y, probes)
     latent = model.encode(x)
@@ -88,7 +76,7 @@ def test_outspace_is_exact():
 
 def test_fd_value_and_gradient_match_autograd_with_eps_squared_bias():
     seed = int(torch.randint(0, 2**31, ()).item())
-    model, x, y, gen = _setup(SMALL, 2, seed)
+    model, x, y, gen = perturbed_model_and_batch(SMALL, 2, seed)
     probes = rademacher(1, model.decodeL.weight, gen)
     q_ref, g_ref = _autograd(model, x, y, probes)
     q, g = _fd(model, x, y, probes)
@@ -105,7 +93,7 @@ def test_fd_value_and_gradient_match_autograd_with_eps_squared_bias():
 
 def test_fd_needs_frozen_kinks():
     """Without the frozen activation pattern the second difference sees the kinks (why they are frozen)."""
-    model, x, y, gen = _setup(SMALL, 2, seed=3)
+    model, x, y, gen = perturbed_model_and_batch(SMALL, 2, seed=3)
     probes = rademacher(1, model.decodeL.weight, gen)
     q_ref, _ = _autograd(model, x, y, probes)
     with torch.no_grad():
@@ -122,7 +110,7 @@ def test_fd_needs_frozen_kinks():
 
 def test_fd_half_is_unbiased_over_subsets():
     seed = int(torch.randint(0, 2**31, ()).item())
-    model, x, y, gen = _setup(SMALL, 2, seed)
+    model, x, y, gen = perturbed_model_and_batch(SMALL, 2, seed)
     probes = rademacher(1, model.decodeL.weight, gen)
     q_all, g_all = _fd(model, x, y, probes)
     halves = [_fd(model, x, y, probes, idx=torch.tensor([i])) for i in range(2)]
@@ -140,7 +128,7 @@ def test_fd_half_is_unbiased_over_subsets():
 
 def test_fd_half_hutchinson_mean_equals_exact_trace():
     seed = int(torch.randint(0, 2**31, ()).item())
-    model, x, y, gen = _setup(TINY, 4, seed)
+    model, x, y, gen = perturbed_model_and_batch(TINY, 4, seed)
     loss = loss_function()(model(x), y)
     exact = float(exact_trace(loss, model.decodeL.weight))
     reg = FamRegularizer(FamConfig(lam=1.0, estimator="fd-half", trace="signed"), model)
@@ -154,7 +142,7 @@ def test_fd_half_hutchinson_mean_equals_exact_trace():
 
 
 def test_regularizer_wiring_full_detached_and_taps():
-    model, x, y, gen = _setup(SMALL, 2, seed=11)
+    model, x, y, gen = perturbed_model_and_batch(SMALL, 2, seed=11)
     loss_fn = loss_function()
     w = model.decodeL.weight
     calls = []
@@ -179,7 +167,7 @@ def test_regularizer_wiring_full_detached_and_taps():
 
 
 def test_first_call_without_taps_recomputes_the_same_value():
-    model, x, y, _ = _setup(SMALL, 2, seed=12)
+    model, x, y, _ = perturbed_model_and_batch(SMALL, 2, seed=12)
     loss_fn = loss_function()
     reg = FamRegularizer(FamConfig(lam=1.0, estimator="fd", trace="signed"), model)
     ff.detach_taps(model)  # as if the forward pass ran before the regulariser existed
@@ -192,7 +180,7 @@ def test_first_call_without_taps_recomputes_the_same_value():
 
 def test_fast_estimators_fall_back_to_autograd_where_they_do_not_apply():
     """Other layers than exactly decodeL: the regulariser is plain autograd's (with a warning)."""
-    model, x, y, _ = _setup(SMALL, 2, seed=0)
+    model, x, y, _ = perturbed_model_and_batch(SMALL, 2, seed=0)
     loss_fn = loss_function()
     values = []
     ff._WARNED.clear()
@@ -206,7 +194,7 @@ def test_fast_estimators_fall_back_to_autograd_where_they_do_not_apply():
 
 def test_bf16_autocast_autograd_close_fd_falls_back():
     """CPU bf16 autocast: the autograd double backward stays close to float32; fd falls back to autograd."""
-    model, x, y, _ = _setup(SMALL, 2, seed=3)
+    model, x, y, _ = perturbed_model_and_batch(SMALL, 2, seed=3)
     model, x, y = model.float(), x.float(), y.float()
     loss_fn = loss_function()
 

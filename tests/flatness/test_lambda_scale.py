@@ -23,11 +23,11 @@ from monai.losses import DiceLoss
 
 from skullrec.config import FamConfig, ModelConfig, config_from_dict
 from skullrec.errors import ConfigError
-from skullrec.data.layout import write_case
 from skullrec.flatness.hessian import rademacher
 from skullrec.flatness.measure import lambda_scale
 from skullrec.flatness.regularizer import FamRegularizer, grad_ratio
 from skullrec.nets.autoencoder import build_model, loss_function
+from conftest import write_shell_dataset
 
 torch.set_num_threads(1)
 SMALL = dict(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
@@ -112,26 +112,10 @@ def test_fam_authors_step_is_the_authors_objective():
         torch.testing.assert_close(p_new.detach(), p_old.detach() - gr, rtol=1e-4, atol=1e-6)
 
 
-def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    g = np.indices((n, n, n), dtype=np.float64)
-    c = (n - 1) / 2 + rng.uniform(-1.5, 1.5, 3)
-    r = n * rng.uniform(0.36, 0.44)
-    d = np.sqrt(((g - c[:, None, None, None]) ** 2).sum(0))
-    complete = (d < r) & (d > r - 2.0)
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    return complete, complete & (np.tensordot(axis, g - c[:, None, None, None], axes=1) < 0.6 * r)
-
-
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("lam_data")
-    rng = np.random.default_rng(0)
-    for split, k in (("train", 8), ("eval_set1", 2), ("eval_set2", 2)):
-        for i in range(k):
-            complete, defective = _shell(16, rng)
-            write_case(root, split, f"{i:03d}", complete, defective, np.diag([1.5, 1.5, 1.5, 1.0]))
-    return root
+    return write_shell_dataset(root)
 
 
 @pytest.mark.parametrize("method", ["fam", "fam_authors", "baseline"])

@@ -26,7 +26,7 @@ from skullrec.flatness.hessian import rademacher
 from skullrec.flatness.regularizer import FamRegularizer
 from skullrec.io import Volume
 from skullrec.nets.autoencoder import bone_logit, build_model, loss_function
-from conftest import seed_of_this_test
+from conftest import seed_of_this_test, shell_pair
 
 SMALL = dict(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
 REPO = Path(__file__).resolve().parents[2]
@@ -184,18 +184,6 @@ def test_softmax_fd_shards_average_to_the_combined_batch():
     assert float((shards - combined).norm() / combined.norm()) <= 1e-9
 
 
-def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    g = np.indices((n, n, n), dtype=np.float64)
-    c = (n - 1) / 2 + rng.uniform(-1.5, 1.5, 3)
-    r = n * rng.uniform(0.36, 0.44)
-    d = np.sqrt(((g - c[:, None, None, None]) ** 2).sum(0))
-    complete = (d < r) & (d > r - 2.0)
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    defective = complete & (np.tensordot(axis, g - c[:, None, None, None], axes=1) < 0.6 * r)
-    return complete, defective
-
-
 def test_softmax_training_predict_and_flatness(tmp_path, capsys):
     """A real (tiny) FAM run with softmax_dice: trains, its checkpoint predicts and is measured."""
     from skullrec.cli import flatness_command, train_command
@@ -205,7 +193,7 @@ def test_softmax_training_predict_and_flatness(tmp_path, capsys):
     root = tmp_path / "data"
     for split, k in (("train", 8), ("eval_set1", 2), ("eval_set2", 2)):
         for i in range(k):
-            complete, defective = _shell(16, rng)
+            complete, defective = shell_pair(16, rng)
             write_case(root, split, f"{i:03d}", complete, defective, np.diag([1.5, 1.5, 1.5, 1.0]))
     run = tmp_path / "run"
     sets = [f"data.root={root}", "model.size=16", "model.channels=[8, 16, 8]", "model.strides=[2, 2, 2]",
@@ -219,7 +207,7 @@ def test_softmax_training_predict_and_flatness(tmp_path, capsys):
     assert records[-1]["dice_loss"] < records[0]["dice_loss"]
     model, cfg, _ = ckpt.load_checkpoint(run / "last.safetensors")
     assert cfg.model.loss == "softmax_dice" and model.out_channels == 2
-    complete, defective = _shell(16, np.random.default_rng(5))
+    complete, defective = shell_pair(16, np.random.default_rng(5))
     vol = Volume(defective.astype(np.uint8), np.diag([1.5, 1.5, 1.5, 1.0]))
     rec = reconstruct(model, [vol], batch_size=1)[0]
     # predict's probability is softmax's bone channel on the prepared grid.

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from skullrec.training.lookbehind import Lookbehind
+from conftest import linear_model
 
 torch.set_num_threads(1)
 
@@ -66,14 +67,6 @@ def _lookbehind_by_hand(x, t, W, b, rho, k, alpha, adam):
     return [s + a * (f - s) for s, f, a in zip(phi, fast, alphas)]
 
 
-def _model(W, b) -> nn.Linear:
-    m = nn.Linear(3, 2).double()
-    with torch.no_grad():
-        m.weight.copy_(torch.from_numpy(W))
-        m.bias.copy_(torch.from_numpy(b))
-    return m
-
-
 def _closure(m, opt, x, t):
     def closure():
         opt.zero_grad()
@@ -87,7 +80,7 @@ def _closure(m, opt, x, t):
 def test_two_steps_match_hand_computation_with_adam(k, alpha):
     x, t, W, b = _problem(1)
     rho, lr = 0.3, 0.05  # large enough that every term (ascent, Adam, interpolation) moves the weights visibly
-    m = _model(W, b)
+    m = linear_model(W, b)
     opt = Lookbehind(m.parameters(), torch.optim.Adam, rho=rho, k=k, alpha=alpha, lr=lr)
     adam = _AdamByHand(lr)
     w = [W, b]
@@ -106,7 +99,7 @@ def test_k1_alpha1_is_sam():
     from skullrec.training.sam import SAM
 
     x, t, W, b = _problem(2)
-    m1, m2 = _model(W, b), _model(W, b)
+    m1, m2 = linear_model(W, b), linear_model(W, b)
     lb = Lookbehind(m1.parameters(), torch.optim.SGD, rho=0.1, k=1, alpha=1.0, lr=0.1)
     sam = SAM(m2.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     c1 = _closure(m1, lb, x, t)
@@ -121,7 +114,7 @@ def test_k1_alpha1_is_sam():
 
 def test_state_dict_is_the_base_optimizers():
     x, t, W, b = _problem(3)
-    m = _model(W, b)
+    m = linear_model(W, b)
     opt = Lookbehind(m.parameters(), torch.optim.Adam, lr=0.01)
     c = _closure(m, opt, x, t)
     c()

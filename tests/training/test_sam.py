@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from skullrec.training.sam import SAM
+from conftest import linear_model
 
 torch.set_num_threads(1)
 
@@ -30,14 +31,6 @@ def _grads_by_hand(x, t, W, b):
     return 2 / n * r.T @ x, 2 / n * r.sum(0)
 
 
-def _model(W, b) -> nn.Linear:
-    m = nn.Linear(3, 2).double()
-    with torch.no_grad():
-        m.weight.copy_(torch.from_numpy(W))
-        m.bias.copy_(torch.from_numpy(b))
-    return m
-
-
 def _loss(m, x, t):
     return ((m(torch.from_numpy(x)) - torch.from_numpy(t)) ** 2).mean()
 
@@ -46,7 +39,7 @@ def _loss(m, x, t):
 def test_first_step_perturbation_matches_hand_computation(adaptive):
     x, t, W, b = _problem(0)
     rho, eta, lr = 0.07, 0.01, 0.1
-    m = _model(W, b)
+    m = linear_model(W, b)
     opt = SAM(m.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive, eta=eta, lr=lr)
     _loss(m, x, t).backward()
     opt.first_step(zero_grad=True)
@@ -76,7 +69,7 @@ def test_asam_perturbation_is_relative_to_weight_size():
     out = {}
     for adaptive in (False, True):
         for c in (1.0, 4.0):
-            m = _model(W * c, b * c)
+            m = linear_model(W * c, b * c)
             opt = SAM(m.parameters(), torch.optim.SGD, rho=0.05, adaptive=adaptive, eta=0.0, lr=0.1)
             with torch.no_grad():
                 m.weight.grad = torch.from_numpy(_grads_by_hand(x, t, W, b)[0] / c)
@@ -89,7 +82,7 @@ def test_asam_perturbation_is_relative_to_weight_size():
 
 def test_step_with_closure_equals_two_explicit_steps_and_state_round_trips():
     x, t, W, b = _problem(2)
-    a, c = _model(W, b), _model(W, b)
+    a, c = linear_model(W, b), linear_model(W, b)
     opt_a = SAM(a.parameters(), torch.optim.Adam, rho=0.05, lr=1e-2)
     opt_c = SAM(c.parameters(), torch.optim.Adam, rho=0.05, lr=1e-2)
     for _ in range(3):
@@ -106,7 +99,7 @@ def test_step_with_closure_equals_two_explicit_steps_and_state_round_trips():
     # The state dict carries Adam's moments; a restored optimizer continues identically.
     sd = copy.deepcopy(opt_a.state_dict())  # as if read back from a file: no tensors shared with opt_a
     assert any("exp_avg" in s for s in sd["state"].values())
-    d = _model(a.weight.detach().numpy(), a.bias.detach().numpy())
+    d = linear_model(a.weight.detach().numpy(), a.bias.detach().numpy())
     opt_d = SAM(d.parameters(), torch.optim.Adam, rho=0.05, lr=1e-2)
     opt_d.load_state_dict(sd)
     for m, opt in ((a, opt_a), (d, opt_d)):

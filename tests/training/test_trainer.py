@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, write_shell_dataset
 from monai.losses import DiceLoss
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -35,27 +35,10 @@ SMOKE = REPO / "configs" / "smoke.yaml"
 EPOCHS = 3  # 8 cases, batch 4: 2 steps per epoch
 
 
-def _shell(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    g = np.indices((n, n, n), dtype=np.float64)
-    c = (n - 1) / 2 + rng.uniform(-1.5, 1.5, 3)
-    r = n * rng.uniform(0.36, 0.44)
-    d = np.sqrt(((g - c[:, None, None, None]) ** 2).sum(0))
-    complete = (d < r) & (d > r - 2.0)
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    defective = complete & (np.tensordot(axis, g - c[:, None, None, None], axes=1) < 0.6 * r)
-    return complete, defective
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_data")
-    rng = np.random.default_rng(0)
-    for split, k in (("train", 8), ("eval_set1", 2), ("eval_set2", 2)):
-        for i in range(k):
-            complete, defective = _shell(16, rng)
-            write_case(root, split, f"{i:03d}", complete, defective, np.diag([1.5, 1.5, 1.5, 1.0]))
-    return root
+    return write_shell_dataset(root)
 
 
 def _overrides(data_root: Path, method: str = "fam", **extra: object) -> list[str]:
