@@ -112,7 +112,7 @@ def train_step(
             out.trace = term.trace.detach()
             out.norm_sq = term.norm_sq.detach()
     total.backward()
-    if sam and isinstance(optimizer, Lookbehind):  # Lookbehind-SAM: k accumulating ascents, then the slow-weight step
+    if sam:  # SAM / ASAM / Lookbehind-SAM: the wrapper's step re-evaluates the loss at its perturbed weights
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             with _amp_context(amp, device):
@@ -121,12 +121,6 @@ def train_step(
             return inner
 
         optimizer.step(closure)
-    elif sam:
-        optimizer.first_step()
-        optimizer.zero_grad(set_to_none=True)
-        with _amp_context(amp, device):
-            loss_fn(model(x).float(), y).backward()
-        optimizer.second_step()
     else:
         getattr(optimizer, "base_optimizer", optimizer).step()
     return out
