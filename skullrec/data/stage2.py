@@ -64,17 +64,18 @@ def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.nda
     centre = centre + shift_mm / np.asarray(complete.spacing)
     box = box_around(centre, complete.spacing, box_mm)
     x = np.stack([to_grid(crop(defective.astype(np.uint8), box), grid), to_grid(crop(stage1_complete.astype(np.uint8), box), grid)])
-    y = to_grid(crop(implant.astype(np.uint8), box), grid) > 0.5
-    inside = int(crop(implant.astype(np.uint8), box).sum())
+    implant_crop = crop(implant.astype(np.uint8), box)
+    y = to_grid(implant_crop, grid) > 0.5
+    inside = int(implant_crop.sum())
     return {"x": x.astype(np.float16), "y": y.astype(np.uint8), "box": box,
             "shift_mm": [round(float(s), 2) for s in shift_mm], "implant_voxels": int(implant.sum()), "implant_in_box": inside}
 
 
-def _defective(kind: str, cid: str, complete: Volume, defective_dir: Path | None, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _defective(kind: str, cid: str, complete: Volume, defective_dir: Path | None, files: dict[str, Path], seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The defective skull of case ``cid`` for ``kind``; ``files``: the listing of ``defective_dir`` (made once)."""
     if kind == "skullfix":
         if defective_dir is None:
             raise InputError("kind 'skullfix' needs the manifest's defective_folder")
-        files = list_volumes(defective_dir)
         if cid not in files:
             raise InputError(f"{defective_dir}: no defective skull for case {cid}")
         d = read_volume(files[cid])
@@ -103,18 +104,21 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
     if max_cases is not None:
         ids = ids[:max_cases]
     complete_files = list_volumes(complete_dir)
-    check_output_dir(out, overwrite)
+    defective_files = list_volumes(defective_dir) if defective_dir is not None and "skullfix" in kinds else {}
+    # Replacing out must never delete an input: the prepared set, its source folders or the stage-1 checkpoint.
+    inputs = (prepared, complete_dir, defective_dir, Path(stage1))
+    check_output_dir(out, overwrite, inputs)
     model, cfg, _ = load_checkpoint(stage1, "cpu")
     records: list[dict[str, Any]] = []
     total = len(ids) * len(kinds)
-    with staged_output(out, overwrite) as staging:
+    with staged_output(out, overwrite, inputs) as staging:
         for cid in ids:
             if cid not in complete_files:
                 raise InputError(f"{complete_dir}: no complete skull for training case {cid}")
             complete = read_volume(complete_files[cid])
             for kind in kinds:
-                dmask, extra = _defective(kind, cid, complete, defective_dir, seed)
-                dvol = Volume(dmask.astype(np.uint8), complete.affine, complete.header, complete.path)
+                dmask, extra = _defective(kind, cid, complete, defective_dir, defective_files, seed)
+                dvol = complete.like(dmask.astype(np.uint8))
                 rec = reconstruct(model, [dvol], batch_size=1, size=cfg.model.size)[0]
                 rng = np.random.default_rng(seed_sequence(seed, cid, kind, "box"))
                 s = make_sample(complete, dmask, rec.complete.data.astype(bool), box_mm, grid, rng, jitter_mm)

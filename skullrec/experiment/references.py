@@ -47,10 +47,14 @@ def mean_shape(train_complete: np.ndarray) -> tuple[np.ndarray, float]:
     return (mean > best_t).astype(np.uint8), best_t
 
 
-def reference_predictions(name: str, train_complete: np.ndarray, train_defective: np.ndarray, defective: np.ndarray) -> np.ndarray:
-    """Predicted complete skulls (N, ...) uint8 of reference ``name`` for the defective skulls ``defective``."""
+def reference_predictions(name: str, train_complete: np.ndarray, train_defective: np.ndarray, defective: np.ndarray,
+                          mean_mask: np.ndarray | None = None) -> np.ndarray:
+    """Predicted complete skulls (N, ...) uint8 of reference ``name`` for the defective skulls ``defective``.
+
+    ``mean_mask``: ``mean_shape(train_complete)[0]`` when the caller already has it (it does not depend on the inputs).
+    """
     if name == "mean_shape":
-        mask, _ = mean_shape(train_complete)
+        mask = mean_shape(train_complete)[0] if mean_mask is None else mean_mask
         return np.repeat(mask[None], len(defective), axis=0)
     if name == "input":
         return defective.astype(np.uint8).copy()

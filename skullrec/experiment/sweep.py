@@ -112,11 +112,9 @@ def train_sweep(
 
 def _pairwise_dsc(recon: np.ndarray) -> float:
     """Mean Dice between reconstructions of different cases (collapse check)."""
-    flat = recon.reshape(len(recon), -1).astype(np.float32)
-    inter = flat @ flat.T
-    sizes = flat.sum(1)
-    denom = sizes[:, None] + sizes[None, :]
-    dsc = np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0)
+    from .references import dice_matrix
+
+    dsc = dice_matrix(recon, recon)
     iu = np.triu_indices(len(recon), k=1)
     return float(dsc[iu].mean()) if len(iu[0]) else float("nan")
 
@@ -208,7 +206,7 @@ def evaluate_references(exp: ExperimentConfig, progress: Progress | None = None)
     has them beside the methods. The training skulls are the training split's first ``max_train_cases``.
     """
     from ..data.layout import load_split
-    from .references import reference_predictions
+    from .references import mean_shape, reference_predictions
 
     if not exp.references:
         return [], []
@@ -218,15 +216,17 @@ def evaluate_references(exp: ExperimentConfig, progress: Progress | None = None)
     collapse: list[dict] = []
     report = progress or (lambda done, total: None)
     total, finished = len(exp.references) * len(splits), 0
+    truth_pw = {name: _pairwise_dsc(split.complete) for name, split in splits.items()}
+    mean_mask = mean_shape(train.complete)[0] if "mean_shape" in exp.references else None  # split-independent
     for ref in exp.references:
         for split_name, split in splits.items():
-            recon = reference_predictions(ref, train.complete, train.defective, split.defective)
+            recon = reference_predictions(ref, train.complete, train.defective, split.defective, mean_mask=mean_mask)
             case_rows = score_reconstructions(recon, split, exp)
-            pw, truth_pw = _pairwise_dsc(recon), _pairwise_dsc(split.complete)
+            pw = _pairwise_dsc(recon)
             for epoch in exp.checkpoint_epochs:
                 rows += [{"method": f"ref:{ref}", "seed": 0, "epoch": epoch, "set": split_name, **r} for r in case_rows]
                 collapse.append({"method": f"ref:{ref}", "seed": 0, "epoch": epoch, "set": split_name,
-                                 "pairwise_dsc": pw, "truth_pairwise_dsc": truth_pw})
+                                 "pairwise_dsc": pw, "truth_pairwise_dsc": truth_pw[split_name]})
             finished += 1
             report(finished, total)
     return rows, collapse

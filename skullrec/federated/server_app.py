@@ -29,7 +29,6 @@ module adds what a skullrec run needs around it:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +41,10 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save as st_save
 
 from ..errors import InputError
-from ..io import atomic_write_bytes, atomic_write_text
-from ..nets.checkpoint import load_checkpoint, save_checkpoint
+from ..io import atomic_write_bytes
+from ..nets.checkpoint import save_checkpoint
+from ..training.run_dir import read_metrics as run_dir_metrics
+from ..training.run_dir import write_metrics
 
 STATE = "state.safetensors"
 METRICS = "metrics.jsonl"
@@ -84,17 +85,13 @@ def load_state_weights(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl (empty when absent)."""
-    path = Path(out) / METRICS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The round records of metrics.jsonl in file order (empty when absent; a torn line is skipped)."""
+    # run_dir.read_metrics sorts by "epoch"; round records have none, so the stable sort keeps file order.
+    return run_dir_metrics(Path(out) / METRICS)
 
 
 def _append_metrics(out: Path, record: dict[str, Any]) -> None:
-    # Rewritten whole and atomically (one short line per round): never a torn line.
-    records = read_metrics(out) + [record]
-    atomic_write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+    write_metrics(Path(out) / METRICS, read_metrics(out) + [record])
 
 
 def _site(msg: Any) -> str:

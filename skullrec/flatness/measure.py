@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import FamConfig
 from ..errors import InputError
 from ..utils import resolve_device
 from .hessian import MAX_EXACT_WEIGHTS, _grads, hessian_vector_products, neuronwise_from_hessian, neuronwise_quad_forms, rademacher

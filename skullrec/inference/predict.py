@@ -205,7 +205,6 @@ def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, m
     added = restore_to_grid(added64, prepared.affine, vol) > 0.5
     defective = vol.data.astype(bool)
     implant, removed = implant_from_reconstruction(complete, defective, added, vol.affine, min_island_mm3)
-    header = vol.header
     vox = voxel_volume_mm3(vol.affine)
     info = {
         "complete_voxels": int(complete.sum()),

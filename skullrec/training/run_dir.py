@@ -21,9 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import Config, config_from_dict, dump_config, load_stored_config, upgrade_stored
+from ..config import Config, dump_config, load_stored_config
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from ..nets.checkpoint import architecture, load_training_state
@@ -127,10 +125,10 @@ def settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overwr
         if not cfg_file.is_file():
             raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")
         try:
-            stored = yaml.safe_load(cfg_file.read_text()) or {}
-            old = config_from_dict(upgrade_stored(stored))
-        except (yaml.YAMLError, ConfigError) as exc:
-            raise InputError(f"{cfg_file}: unreadable run config ({str(exc).splitlines()[0]})") from None
+            old = load_stored_config(cfg_file)
+        except ConfigError as exc:
+            reason = str(exc).splitlines()[0].removeprefix(f"{cfg_file}: ")
+            raise InputError(f"{cfg_file}: unreadable run config ({reason})") from None
         diff = config_diff(old.to_dict(), cfg.to_dict())
         if diff:
             shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")

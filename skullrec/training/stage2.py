@@ -25,16 +25,15 @@ from ..errors import InputError
 from ..io import atomic_write_text
 from ..config import Stage2Config, load_stage2_config
 from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state
+from ..nets.autoencoder import loss_function
 from ..nets.implant_net import build_implant_net
 from ..utils import derive_seed
 from .run_dir import CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, lock_run_dir, read_metrics, write_metrics
 
 # ---------------------------------------------------------------------------------------------- training
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, bce_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from monai.losses import DiceLoss
-
-    dice = DiceLoss(sigmoid=True)(logits, y)
+def _loss(logits: torch.Tensor, y: torch.Tensor, bce_weight: float, dice_fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    dice = dice_fn(logits, y)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
     return dice + bce_weight * bce, dice
 
@@ -77,6 +76,7 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     n = len(xt)
     record: dict[str, Any] = records[-1] if records else {}
+    dice_fn = loss_function("sigmoid_dice")  # stage 2 has one output channel: the implant's logits
     for epoch in range(start, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "implant-epoch", epoch))
@@ -85,7 +85,7 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
         tot, tot_dice, steps = 0.0, 0.0, 0
         for s in range(0, n, cfg.train.batch_size):
             idx = order[s : s + cfg.train.batch_size]
-            loss, dice = _loss(model(xt[idx]), yt[idx], cfg.train.bce_weight)
+            loss, dice = _loss(model(xt[idx]), yt[idx], cfg.train.bce_weight, dice_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
