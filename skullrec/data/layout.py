@@ -175,6 +175,15 @@ def _overlap(out: Path, inp: Path) -> str | None:
     return None
 
 
+def check_outside_inputs(root: str | Path, inputs: Sequence[str | Path | None]) -> None:
+    """Refuse (InputError) an output folder that is, contains or lies inside one of ``inputs``."""
+    for inp in inputs:
+        if inp is not None:
+            how = _overlap(Path(root), Path(inp))
+            if how is not None:
+                raise InputError(f"{root}: output folder {how}; choose an output folder outside the inputs")
+
+
 def check_output_dir(root: str | Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
     """Refuse an output folder that overlaps an input folder (whatever ``overwrite``) or already holds files.
 
@@ -182,11 +191,7 @@ def check_output_dir(root: str | Path, overwrite: bool, inputs: Sequence[str | P
     one of ``inputs`` would delete (or hide) the inputs; that is refused even with --overwrite.
     """
     root = Path(root)
-    for inp in inputs:
-        if inp is not None:
-            how = _overlap(root, Path(inp))
-            if how is not None:
-                raise InputError(f"{root}: output folder {how}; choose an output folder outside the inputs")
+    check_outside_inputs(root, inputs)
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: exists and is not a folder")
     if root.is_dir() and any(root.iterdir()) and not overwrite:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -235,7 +235,10 @@ def local_federation(out: Path, sites: dict[str, Path]) -> Iterator[LocalFederat
 # The command
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_out(out: Path, resume: bool, overwrite: bool, sites: Sequence[str | Path] = ()) -> None:
+    from ..data.layout import check_outside_inputs
+
+    check_outside_inputs(out, sites)  # replacing out must never delete a site's data
     if resume:
         if not (out / "federate.yaml").is_file():
             raise InputError(f"{out}: not a federation folder (no federate.yaml); nothing to resume")
@@ -293,7 +296,7 @@ def setup_federation(fed: FederateConfig, out: Path, resume: bool = False, overw
         if "'" in s:
             raise InputError(f"{s}: a site folder name must not contain a quote (')")
     infos = check_sites([Path(s) for s in fed.sites], cfg.model.size)
-    _prepare_out(out, False, overwrite)
+    _prepare_out(out, False, overwrite, fed.sites)
     out.mkdir(parents=True, exist_ok=True)
     stored = dataclasses.asdict(fed)
     stored["out"] = str(out.resolve())

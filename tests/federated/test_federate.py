@@ -166,6 +166,12 @@ def test_bad_site_folders_get_one_line_errors(sites: dict[str, Path], tmp_path: 
         code, text = _cli(*base, "--site", str(sites["alpha"]), *[a for e in extra for a in ("--site", str(e))], "--out", str(out))
         assert code == 2 and message in text and text.count("\n") == 1 and text.startswith("error: "), text
         assert not out.exists()  # refused before anything was written
+    # an output inside a site's data is refused whatever the flags, and the site is left as it was
+    before = sorted(p.relative_to(sites["beta"]) for p in sites["beta"].rglob("*"))
+    code, text = _cli(*base, "--site", str(sites["alpha"]), "--site", str(sites["beta"]),
+                      "--out", str(sites["beta"] / "train"), "--overwrite")
+    assert code == 2 and "choose an output folder outside the inputs" in text and text.count("\n") == 1, text
+    assert sorted(p.relative_to(sites["beta"]) for p in sites["beta"].rglob("*")) == before
     code, text = _cli(*base, "--site", str(sites["alpha"]), "--out", str(tmp_path / "one"))
     assert code == 2 and "need at least 2 site folders" in text and text.count("\n") == 1, text
     code, text = _cli("federate", "--resume", str(tmp_path / "nodata"))
