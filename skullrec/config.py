@@ -406,12 +406,17 @@ class ExperimentConfig:
     # Reference predictors scored beside the methods (rows "ref:NAME"): mean_shape, input, nearest
     # (skullrec.experiment.references). They need no training.
     references: list[str] = field(default_factory=list)
+    # How runs are trained: "processes" (one `skullrec train` subprocess per run, --jobs at a time) or
+    # "batched" (runs that differ only in their seed trained together in this process, vmap over stacked
+    # weights, skullrec.training.batched; baseline runs only, the others still as processes).
+    jobs_mode: str = "processes"
 
     def row_methods(self) -> list[str]:
         """Method labels of Table 2's rows: the trained methods, then the references."""
         return [m.name for m in self.methods] + [f"ref:{r}" for r in self.references]
 
 
+JOBS_MODES = ("processes", "batched")
 # The reference predictors of skullrec.experiment.references, by name.
 REFERENCES = ("mean_shape", "input", "nearest")
 
@@ -427,6 +432,8 @@ def load_experiment(path: str | Path, overrides: list[str], scale: float | None)
         raise ConfigError(f"{path}: methods and seeds must not be empty")
     if len({m.name for m in cfg.methods}) != len(cfg.methods):
         raise ConfigError(f"{path}: methods: names must be unique")
+    if cfg.jobs_mode not in JOBS_MODES:
+        raise ConfigError(f"{path}: jobs_mode must be one of {', '.join(JOBS_MODES)}, got {cfg.jobs_mode!r}")
     if cfg.hd95 not in ("max", "pooled"):
         raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
     if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:
