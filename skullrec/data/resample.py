@@ -107,8 +107,12 @@ def bone_fraction(vol: Volume, box: Box, size: int = DEFAULT_SIZE) -> np.ndarray
     # whole 512^3 crop would be ~0.5 GB), then y and z on the already small intermediate.
     src = vol.data[slices]
     chunk = 32
-    partial = np.empty((size,) + src.shape[1:], dtype=np.float32)
-    partial[:] = 0
+    partial = np.zeros((size,) + src.shape[1:], dtype=np.float32)
+    if src.flags.f_contiguous or (not src.flags.c_contiguous and src.strides[0] < src.strides[-1]):
+        # Laid out like the Fortran path's products below (prepared axis slowest, then z, y fastest), so
+        # adding them streams through memory; the tensordots after the loop make their own C-ordered
+        # copies, so no sum depends on this layout.
+        partial = np.zeros((size, src.shape[2], src.shape[1]), dtype=np.float32).transpose(0, 2, 1)
     for start in range(0, src.shape[0], chunk):
         block = src[start : start + chunk].astype(np.float32)  # keeps src's memory order
         w = weights[0][:, start : start + chunk]

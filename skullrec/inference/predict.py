@@ -126,7 +126,9 @@ def remove_small_islands(mask: np.ndarray, affine: np.ndarray, min_mm3: float = 
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return mask, 0
-    sizes = np.bincount(labels.ravel()) * voxel_volume_mm3(affine)
+    # Counted over the mask's voxels only: bincount casts its input to int64, which for the whole
+    # label array of a 512^3 grid is a 1 GB copy.
+    sizes = np.bincount(labels[mask], minlength=n + 1) * voxel_volume_mm3(affine)
     small = np.flatnonzero(sizes[1:] < min_mm3) + 1
     kept = mask.copy()
     # Clear each small component inside its own bounding box: the few crumbs cost little, where
