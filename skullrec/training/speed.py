@@ -4,13 +4,14 @@ Two switches of the training config, each with an ``"auto"`` default resolved he
 
 * ``train.amp`` ("auto" | "bf16" | "none"): "auto" is bf16 autocast where the hardware computes bf16
   natively (a CPU with AVX-512 BF16 or AMX, a CUDA device that supports bf16), float32 otherwise
-  (emulated bf16 is slower than float32). The fast FAM estimators then run their second-difference
+  (without hardware support bf16 is emulated; not expected to pay, not measured here). The fast FAM estimators then run their second-difference
   passes in float32 (skullrec.flatness.fast: the difference is below bf16's resolution).
 * ``train.compile`` (true | false | "auto"): ``torch.compile`` of the model's forward pass (and so of
   its backward), inductor, static shapes. Compiling costs tens of seconds once per process
   (docs/performance.md), so "auto" compiles only a run of at least :data:`COMPILE_MIN_STEPS` steps, in one
   process (not under DDP, where it is untested), and only where a compiler backend is present (a C++
   compiler on CPU, triton on CUDA). The evaluation passes stay eager (model.eval() would recompile).
+  A step that differentiates twice (:func:`needs_double_backward`) is never compiled.
 
 Safe fallback: before the first step, :func:`prepare` runs one trial forward and backward of the
 compiled module on the first batch (no optimizer step, gradients discarded); if compiling fails, the
@@ -32,9 +33,10 @@ from torch import nn
 
 from ..utils import unwrap
 
-# Steps from which "auto" compiles. Measured (docs/performance.md): the first compile of the 64^3 step
-# took 28-56 s on this CPU under load and saves ~25 % of a bf16 step (~25-70 ms); it pays from a
-# couple of thousand steps, i.e. for the paper protocol (4,000-5,000 steps), not for short runs or tests.
+# Steps from which "auto" compiles. Measured (docs/performance.md, 64^3, batch 4, CPU): compiling saves
+# ~0.1 of a float32 eager step on top of bf16 (bf16 0.68-0.71x -> bf16 + compile 0.59-0.61x), i.e. ~14 ms
+# per step on a quiet 2-thread machine, and the first compile took ~30 s there (53-99 s under heavy load):
+# break-even near 2,000 steps. The paper protocol (4,000-5,000 steps) compiles; short runs and tests do not.
 COMPILE_MIN_STEPS = 2000
 
 

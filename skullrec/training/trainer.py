@@ -488,7 +488,9 @@ def _validate(run: _Run, epoch: int, record: dict[str, Any]) -> None:
     if not (cfg.train.val_every > 0 and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs)):
         return
     if run.data.evals:
-        val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size, run.amp) for name, split in run.data.evals.items()}
+        # In float32 whatever train.amp: the validation DSC (and so best.safetensors) is what `skullrec predict`,
+        # which runs in float32, would give on these 64^3 cases.
+        val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size) for name, split in run.data.evals.items()}
         record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
         record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
     if cfg.train.method not in FAM_METHODS:
