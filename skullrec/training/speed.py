@@ -10,7 +10,7 @@ Two switches of the training config, each with an ``"auto"`` default resolved he
   its backward), inductor, static shapes. Compiling costs tens of seconds once per process
   (docs/performance.md), so "auto" compiles only a run of at least :data:`COMPILE_MIN_STEPS` steps, in one
   process (not under DDP, where it is untested), and only where a compiler backend is present (a C++
-  compiler on CPU, triton on CUDA). The evaluation passes stay eager (model.eval() would recompile).
+  compiler on CPU, triton on CUDA). The validation passes stay eager (model.eval() would recompile) and float32 (trainer._validate).
   A step that differentiates twice (:func:`needs_double_backward`) is never compiled.
 
 Safe fallback: before the first step, :func:`prepare` runs one trial forward and backward of the

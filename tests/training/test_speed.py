@@ -247,3 +247,23 @@ def test_compiled_training_resumes_exactly(data_root: Path, tmp_path: Path):
     a, b = load_file(str(straight / "last.safetensors")), load_file(str(part / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _records(straight)[-1]["compiled"] is True
+
+
+def test_speed_keys_are_validated_and_old_runs_resume_as_they_were():
+    from skullrec.config import config_from_dict, upgrade_stored
+    from skullrec.errors import ConfigError
+
+    smoke = REPO / "configs" / "smoke.yaml"
+    assert load_config(smoke).train.amp == "auto" and load_config(smoke).train.compile == "auto"
+    cfg = load_config(smoke, ["train.compile=true", "train.amp=none"])
+    assert cfg.train.compile is True and cfg.train.amp == "none"
+    assert load_config(smoke, ["train.compile=false"]).train.compile is False
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(smoke, ["train.compile=fast"])
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config(smoke, ["train.amp=fp16"])
+    # A run stored before the keys existed trained float32, eagerly: resuming it keeps doing so.
+    stored = Config().to_dict()
+    del stored["train"]["amp"], stored["train"]["compile"]
+    old = config_from_dict(upgrade_stored(stored))
+    assert old.train.amp == "none" and old.train.compile is False
