@@ -287,7 +287,7 @@ class _Run:
     """What the steps of one training run share: config, folder, device, data, model, optimizer, progress so far."""
 
     cfg: Config
-    run_dir: Path
+    run_dir: Path | None  # None: a loop without a run folder (a federated site's local epochs)
     dev: torch.device
     dinfo: distributed.DistInfo
     data: TrainingData
@@ -310,6 +310,7 @@ class _Run:
 
     @property
     def state_path(self) -> Path:
+        assert self.run_dir is not None, "a run without a folder has no state file"
         return self.run_dir / STATE_FILE
 
     def save_state(self, epoch: int, step: int, **mid_epoch: Any) -> None:
@@ -356,15 +357,39 @@ def train(
     return run.records[-1] if run.records else {}
 
 
-def _start(
-    cfg: Config, run_dir: Path, dev: torch.device, resume: bool, progress: bool | None, log: Callable[[str], None] | None,
-    data: TrainingData | None, force: bool,
+def make_run(
+    cfg: Config, data: TrainingData, dev: torch.device, *, model: torch.nn.Module | None = None,
+    run_dir: Path | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
 ) -> _Run:
-    """Load the data, build model, optimizer and regulariser, and restore ``state.pt`` when resuming."""
+    """The model (``model``, else seeded from ``cfg.seed``), optimizer, loss and regulariser of a training loop over ``data``.
+
+    What ``skullrec train`` and a federated site's local update share: both then run
+    :func:`_train_epoch` / :func:`_epoch_record` over global epoch numbers, so the batch order, the
+    Hutchinson probes, ``sam.start_epoch`` and the ``fam.every`` schedule follow one rule everywhere.
+    ``run_dir`` is None for a loop without a run folder (a federated site: nothing is saved locally)."""
     from ..flatness.regularizer import FamRegularizer
     from ..nets.autoencoder import build_model, loss_function
 
     dinfo = distributed.current()  # a torchrun (DDP) job, or a single process (skullrec.training.distributed)
+    model = (build_model(cfg.model, seed=cfg.seed) if model is None else model).to(dev)
+    model.train()
+    distributed.check_batch_size(cfg.train.batch_size, dinfo)
+    return _Run(
+        cfg=cfg, run_dir=run_dir, dev=dev, dinfo=dinfo, data=data, model=model, net=model,
+        optimizer=make_optimizer(cfg, model), loss_fn=loss_function(cfg.model.loss),
+        # Built for every method (FAM trains with it; the others' monitoring builds its whole-batch twin);
+        # it refuses a biased estimator / trace-mode / world-size combination before any training.
+        reg=FamRegularizer(cfg.fam, model, dinfo.world_size), log=log or (lambda s: None), progress=progress,
+        steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
+    )
+
+
+def _start(
+    cfg: Config, run_dir: Path, dev: torch.device, resume: bool, progress: bool | None, log: Callable[[str], None] | None,
+    data: TrainingData | None, force: bool,
+) -> _Run:
+    """Load the data, build model, optimizer and regulariser (:func:`make_run`), and restore ``state.pt`` when resuming."""
+    dinfo = distributed.current()
     log = log or (lambda s: None)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -372,17 +397,8 @@ def _start(
         log, progress = (lambda s: None), False
     if data is None:
         data = load_training_data(cfg.data, cfg.model.size, dev)
-    model = build_model(cfg.model, seed=cfg.seed).to(dev)
-    model.train()
-    distributed.check_batch_size(cfg.train.batch_size, dinfo)
-    run = _Run(
-        cfg=cfg, run_dir=run_dir, dev=dev, dinfo=dinfo, data=data, model=model, net=model,
-        optimizer=make_optimizer(cfg, model), loss_fn=loss_function(cfg.model.loss),
-        # Built for every method (FAM trains with it; the others' monitoring builds its whole-batch twin);
-        # it refuses a biased estimator / trace-mode / world-size combination before any training.
-        reg=FamRegularizer(cfg.fam, model, dinfo.world_size), log=log, progress=progress,
-        steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
-    )
+    run = make_run(cfg, data, dev, run_dir=run_dir, log=log, progress=progress)
+    model = run.model
     if resume and run.state_path.is_file():
         state = load_training_state(run.state_path, map_location=dev)
         if state.get("data") not in (None, data.train.fingerprint) and not force:
@@ -415,10 +431,10 @@ def _start(
     return run
 
 
-def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str, torch.Tensor], int, float]:
+def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt | None = None) -> tuple[dict[str, torch.Tensor], int, float]:
     """The steps of one epoch: (device sums of loss, penalty, trace, norm_sq; regularised steps; seconds).
 
-    A requested interrupt saves the mid-epoch state and raises KeyboardInterrupt.
+    A requested interrupt saves the mid-epoch state and raises KeyboardInterrupt (none without a run folder).
     """
     cfg, dev, method = run.cfg, run.dev, run.cfg.train.method
     batches = run.data.epoch_order(cfg.seed, epoch, cfg.train.batch_size)
@@ -449,7 +465,7 @@ def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str
             sums["norm_sq"] += out.norm_sq.to(torch.float64)
             reg_steps += 1
         bar.update(out)
-        if interrupt.requested and i + 1 < run.steps_per_epoch:  # at the epoch's last step: finish it normally
+        if interrupt is not None and interrupt.requested and i + 1 < run.steps_per_epoch:  # at the epoch's last step: finish it normally
             bar.close()
             run.save_state(epoch, i + 1, sums=sums, reg_steps=reg_steps, elapsed=elapsed + time.perf_counter() - t0,
                            probes=probes.get_state())
@@ -623,6 +639,7 @@ __all__ = [
     "StepResult",
     "train_step",
     "make_optimizer",
+    "make_run",
     "evaluate_dsc",
     "train",
     "run_training",
