@@ -381,6 +381,7 @@ def make_run(
         # it refuses a biased estimator / trace-mode / world-size combination before any training.
         reg=FamRegularizer(cfg.fam, model, dinfo.world_size), log=log or (lambda s: None), progress=progress,
         steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
+        amp=speed.resolve_amp(cfg.train.amp, dev),  # train.compile is applied by _start (skullrec train) only
     )
 
 
@@ -417,7 +418,6 @@ def _start(
         run.resumed = state
         log(f"resuming {run_dir} at epoch {run.start_epoch}" + (f" step {run.start_step}" if run.start_step else ""))
     run.net = distributed.wrap(model, dinfo, dev)  # DDP when distributed; run.model stays the plain module
-    run.amp = speed.resolve_amp(cfg.train.amp, dev)
     total_steps = run.steps_per_epoch * cfg.train.epochs
     twice = speed.needs_double_backward(cfg)
     if cfg.train.compile is True and twice:
