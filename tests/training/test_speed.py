@@ -267,3 +267,15 @@ def test_speed_keys_are_validated_and_old_runs_resume_as_they_were():
     del stored["train"]["amp"], stored["train"]["compile"]
     old = config_from_dict(upgrade_stored(stored))
     assert old.train.amp == "none" and old.train.compile is False
+
+
+@pytest.mark.slow
+def test_compiled_sam_trains_like_eager(data_root: Path, tmp_path: Path):
+    """SAM's second pass (the closure at the perturbed weights) goes through the compiled forward too."""
+    out = {}
+    for compiled in (False, True):
+        train(_cfg(data_root, "sam", amp="bf16", compile=compiled, epochs=3, checkpoint_epochs=[3]), tmp_path / str(compiled), device="cpu")
+        out[compiled] = _records(tmp_path / str(compiled))
+        assert out[compiled][-1]["compiled"] is compiled and out[compiled][-1]["sam"] is True
+    for a, b in zip(out[False], out[True]):
+        assert abs(a["dice_loss"] - b["dice_loss"]) <= 1e-3, (a["dice_loss"], b["dice_loss"])
