@@ -105,7 +105,11 @@ class TrainConfig:
     checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
     deterministic: bool = True
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
-    amp: Literal["none", "bf16"] = "none"
+    # Speed switches (skullrec.training.speed; docs/performance.md). amp "auto": bf16 autocast where the
+    # hardware has native bf16 (AVX-512 BF16 / AMX CPUs, bf16 GPUs), else float32. compile "auto":
+    # torch.compile for single-process runs of >= speed.COMPILE_MIN_STEPS steps; eager if compiling fails.
+    amp: Literal["auto", "none", "bf16"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -337,7 +341,12 @@ def _load(parse: typing.Callable[[dict[str, Any]], Any], path: str | Path | None
 # Keys added after configs were first stored in run folders and checkpoints, with the value every
 # stored config written before them implicitly had. They apply to *stored* configs only
 # (:func:`upgrade_stored`): a new config file without the key gets today's default instead.
-LEGACY_DEFAULTS: dict[tuple[str, ...], Any] = {("model", "loss"): "sigmoid_dice"}
+LEGACY_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("model", "loss"): "sigmoid_dice",
+    # Runs stored before the speed switches trained float32, eagerly: resuming one continues the same way.
+    ("train", "amp"): "none",
+    ("train", "compile"): False,
+}
 
 
 def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:

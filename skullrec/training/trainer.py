@@ -36,7 +36,7 @@ from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingDat
 from ..errors import InputError
 from ..nets.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ..utils import resolve_device
-from . import distributed
+from . import distributed, speed
 from .lookbehind import Lookbehind
 from .run_dir import (
     BEST,
@@ -68,9 +68,8 @@ class StepResult:
 
 
 def _amp_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    # "auto" resolves per device (speed.resolve_amp), so every caller passing cfg.train.amp agrees.
+    return speed.amp_context(speed.resolve_amp(amp, device), device)
 
 
 def train_step(
@@ -300,6 +299,8 @@ class _Run:
     log: Callable[[str], None]
     progress: bool
     steps_per_epoch: int
+    amp: str = "none"  # train.amp as run (speed.resolve_amp)
+    compiled: bool = False  # whether net is the torch.compile'd step (speed.prepare)
     start_epoch: int = 1
     start_step: int = 0
     best_score: float | None = None
@@ -380,6 +381,7 @@ def make_run(
         # it refuses a biased estimator / trace-mode / world-size combination before any training.
         reg=FamRegularizer(cfg.fam, model, dinfo.world_size), log=log or (lambda s: None), progress=progress,
         steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
+        amp=speed.resolve_amp(cfg.train.amp, dev),  # train.compile is applied by _start (skullrec train) only
     )
 
 
@@ -416,6 +418,16 @@ def _start(
         run.resumed = state
         log(f"resuming {run_dir} at epoch {run.start_epoch}" + (f" step {run.start_step}" if run.start_step else ""))
     run.net = distributed.wrap(model, dinfo, dev)  # DDP when distributed; run.model stays the plain module
+    total_steps = run.steps_per_epoch * cfg.train.epochs
+    twice = speed.needs_double_backward(cfg)
+    if cfg.train.compile is True and twice:
+        log(f"train.compile: not applied: the step differentiates twice (fam.estimator={cfg.fam.estimator}), "
+            "which a compiled backward cannot; training eagerly")
+    if speed.resolve_compile(cfg.train.compile, dev, total_steps, dinfo.enabled, twice):
+        # The trial batch has the steps' shape (static shapes: a smaller last batch compiles once more).
+        example = data.train.batch(distributed.shard(torch.arange(min(cfg.train.batch_size, len(data.train)), device=dev), dinfo))
+        run.net, run.compiled = speed.prepare(run.net, True, run.amp, example, run.loss_fn, warn=log)
+    log(f"step: {speed.describe(run.amp, run.compiled)} (train.amp={cfg.train.amp}, train.compile={cfg.train.compile})")
     return run
 
 
@@ -443,7 +455,7 @@ def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt | None = None) -> 
         loss_scale, penalty_scale = objective_scales(cfg, x.shape[0])
         out = train_step(
             run.net, x, y, run.loss_fn, run.optimizer,
-            reg=run.reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=cfg.train.amp,
+            reg=run.reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=run.amp,
             loss_scale=loss_scale, penalty_scale=penalty_scale,
         )
         sums["loss"] += out.loss.to(torch.float64) * x.shape[0]
@@ -475,6 +487,8 @@ def _epoch_record(run: _Run, epoch: int, sums: dict[str, torch.Tensor], reg_step
         "trace": summary["trace"] / reg_steps if reg_steps else None,
         "norm_sq": float(_layer_norm_sq(run.model, cfg.fam.layers)),
         "sam": cfg.train.method in SAM_LIKE and epoch >= cfg.sam.start_epoch,
+        "amp": run.amp,
+        "compiled": run.compiled,
         "seconds": seconds,
     }
     if record["trace"] is not None:
@@ -490,7 +504,9 @@ def _validate(run: _Run, epoch: int, record: dict[str, Any]) -> None:
     if not (cfg.train.val_every > 0 and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs)):
         return
     if run.data.evals:
-        val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size, cfg.train.amp) for name, split in run.data.evals.items()}
+        # In float32 whatever train.amp: the validation DSC (and so best.safetensors) is what `skullrec predict`,
+        # which runs in float32, would give on these 64^3 cases.
+        val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size) for name, split in run.data.evals.items()}
         record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
         record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
     if cfg.train.method not in FAM_METHODS:
