@@ -153,11 +153,15 @@ def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_impl
 
 
 def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
-                   box_mm: float, grid: int, device: str | torch.device = "cpu") -> tuple[np.ndarray, dict[str, Any]]:
+                   box_mm: float, grid: int, device: str | torch.device = "cpu", amp: str = "none") -> tuple[np.ndarray, dict[str, Any]]:
     """Stage 2 on one defective skull: the implant on the input grid (bool) and what was done (info).
 
     Without a defect from stage 1 (empty stage-1 implant) the result is empty and ``info['box']`` None.
+    ``amp="bf16"`` runs the network under bfloat16 autocast (``skullrec predict`` uses fp32; the two
+    agree to within the tolerance tests/inference/test_stage2_geometry.py states).
     """
+    from ..training.trainer import amp_context
+
     defective = vol.data.astype(bool)
     inp = stage2_input(defective, stage1_complete, stage1_implant, vol.spacing, box_mm, grid)
     if inp is None:
@@ -165,8 +169,9 @@ def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndar
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            logits = model(torch.from_numpy(inp.x)[None].to(device)).float().cpu().numpy()[0, 0]
+        x = torch.from_numpy(inp.x)[None].to(device)
+        with torch.inference_mode(), amp_context(amp, x.device):
+            logits = model(x).float().cpu().numpy()[0, 0]
     finally:
         model.train(was_training)
     prob = from_grid(1.0 / (1.0 + np.exp(-logits)), inp.box.shape)

@@ -28,6 +28,7 @@ from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save
 from ..nets.autoencoder import loss_function
 from ..nets.implant_net import build_implant_net
 from ..utils import derive_seed
+from .trainer import amp_context
 from .run_dir import CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, lock_run_dir, read_metrics, write_metrics
 
 # ---------------------------------------------------------------------------------------------- training
@@ -85,7 +86,9 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
         tot, tot_dice, steps = 0.0, 0.0, 0
         for s in range(0, n, cfg.train.batch_size):
             idx = order[s : s + cfg.train.batch_size]
-            loss, dice = _loss(model(xt[idx]), yt[idx], cfg.train.bce_weight, dice_fn)
+            with amp_context(cfg.train.amp, xt.device):
+                logits = model(xt[idx])
+            loss, dice = _loss(logits.float(), yt[idx], cfg.train.bce_weight, dice_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -67,7 +67,8 @@ class StepResult:
     norm_sq: torch.Tensor | None = None
 
 
-def _amp_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+def amp_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast in bfloat16 for ``amp="bf16"``, a no-op context for ``"none"``."""
     if amp == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -100,7 +101,7 @@ def train_step(
     """
     device = x.device
     optimizer.zero_grad(set_to_none=True)
-    with _amp_context(amp, device):
+    with amp_context(amp, device):
         logits = model(x)
         loss = loss_fn(logits.float(), y)
         total = loss * loss_scale if loss_scale != 1.0 else loss
@@ -115,7 +116,7 @@ def train_step(
     if sam:  # SAM / ASAM / Lookbehind-SAM: the wrapper's step re-evaluates the loss at its perturbed weights
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            with _amp_context(amp, device):
+            with amp_context(amp, device):
                 inner = loss_fn(model(x).float(), y)
             inner.backward()
             return inner
@@ -175,7 +176,7 @@ def evaluate_dsc(model: torch.nn.Module, split: TensorSplit, batch_size: int, am
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=split.defective.device)
     for x, y in split.batches(batch_size):
-        with _amp_context(amp, x.device):
+        with amp_context(amp, x.device):
             logits = model(x)
         dsc = compute_dice((bone_logit(logits) > 0).float(), y, include_background=True)
         total += dsc.to(torch.float64).sum()

@@ -129,3 +129,17 @@ def test_predict_with_a_stage2_checkpoint(tiny):
     res = runner.invoke(app, ["predict", "--checkpoint", str(root / "stage1.safetensors"), "--stage2", str(root / "stage1.safetensors"),
                               "--in", str(root / "defective"), "--out", str(root / "pred2"), "--device", "cpu"])
     assert res.exit_code == 2 and "not a stage-2" in res.output and "Traceback" not in res.output
+
+
+def test_bf16_training_runs_under_autocast_and_resumes_exactly(tiny):
+    root, _ = tiny
+    fp32 = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[]), root / "amp_fp32")
+    bf16 = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="bf16"), root / "amp_bf16")
+    # autocast really ran: the same seed and data give another loss in bf16, but close to fp32's
+    assert bf16["loss"] != fp32["loss"] and abs(bf16["loss"] - fp32["loss"]) < 0.1 * fp32["loss"]
+    part = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="bf16"), root / "amp_part", stop_after_epoch=1)
+    assert part["epoch"] == 1
+    resumed = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="bf16"), root / "amp_part", resume=True)
+    assert resumed["loss"] == bf16["loss"]
+    _, cfg, _ = load_implant_checkpoint(root / "amp_bf16" / "last.safetensors")
+    assert cfg.train.amp == "bf16"
