@@ -31,7 +31,7 @@ from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
 from ..errors import InputError
 from ..io import Volume, atomic_write_bytes, atomic_write_text, write_volume
 from ..nets.autoencoder import bone_logit
-from ..utils import Progress, resolve_device
+from ..utils import Progress, bounding_box, resolve_device
 from .mesh import mesh_from_mask, stl_bytes
 
 # Implant components smaller than this are dropped. 100 mm^3 is ~7 voxels of a 64^3 SkullFix grid
@@ -124,13 +124,19 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 def remove_small_islands(mask: np.ndarray, affine: np.ndarray, min_mm3: float = MIN_ISLAND_MM3) -> tuple[np.ndarray, int]:
     """Drop 26-connected components smaller than ``min_mm3``; returns (cleaned bool mask, number removed)."""
     mask = np.asarray(mask, dtype=bool)
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if n == 0:
+    bb = bounding_box(mask)
+    if bb is None:
         return mask, 0
+    # Components never leave the mask's bounding box, so labelling only that box gives the same
+    # pieces at a fraction of the cost on a 512^2 x Z grid (an implant fills a few % of it).
+    box = tuple(slice(a, b) for a, b in zip(*bb))
+    labels, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
     sizes = np.bincount(labels.ravel()) * voxel_volume_mm3(affine)
     keep = sizes >= min_mm3
     keep[0] = False
-    return keep[labels], int(n - keep[1:].sum())
+    out = np.zeros(mask.shape, dtype=bool)
+    out[box] = keep[labels]
+    return out, int(n - keep[1:].sum())
 
 
 def implant_from_reconstruction(
