@@ -137,9 +137,13 @@ def test_bf16_training_runs_under_autocast_and_resumes_exactly(tiny):
     bf16 = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="bf16"), root / "amp_bf16")
     # autocast really ran: the same seed and data give another loss in bf16, but close to fp32's
     assert bf16["loss"] != fp32["loss"] and abs(bf16["loss"] - fp32["loss"]) < 0.1 * fp32["loss"]
-    part = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="bf16"), root / "amp_part", stop_after_epoch=1)
-    assert part["epoch"] == 1
-    resumed = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="bf16"), root / "amp_part", resume=True)
-    assert resumed["loss"] == bf16["loss"]
     _, cfg, _ = load_implant_checkpoint(root / "amp_bf16" / "last.safetensors")
     assert cfg.train.amp == "bf16"
+    # the cosine schedule is a function of the step alone: a resumed run equals an uninterrupted one
+    kw = dict(epochs=2, checkpoint_epochs=[], amp="bf16", lr_schedule="cosine")
+    whole = train_implant(_cfg(root, **kw), root / "cos_whole")
+    part = train_implant(_cfg(root, **kw), root / "cos_part", stop_after_epoch=1)
+    assert part["epoch"] == 1 and part["lr"] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 1 / 4)))  # step 1 of 4
+    resumed = train_implant(_cfg(root, **kw), root / "cos_part", resume=True)
+    assert resumed["loss"] == whole["loss"] != bf16["loss"]
+    assert whole["lr"] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))  # the last of 2 x 2 steps
