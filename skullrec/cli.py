@@ -510,6 +510,24 @@ def prepare_implant_command(
     return Path(out)
 
 
+def prepare_eval_command(
+    prepared: Annotated[Path, typer.Option("--prepared", help="A data set from 'skullrec prepare' (its eval_ids and source folders are used).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and KIND/{defective,implant}/ at each skull's own grid.")],
+    kinds: Annotated[str, typer.Option(help="Defect kinds, comma-separated: skullfix, set1, set2.")] = "skullfix,set1,set2",
+    seed: Annotated[int, typer.Option(help="Seed of the set-1 / set-2 defects.")] = 0,
+    overwrite: OVERWRITE = False,
+) -> Path:
+    """The held-out skulls' defects at their own resolution, to score 'predict' with 'evaluate'."""
+    from .data.stage2 import build_native_eval_sets
+
+    console = _console(stderr=True)
+    with _bar("prepare-eval", console) as progress:
+        meta = build_native_eval_sets(prepared, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                                      seed=seed, overwrite=overwrite, progress=progress)
+    console.print(f"{len(meta['eval_ids'])} evaluation skulls x {len(meta['kinds'])} defect kinds -> {out}")
+    return Path(out)
+
+
 def train_implant_command(
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML stage-2 config (configs/stage2.yaml).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: --set train.epochs=5 (repeatable).")] = None,
@@ -536,6 +554,7 @@ for _name, _command in (
     ("train", train_command),
     ("flatness", flatness_command),
     ("prepare-implant", prepare_implant_command),
+    ("prepare-eval", prepare_eval_command),
     ("train-implant", train_implant_command),
     ("predict", predict_command),
     ("evaluate", evaluate_command),

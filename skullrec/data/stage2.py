@@ -139,6 +139,60 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
     return records
 
 
+def eval_ids(prepared: str | Path) -> list[str]:
+    """The held-out (evaluation) ids of a prepared real data set (``manifest.json``'s ``meta.eval_ids``)."""
+    ids = read_manifest(prepared).get("meta", {}).get("eval_ids")
+    if not ids:
+        raise InputError(f"{prepared}: manifest lists no eval_ids (not a data set from skullrec prepare --eval-fraction > 0?)")
+    return [str(i) for i in ids]
+
+
+def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS, seed: int = 0,
+                           overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Defective skulls of the *evaluation* skulls of ``prepared`` at their own grid, for ``predict`` + ``evaluate``.
+
+    Writes ``OUT/complete/CASE.nii.gz`` (the true complete skull) and, per kind,
+    ``OUT/KIND/defective/CASE.nii.gz`` and ``OUT/KIND/implant/CASE.nii.gz`` (complete AND NOT
+    defective): ``skullfix`` is SkullFix's own defective skull, ``set1`` / ``set2`` the project's
+    defects cut at the native grid exactly as ``prepare-implant`` cuts them for the training skulls
+    (seeded by (seed, case, kind)). Volumes go back to each file's own grid (:func:`write_volume`),
+    so a prediction from ``predict --in OUT/KIND/defective`` pairs with them voxel for voxel.
+    Staged and renamed; returns the manifest written as ``OUT/manifest.json``.
+    """
+    from ..data.layout import check_output_dir, staged_output
+    from ..io import write_volume
+
+    for k in kinds:
+        if k not in KINDS:
+            raise InputError(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    ids = eval_ids(prepared)
+    _, complete_dir, defective_dir = training_ids(prepared)
+    complete_files = list_volumes(complete_dir)
+    defective_files = list_volumes(defective_dir) if defective_dir is not None and "skullfix" in kinds else {}
+    inputs = (prepared, complete_dir, defective_dir)
+    check_output_dir(out, overwrite, inputs)
+    cases: list[dict[str, Any]] = []
+    with staged_output(out, overwrite, inputs) as staging:
+        for i, cid in enumerate(ids):
+            if cid not in complete_files:
+                raise InputError(f"{complete_dir}: no complete skull for evaluation case {cid}")
+            complete = read_volume(complete_files[cid])
+            write_volume(staging / "complete" / f"{cid}.nii.gz", complete)
+            for kind in kinds:
+                dmask, extra = _defective(kind, cid, complete, defective_dir, defective_files, seed)
+                implant = implant_of(complete.data.astype(bool), dmask)
+                write_volume(staging / kind / "defective" / f"{cid}.nii.gz", complete.like(dmask.astype(np.uint8)))
+                write_volume(staging / kind / "implant" / f"{cid}.nii.gz", complete.like(implant.astype(np.uint8)))
+                cases.append({"case_id": cid, "kind": kind, "source": str(complete_files[cid]), "implant_voxels": int(implant.sum()),
+                              **{k: v for k, v in extra.items() if k != "defect"}})
+            if progress is not None:
+                progress(i + 1, len(ids))
+        meta = {"command": "skullrec prepare-eval", "prepared": str(prepared), "kinds": list(kinds), "seed": seed,
+                "eval_ids": ids, "cases": cases}
+        atomic_write_text(staging / "manifest.json", json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
 def load_stage2_samples(root: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(samples.json, x (N, 2, g, g, g) float16, y (N, 1, g, g, g) uint8) of a stage-2 data folder.
 

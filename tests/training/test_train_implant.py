@@ -147,3 +147,40 @@ def test_bf16_training_runs_under_autocast_and_resumes_exactly(tiny):
     resumed = train_implant(_cfg(root, **kw), root / "cos_part", resume=True)
     assert resumed["loss"] == whole["loss"] != bf16["loss"]
     assert whole["lr"] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))  # the last of 2 x 2 steps
+
+
+def test_prepare_eval_writes_held_out_defects_at_the_native_grid(tmp_path):
+    spacing = (1.3, 1.1, 1.6)
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = (-20.0, 5.0, 3.0)
+    for i, cid in enumerate(["000", "001"]):
+        complete, defective = _skull((44, 50, 36), spacing, 26 + i)
+        write_nifti(tmp_path / "complete" / f"{cid}.nii.gz", complete, aff)
+        write_nifti(tmp_path / "defective" / f"{cid}.nii.gz", defective, aff)
+    write_manifest(tmp_path / "prepared", [], {"train_ids": ["000"], "eval_ids": ["001"],
+                                               "complete_folder": str(tmp_path / "complete"), "defective_folder": str(tmp_path / "defective")})
+    (tmp_path / "complete" / "000.nii.gz").unlink()  # a training skull: never read
+    res = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev"),
+                                   "--kinds", "skullfix,set2"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "ev" / "manifest.json").read_text())
+    assert meta["eval_ids"] == ["001"] and [c["kind"] for c in meta["cases"]] == ["skullfix", "set2"]
+    complete = read_volume(tmp_path / "ev" / "complete" / "001.nii.gz")
+    src = read_volume(tmp_path / "complete" / "001.nii.gz")
+    np.testing.assert_array_equal(complete.data, src.data)
+    np.testing.assert_allclose(complete.affine, src.affine, atol=1e-5)
+    given = read_volume(tmp_path / "defective" / "001.nii.gz").data.astype(bool)
+    for kind in ("skullfix", "set2"):
+        d = read_volume(tmp_path / "ev" / kind / "defective" / "001.nii.gz")
+        imp = read_volume(tmp_path / "ev" / kind / "implant" / "001.nii.gz").data.astype(bool)
+        assert d.shape == src.shape
+        np.testing.assert_array_equal(imp, complete.data.astype(bool) & ~d.data.astype(bool))
+        assert imp.sum() == next(c["implant_voxels"] for c in meta["cases"] if c["kind"] == kind) > 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "ev" / "skullfix" / "defective" / "001.nii.gz").data.astype(bool), given)
+    # seeded by (seed, case, kind): the same defect again
+    again = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev2"), "--kinds", "set2"])
+    assert again.exit_code == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "ev2" / "set2" / "implant" / "001.nii.gz").data,
+                                  read_volume(tmp_path / "ev" / "set2" / "implant" / "001.nii.gz").data)
+    bad = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev")])
+    assert bad.exit_code == 2 and "--overwrite" in bad.output and "Traceback" not in bad.output
