@@ -288,9 +288,9 @@ def flatness_command(
 
 
 def predict_command(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train'.")],
     inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped models/, stage 1 + stage 2).")] = None,
     stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
     threshold: THRESHOLD = None,
@@ -303,6 +303,13 @@ def predict_command(
 
     _at_least("--batch-size", batch_size, 1)
     console = _console(stderr=True)
+    if checkpoint is None:
+        from .inference.shipped import shipped_checkpoints
+
+        if stage2 is not None:
+            raise InputError("--stage2: needs --checkpoint (without both, the shipped stage 1 + stage 2 are used)")
+        checkpoint, stage2 = shipped_checkpoints()
+        console.print(f"using the shipped weights: {checkpoint} + {stage2}")
     with _bar("predict", console) as progress:
         rows = predict_folder(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,

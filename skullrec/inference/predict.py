@@ -286,17 +286,17 @@ def predict_folder(
             recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
             for cid, vol, rec in zip(chunk, vols, recs):
                 done += 1
-                if progress is not None:
-                    progress(done, len(ids))
                 for w in rec.warnings:
                     say(f"warning: {files[cid]}: {w}")
                 if not rec.usable:
                     # Garbage is never written as a result: report it, write nothing for this case.
                     say(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}")
                     failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems})
+                    if progress is not None:
+                        progress(done, len(ids))
                     continue
                 if model2 is not None:
-                    rec = _apply_stage2(rec, vol, model2, cfg2, dev)
+                    rec = apply_stage2(rec, vol, model2, cfg2, dev)
                 # Back on the input file's own grid: its voxel order, affine and header.
                 write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
                 write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
@@ -311,6 +311,8 @@ def predict_folder(
                 if rec.implant_empty:
                     say(f"{cid}: empty implant (the model added no bone outside the defective skull)")
                 summary.append(row)
+                if progress is not None:  # after stage 2 and the files: a case is done when its outputs are
+                    progress(done, len(ids))
         if not summary:
             # No usable output at all: fail (exit 2) and leave nothing behind (the staging folder goes).
             first = failed[0]
@@ -325,7 +327,7 @@ def predict_folder(
 
 
 
-def _apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
+def apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
     """Replace stage 1's implant by stage 2's; the complete skull becomes defective OR that implant."""
     from .stage2 import stage2_implant
 

@@ -184,3 +184,37 @@ def test_prepare_eval_writes_held_out_defects_at_the_native_grid(tmp_path):
                                   read_volume(tmp_path / "ev" / "set2" / "implant" / "001.nii.gz").data)
     bad = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev")])
     assert bad.exit_code == 2 and "--overwrite" in bad.output and "Traceback" not in bad.output
+
+
+def test_predict_without_checkpoint_uses_the_shipped_pair(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from skullrec.inference.shipped import MODELS_ENV
+
+    root, _ = tiny
+    train_implant(_cfg(root, epochs=1, checkpoint_epochs=[]), root / "ship_run")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(root / "stage1.safetensors", models / "stage1.safetensors")
+    shutil.copy(root / "ship_run" / "last.safetensors", models / "stage2.safetensors")
+    runner = CliRunner()
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "nowhere"))
+    res = runner.invoke(app, ["predict", "--in", str(root / "defective"), "--out", str(tmp_path / "none"), "--device", "cpu"])
+    assert res.exit_code == 2 and "no shipped weights" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "none").exists()
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    res = runner.invoke(app, ["predict", "--in", str(root / "defective"), "--out", str(tmp_path / "shipped"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "shipped" / "predict.json").read_text())
+    assert report["checkpoint"] == str(models / "stage1.safetensors") and report["stage2"] == str(models / "stage2.safetensors")
+    res = runner.invoke(app, ["predict", "--checkpoint", str(models / "stage1.safetensors"), "--stage2", str(models / "stage2.safetensors"),
+                              "--in", str(root / "defective"), "--out", str(tmp_path / "explicit"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for case in report["cases"]:
+        a = read_volume(tmp_path / "shipped" / "implant" / f"{case['case_id']}.nii.gz").data
+        b = read_volume(tmp_path / "explicit" / "implant" / f"{case['case_id']}.nii.gz").data
+        np.testing.assert_array_equal(a, b)
+        assert "stage2" in case and case["implant_voxels"] == int(a.sum())
+    res = runner.invoke(app, ["predict", "--stage2", str(models / "stage2.safetensors"), "--in", str(root / "defective"),
+                              "--out", str(tmp_path / "half"), "--device", "cpu"])
+    assert res.exit_code == 2 and "--stage2: needs --checkpoint" in res.output
