@@ -502,6 +502,7 @@ def prepare_implant_command(
     seed: Annotated[int, typer.Option(help="Seed of the defects and box offsets.")] = 0,
     max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N training skulls.")] = None,
     overwrite: OVERWRITE = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (at most 2); the samples do not depend on it.")] = 1,
 ) -> Path:
     """Stage-2 training samples at the skulls' own resolution (training skulls only)."""
     from .data.stage2 import build_stage2_data
@@ -512,7 +513,7 @@ def prepare_implant_command(
     with _bar("prepare-implant", console) as progress:
         recs = build_stage2_data(prepared, stage1, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
                                  box_mm=box_mm, grid=grid, seed=seed, max_cases=max_cases, overwrite=overwrite,
-                                 progress=progress, log=lambda s: console.print(f"[yellow]{s}[/]"))
+                                 progress=progress, workers=workers, log=lambda s: console.print(f"[yellow]{s}[/]"))
     console.print(f"{len(recs)} samples -> {out}")
     return Path(out)
 

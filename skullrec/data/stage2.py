@@ -19,6 +19,7 @@ lists them with their parameters.
 
 from __future__ import annotations
 
+import functools
 import io as _stdio
 import json
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import numpy as np
 
 from ..data.layout import implant_of, read_manifest
 from ..errors import InputError
+from ..data.resample import Box
 from ..inference.stage2 import box_around, crop, to_grid
 from ..io import Volume, atomic_write_bytes, atomic_write_text, list_volumes, read_volume
 from ..utils import Progress, seed_sequence
@@ -51,9 +53,13 @@ def training_ids(prepared: str | Path) -> tuple[list[str], Path, Path | None]:
     return [str(i) for i in ids], Path(complete), None if not defective else Path(defective)
 
 
-def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.ndarray, box_mm: float, grid: int,
-                rng: np.random.Generator, jitter_mm: float = DEFAULT_JITTER_MM) -> dict[str, Any]:
-    """One training sample: network input ``x``, target ``y`` and the box, for a defective skull on ``complete``'s grid."""
+def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.ndarray | Callable[[Box], np.ndarray],
+                box_mm: float, grid: int, rng: np.random.Generator, jitter_mm: float = DEFAULT_JITTER_MM) -> dict[str, Any]:
+    """One training sample: network input ``x``, target ``y`` and the box, for a defective skull on ``complete``'s grid.
+
+    ``stage1_complete``: stage 1's complete skull on that grid, or a function giving its crop for a box
+    (:func:`skullrec.inference.predict.stage1_complete_in_box`, what build_stage2_data uses).
+    """
     comp = complete.data.astype(bool)
     implant = implant_of(comp, defective)
     bb = np.argwhere(implant)
@@ -63,7 +69,8 @@ def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.nda
     shift_mm = rng.uniform(-jitter_mm, jitter_mm, 3)
     centre = centre + shift_mm / np.asarray(complete.spacing)
     box = box_around(centre, complete.spacing, box_mm)
-    x = np.stack([to_grid(crop(defective.astype(np.uint8), box), grid), to_grid(crop(stage1_complete.astype(np.uint8), box), grid)])
+    prior = stage1_complete(box) if callable(stage1_complete) else crop(np.asarray(stage1_complete, dtype=bool), box)
+    x = np.stack([to_grid(crop(defective.astype(np.uint8), box), grid), to_grid(prior.astype(np.uint8), grid)])
     implant_crop = crop(implant.astype(np.uint8), box)
     y = to_grid(implant_crop, grid) > 0.5
     inside = int(implant_crop.sum())
@@ -88,13 +95,45 @@ def _defective(kind: str, cid: str, complete: Volume, defective_dir: Path | None
     return mask, {"defect_source": kind, "defect": params}
 
 
+def _case_samples(job: dict[str, Any]) -> list[tuple[str, bytes, dict[str, Any]]]:
+    """All samples of one training skull: (file name, .npz bytes, record) per kind (a worker's job)."""
+    from ..inference.predict import stage1_complete_in_box
+    from ..nets.checkpoint import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(job["stage1"], "cpu")  # per job: a few MB, negligible beside the skull
+    cid, seed = job["cid"], job["seed"]
+    defective_dir = None if job["defective_dir"] is None else Path(job["defective_dir"])
+    complete = read_volume(job["complete_file"])
+    out = []
+    for kind in job["kinds"]:
+        dmask, extra = _defective(kind, cid, complete, defective_dir, job["defective_files"], seed)
+        dvol = complete.like(dmask.astype(np.uint8))
+        rng = np.random.default_rng(seed_sequence(seed, cid, kind, "box"))
+        prior = functools.partial(stage1_complete_in_box, model, dvol, size=cfg.model.size)
+        s = make_sample(complete, dmask, prior, job["box_mm"], job["grid"], rng, job["jitter_mm"])
+        name = f"{cid}_{kind}.npz"
+        buf = _stdio.BytesIO()
+        np.savez_compressed(buf, x=s["x"], y=s["y"], box_lo=np.asarray(s["box"].lo), box_hi=np.asarray(s["box"].hi))
+        out.append((name, buf.getvalue(), {
+            "file": name, "case_id": cid, "kind": kind, "source": str(job["complete_file"]), "box": s["box"].to_dict(),
+            "shift_mm": s["shift_mm"], "implant_voxels": s["implant_voxels"], "implant_in_box": s["implant_in_box"],
+            **{k: v for k, v in extra.items() if k != "defect"}}))
+    return out
+
+
 def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS,
                       box_mm: float = 128.0, grid: int = 128, seed: int = 0, jitter_mm: float = DEFAULT_JITTER_MM,
                       max_cases: int | None = None, overwrite: bool = False, progress: Progress | None = None,
-                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Write stage-2 samples for the training skulls of ``prepared`` into ``out`` (staged, then renamed); returns the records."""
+                      log: Callable[[str], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
+    """Write stage-2 samples for the training skulls of ``prepared`` into ``out`` (staged, then renamed); returns the records.
+
+    ``workers`` (at most 2) processes build skulls in parallel; the samples and samples.json do not
+    depend on it (every random draw is seeded by (seed, case, kind), and records keep the id order).
+    """
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     from ..data.layout import check_output_dir, staged_output
-    from ..inference.predict import reconstruct
     from ..nets.checkpoint import load_checkpoint
 
     for k in kinds:
@@ -108,31 +147,32 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
     # Replacing out must never delete an input: the prepared set, its source folders or the stage-1 checkpoint.
     inputs = (prepared, complete_dir, defective_dir, Path(stage1))
     check_output_dir(out, overwrite, inputs)
-    model, cfg, _ = load_checkpoint(stage1, "cpu")
+    load_checkpoint(stage1, "cpu")  # a bad checkpoint is one error before any work
+    for cid in ids:
+        if cid not in complete_files:
+            raise InputError(f"{complete_dir}: no complete skull for training case {cid}")
+    jobs = [{"cid": cid, "complete_file": complete_files[cid], "defective_dir": defective_dir, "defective_files": defective_files,
+             "stage1": str(stage1), "kinds": kinds, "seed": seed, "box_mm": box_mm, "grid": grid, "jitter_mm": jitter_mm}
+            for cid in ids]
     records: list[dict[str, Any]] = []
     total = len(ids) * len(kinds)
     with staged_output(out, overwrite, inputs) as staging:
-        for cid in ids:
-            if cid not in complete_files:
-                raise InputError(f"{complete_dir}: no complete skull for training case {cid}")
-            complete = read_volume(complete_files[cid])
-            for kind in kinds:
-                dmask, extra = _defective(kind, cid, complete, defective_dir, defective_files, seed)
-                dvol = complete.like(dmask.astype(np.uint8))
-                rec = reconstruct(model, [dvol], batch_size=1, size=cfg.model.size)[0]
-                rng = np.random.default_rng(seed_sequence(seed, cid, kind, "box"))
-                s = make_sample(complete, dmask, rec.complete.data.astype(bool), box_mm, grid, rng, jitter_mm)
-                name = f"{cid}_{kind}.npz"
-                buf = _stdio.BytesIO()
-                np.savez_compressed(buf, x=s["x"], y=s["y"], box_lo=np.asarray(s["box"].lo), box_hi=np.asarray(s["box"].hi))
-                atomic_write_bytes(staging / name, buf.getvalue())
-                records.append({"file": name, "case_id": cid, "kind": kind, "source": str(complete_files[cid]),
-                                "box": s["box"].to_dict(), "shift_mm": s["shift_mm"], "implant_voxels": s["implant_voxels"],
-                                "implant_in_box": s["implant_in_box"], **{k: v for k, v in extra.items() if k != "defect"}})
-                if log is not None and s["implant_in_box"] < s["implant_voxels"]:
-                    log(f"{cid} {kind}: {s['implant_voxels'] - s['implant_in_box']} implant voxels outside the box")
-                if progress is not None:
-                    progress(len(records), total)
+        n_workers = max(1, min(workers, 2, len(jobs)))
+        pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn")) if n_workers > 1 else None
+        try:
+            # map keeps the id order whatever order the workers finish in
+            results = pool.map(_case_samples, jobs) if pool is not None else map(_case_samples, jobs)
+            for samples in results:
+                for name, payload, rec in samples:
+                    atomic_write_bytes(staging / name, payload)
+                    records.append(rec)
+                    if log is not None and rec["implant_in_box"] < rec["implant_voxels"]:
+                        log(f"{rec['case_id']} {rec['kind']}: {rec['implant_voxels'] - rec['implant_in_box']} implant voxels outside the box")
+                    if progress is not None:
+                        progress(len(records), total)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         meta = {"prepared": str(prepared), "stage1": str(stage1), "kinds": list(kinds), "box_mm": box_mm, "grid": grid,
                 "seed": seed, "jitter_mm": jitter_mm, "train_ids": ids, "samples": records}
         atomic_write_text(staging / SAMPLES_FILE, json.dumps(meta, indent=1) + "\n")

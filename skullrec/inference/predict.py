@@ -203,6 +203,33 @@ def reconstruct(
     return results
 
 
+def stage1_complete_in_box(model: torch.nn.Module, vol: Volume, box: Any, size: int, *, threshold: float = 0.5,
+                           margin_mm: float = DEFAULT_MARGIN_MM) -> np.ndarray:
+    """Stage 1's complete skull inside ``box`` (an index box of ``vol``'s grid), as :func:`reconstruct` makes it.
+
+    Equal to ``crop(reconstruct(...).complete.data, box)`` (box voxels outside the volume are 0, as
+    :func:`skullrec.inference.stage2.crop` reads them), but the 64^3 prediction is interpolated at the
+    box's voxels only: stage-2 training samples need the prior in their box and nothing else, and a
+    512^2 x Z grid is ~4x the box's voxels (tests/training/test_train_implant.py checks the equality).
+    """
+    from .stage2 import crop
+
+    was_training = model.training
+    model.eval()
+    try:
+        prepared = prepare_volume(vol, size, margin_mm)[0]
+        x = torch.from_numpy(prepared.data.astype(np.float32)[None, None])
+        with torch.inference_mode():
+            prob = torch.sigmoid(bone_logit(model(x)).float()).numpy()[0, 0]
+    finally:
+        model.train(was_training)
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(box.lo, dtype=np.float64)
+    target = Volume(np.zeros(box.shape, dtype=np.uint8), np.asarray(vol.affine, dtype=np.float64) @ shift)
+    inside = crop(np.ones(vol.shape, dtype=bool), box)
+    return (restore_to_grid(np.nan_to_num(prob, nan=0.0), prepared.affine, target) > threshold) & inside
+
+
 def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, min_island_mm3: float) -> Reconstruction:
     """Map one ``size^3`` prediction back to the input grid and derive the implant."""
     pred64 = prob > threshold

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
@@ -74,9 +75,9 @@ def test_samples_come_from_training_skulls_and_hold_the_implant(tiny):
         assert yi.sum() > 0 and 0 <= xi.min() and xi.max() <= 1
         # target and defective channel do not overlap much (only through the grid resampling)
         assert (yi[0] * xi[0]).sum() < 0.2 * yi.sum()
-    # the same seed gives the same samples
+    # the same seed gives the same samples, also from two worker processes
     again = build_stage2_data(root / "prepared", root / "stage1.safetensors", root / "samples2", kinds=("skullfix",),
-                              box_mm=BOX_MM, grid=GRID, seed=0)
+                              box_mm=BOX_MM, grid=GRID, seed=0, workers=2)
     assert [a["box"] for a in again] == [r["box"] for r in recs]
     np.testing.assert_array_equal(load_stage2_samples(root / "samples2")[1], x)
 
@@ -218,3 +219,21 @@ def test_predict_without_checkpoint_uses_the_shipped_pair(tiny, tmp_path, monkey
     res = runner.invoke(app, ["predict", "--stage2", str(models / "stage2.safetensors"), "--in", str(root / "defective"),
                               "--out", str(tmp_path / "half"), "--device", "cpu"])
     assert res.exit_code == 2 and "--stage2: needs --checkpoint" in res.output
+
+
+def test_stage1_prior_in_a_box_equals_the_crop_of_predicts_reconstruction(tiny):
+    from skullrec.data.resample import Box
+    from skullrec.inference.predict import reconstruct, stage1_complete_in_box
+    from skullrec.inference.stage2 import crop
+    from skullrec.nets.checkpoint import load_checkpoint
+
+    root, _ = tiny
+    model, cfg, _ = load_checkpoint(root / "stage1.safetensors")
+    vol = read_volume(root / "defective" / "000.nii.gz")
+    with torch.no_grad():  # a bias so the untrained stage 1 predicts bone in part of the grid
+        [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1].bias.add_(0.02)
+    full = reconstruct(model, [vol], batch_size=1, size=cfg.model.size)[0].complete.data.astype(bool)
+    assert 0 < full.sum() < full.size
+    for box in (Box(lo=(5, 7, 3), hi=(30, 41, 29)), Box(lo=(-6, 20, 10), hi=(20, 60, 44))):  # inside; reaching past two faces
+        part = stage1_complete_in_box(model, vol, box, cfg.model.size)
+        np.testing.assert_array_equal(part, crop(full, box))
