@@ -297,6 +297,7 @@ def predict_command(
     device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
     stage2: Annotated[Optional[Path], typer.Option("--stage2", help="A stage-2 checkpoint from 'skullrec train-implant': the implant is designed in a box around the defect.")] = None,
+    keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With stage 2: also write stage 1's own implant to OUT/stage1_implant/.")] = False,
 ) -> Path:
     """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
     from .inference.predict import predict_folder
@@ -315,7 +316,7 @@ def predict_command(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
-            stage2=stage2,
+            stage2=stage2, keep_stage1=keep_stage1,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")
@@ -502,7 +503,7 @@ def prepare_implant_command(
     seed: Annotated[int, typer.Option(help="Seed of the defects and box offsets.")] = 0,
     max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N training skulls.")] = None,
     overwrite: OVERWRITE = False,
-    workers: Annotated[int, typer.Option(help="Worker processes (at most 2); the samples do not depend on it.")] = 1,
+    workers: Annotated[int, typer.Option(help="Worker processes (at most 4); the samples do not depend on it.")] = 1,
 ) -> Path:
     """Stage-2 training samples at the skulls' own resolution (training skulls only)."""
     from .data.stage2 import build_stage2_data
@@ -524,6 +525,7 @@ def prepare_eval_command(
     kinds: Annotated[str, typer.Option(help="Defect kinds, comma-separated: skullfix, set1, set2.")] = "skullfix,set1,set2",
     seed: Annotated[int, typer.Option(help="Seed of the set-1 / set-2 defects.")] = 0,
     overwrite: OVERWRITE = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (at most 4); the files do not depend on it.")] = 1,
 ) -> Path:
     """The held-out skulls' defects at their own resolution, to score 'predict' with 'evaluate'."""
     from .data.stage2 import build_native_eval_sets
@@ -531,7 +533,7 @@ def prepare_eval_command(
     console = _console(stderr=True)
     with _bar("prepare-eval", console) as progress:
         meta = build_native_eval_sets(prepared, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-                                      seed=seed, overwrite=overwrite, progress=progress)
+                                      seed=seed, overwrite=overwrite, progress=progress, workers=workers)
     console.print(f"{len(meta['eval_ids'])} evaluation skulls x {len(meta['kinds'])} defect kinds -> {out}")
     return Path(out)
 

@@ -127,12 +127,9 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
                       log: Callable[[str], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
     """Write stage-2 samples for the training skulls of ``prepared`` into ``out`` (staged, then renamed); returns the records.
 
-    ``workers`` (at most 2) processes build skulls in parallel; the samples and samples.json do not
+    ``workers`` (at most 4) processes build skulls in parallel; the samples and samples.json do not
     depend on it (every random draw is seeded by (seed, case, kind), and records keep the id order).
     """
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     from ..data.layout import check_output_dir, staged_output
     from ..nets.checkpoint import load_checkpoint
 
@@ -157,22 +154,14 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
     records: list[dict[str, Any]] = []
     total = len(ids) * len(kinds)
     with staged_output(out, overwrite, inputs) as staging:
-        n_workers = max(1, min(workers, 2, len(jobs)))
-        pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=mp.get_context("spawn")) if n_workers > 1 else None
-        try:
-            # map keeps the id order whatever order the workers finish in
-            results = pool.map(_case_samples, jobs) if pool is not None else map(_case_samples, jobs)
-            for samples in results:
-                for name, payload, rec in samples:
-                    atomic_write_bytes(staging / name, payload)
-                    records.append(rec)
-                    if log is not None and rec["implant_in_box"] < rec["implant_voxels"]:
-                        log(f"{rec['case_id']} {rec['kind']}: {rec['implant_voxels'] - rec['implant_in_box']} implant voxels outside the box")
-                    if progress is not None:
-                        progress(len(records), total)
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+        for samples in _parallel_map(_case_samples, jobs, workers):
+            for name, payload, rec in samples:
+                atomic_write_bytes(staging / name, payload)
+                records.append(rec)
+                if log is not None and rec["implant_in_box"] < rec["implant_voxels"]:
+                    log(f"{rec['case_id']} {rec['kind']}: {rec['implant_voxels'] - rec['implant_in_box']} implant voxels outside the box")
+                if progress is not None:
+                    progress(len(records), total)
         meta = {"prepared": str(prepared), "stage1": str(stage1), "kinds": list(kinds), "box_mm": box_mm, "grid": grid,
                 "seed": seed, "jitter_mm": jitter_mm, "train_ids": ids, "samples": records}
         atomic_write_text(staging / SAMPLES_FILE, json.dumps(meta, indent=1) + "\n")
@@ -187,8 +176,44 @@ def eval_ids(prepared: str | Path) -> list[str]:
     return [str(i) for i in ids]
 
 
+def _parallel_map(fn: Callable[[dict[str, Any]], Any], jobs: list[dict[str, Any]], workers: int) -> Any:
+    """``map(fn, jobs)`` in up to ``workers`` spawned processes (at most 4: each holds a 512^2 x Z skull, ~1-2 GB),
+    results in job order whatever order the workers finish in."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = max(1, min(workers, 4, len(jobs)))
+    if n == 1:
+        yield from map(fn, jobs)
+        return
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
+    try:
+        yield from pool.map(fn, jobs)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _eval_case(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write one evaluation skull's complete skull and its defective skull + implant per kind (a worker's job)."""
+    from ..io import write_volume
+
+    cid, staging = job["cid"], Path(job["staging"])
+    defective_dir = None if job["defective_dir"] is None else Path(job["defective_dir"])
+    complete = read_volume(job["complete_file"])
+    write_volume(staging / "complete" / f"{cid}.nii.gz", complete)
+    out = []
+    for kind in job["kinds"]:
+        dmask, extra = _defective(kind, cid, complete, defective_dir, job["defective_files"], job["seed"])
+        implant = implant_of(complete.data.astype(bool), dmask)
+        write_volume(staging / kind / "defective" / f"{cid}.nii.gz", complete.like(dmask.astype(np.uint8)))
+        write_volume(staging / kind / "implant" / f"{cid}.nii.gz", complete.like(implant.astype(np.uint8)))
+        out.append({"case_id": cid, "kind": kind, "source": str(job["complete_file"]), "implant_voxels": int(implant.sum()),
+                    **{k: v for k, v in extra.items() if k != "defect"}})
+    return out
+
+
 def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS, seed: int = 0,
-                           overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+                           overwrite: bool = False, progress: Progress | None = None, workers: int = 1) -> dict[str, Any]:
     """Defective skulls of the *evaluation* skulls of ``prepared`` at their own grid, for ``predict`` + ``evaluate``.
 
     Writes ``OUT/complete/CASE.nii.gz`` (the true complete skull) and, per kind,
@@ -197,10 +222,10 @@ def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tupl
     defects cut at the native grid exactly as ``prepare-implant`` cuts them for the training skulls
     (seeded by (seed, case, kind)). Volumes go back to each file's own grid (:func:`write_volume`),
     so a prediction from ``predict --in OUT/KIND/defective`` pairs with them voxel for voxel.
-    Staged and renamed; returns the manifest written as ``OUT/manifest.json``.
+    Staged and renamed; returns the manifest written as ``OUT/manifest.json``. ``workers``
+    processes (at most 4) write skulls in parallel; the files do not depend on it.
     """
     from ..data.layout import check_output_dir, staged_output
-    from ..io import write_volume
 
     for k in kinds:
         if k not in KINDS:
@@ -213,20 +238,15 @@ def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tupl
     check_output_dir(out, overwrite, inputs)
     cases: list[dict[str, Any]] = []
     with staged_output(out, overwrite, inputs) as staging:
-        for i, cid in enumerate(ids):
+        for cid in ids:
             if cid not in complete_files:
                 raise InputError(f"{complete_dir}: no complete skull for evaluation case {cid}")
-            complete = read_volume(complete_files[cid])
-            write_volume(staging / "complete" / f"{cid}.nii.gz", complete)
-            for kind in kinds:
-                dmask, extra = _defective(kind, cid, complete, defective_dir, defective_files, seed)
-                implant = implant_of(complete.data.astype(bool), dmask)
-                write_volume(staging / kind / "defective" / f"{cid}.nii.gz", complete.like(dmask.astype(np.uint8)))
-                write_volume(staging / kind / "implant" / f"{cid}.nii.gz", complete.like(implant.astype(np.uint8)))
-                cases.append({"case_id": cid, "kind": kind, "source": str(complete_files[cid]), "implant_voxels": int(implant.sum()),
-                              **{k: v for k, v in extra.items() if k != "defect"}})
+        jobs = [{"cid": cid, "complete_file": complete_files[cid], "defective_dir": defective_dir, "defective_files": defective_files,
+                 "kinds": kinds, "seed": seed, "staging": staging} for cid in ids]
+        for i, recs in enumerate(_parallel_map(_eval_case, jobs, workers), 1):
+            cases.extend(recs)
             if progress is not None:
-                progress(i + 1, len(ids))
+                progress(i, len(ids))
         meta = {"command": "skullrec prepare-eval", "prepared": str(prepared), "kinds": list(kinds), "seed": seed,
                 "eval_ids": ids, "cases": cases}
         atomic_write_text(staging / "manifest.json", json.dumps(meta, indent=1) + "\n")

@@ -269,6 +269,7 @@ def predict_folder(
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
     stage2: Path | None = None,
+    keep_stage1: bool = False,
 ) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
@@ -279,7 +280,8 @@ def predict_folder(
     ``failed`` in predict.json, and when no case is usable the call fails with InputError and
     leaves nothing behind. With ``stage2`` (a ``skullrec train-implant`` checkpoint) the implant is
     stage 2's (:mod:`skullrec.inference.stage2`, in a box around stage 1's implant) and the
-    complete skull is the defective skull plus that implant.
+    complete skull is the defective skull plus that implant; ``keep_stage1`` also writes stage 1's
+    implant to out/stage1_implant/CASE.nii.gz.
     """
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
@@ -323,6 +325,8 @@ def predict_folder(
                         progress(done, len(ids))
                     continue
                 if model2 is not None:
+                    if keep_stage1:  # stage 1's own implant beside stage 2's, to compare the two on one run
+                        write_volume(staging / "stage1_implant" / f"{cid}.nii.gz", rec.implant)
                     rec = apply_stage2(rec, vol, model2, cfg2, dev)
                 # Back on the input file's own grid: its voxel order, affine and header.
                 write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)

@@ -178,8 +178,9 @@ def test_prepare_eval_writes_held_out_defects_at_the_native_grid(tmp_path):
         np.testing.assert_array_equal(imp, complete.data.astype(bool) & ~d.data.astype(bool))
         assert imp.sum() == next(c["implant_voxels"] for c in meta["cases"] if c["kind"] == kind) > 0
     np.testing.assert_array_equal(read_volume(tmp_path / "ev" / "skullfix" / "defective" / "001.nii.gz").data.astype(bool), given)
-    # seeded by (seed, case, kind): the same defect again
-    again = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev2"), "--kinds", "set2"])
+    # seeded by (seed, case, kind): the same defect again, also from worker processes
+    again = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev2"), "--kinds", "set2",
+                                     "--workers", "2"])
     assert again.exit_code == 0
     np.testing.assert_array_equal(read_volume(tmp_path / "ev2" / "set2" / "implant" / "001.nii.gz").data,
                                   read_volume(tmp_path / "ev" / "set2" / "implant" / "001.nii.gz").data)
@@ -209,13 +210,20 @@ def test_predict_without_checkpoint_uses_the_shipped_pair(tiny, tmp_path, monkey
     report = json.loads((tmp_path / "shipped" / "predict.json").read_text())
     assert report["checkpoint"] == str(models / "stage1.safetensors") and report["stage2"] == str(models / "stage2.safetensors")
     res = runner.invoke(app, ["predict", "--checkpoint", str(models / "stage1.safetensors"), "--stage2", str(models / "stage2.safetensors"),
-                              "--in", str(root / "defective"), "--out", str(tmp_path / "explicit"), "--device", "cpu"])
+                              "--in", str(root / "defective"), "--out", str(tmp_path / "explicit"), "--device", "cpu", "--keep-stage1"])
     assert res.exit_code == 0, res.output
+    s1 = runner.invoke(app, ["predict", "--checkpoint", str(models / "stage1.safetensors"), "--in", str(root / "defective"),
+                             "--out", str(tmp_path / "stage1only"), "--device", "cpu"])
+    assert s1.exit_code == 0, s1.output
     for case in report["cases"]:
         a = read_volume(tmp_path / "shipped" / "implant" / f"{case['case_id']}.nii.gz").data
         b = read_volume(tmp_path / "explicit" / "implant" / f"{case['case_id']}.nii.gz").data
         np.testing.assert_array_equal(a, b)
         assert "stage2" in case and case["implant_voxels"] == int(a.sum())
+        # --keep-stage1: stage 1's implant of the same run, equal to a stage-1-only prediction
+        kept = read_volume(tmp_path / "explicit" / "stage1_implant" / f"{case['case_id']}.nii.gz").data
+        np.testing.assert_array_equal(kept, read_volume(tmp_path / "stage1only" / "implant" / f"{case['case_id']}.nii.gz").data)
+        assert int(kept.sum()) == case["stage1_implant_voxels"]
     res = runner.invoke(app, ["predict", "--stage2", str(models / "stage2.safetensors"), "--in", str(root / "defective"),
                               "--out", str(tmp_path / "half"), "--device", "cpu"])
     assert res.exit_code == 2 and "--stage2: needs --checkpoint" in res.output
