@@ -31,7 +31,7 @@ import numpy as np
 from ..data.layout import implant_of, read_manifest
 from ..errors import InputError
 from ..data.resample import Box
-from ..inference.stage2 import box_around, crop, to_grid
+from ..inference.stage2 import box_around, crop, network_input, to_grid
 from ..io import Volume, atomic_write_bytes, atomic_write_text, list_volumes, read_volume
 from ..utils import Progress, seed_sequence
 
@@ -70,7 +70,7 @@ def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.nda
     centre = centre + shift_mm / np.asarray(complete.spacing)
     box = box_around(centre, complete.spacing, box_mm)
     prior = stage1_complete(box) if callable(stage1_complete) else crop(np.asarray(stage1_complete, dtype=bool), box)
-    x = np.stack([to_grid(crop(defective.astype(np.uint8), box), grid), to_grid(prior.astype(np.uint8), grid)])
+    x = network_input(defective, prior, box, grid)
     implant_crop = crop(implant.astype(np.uint8), box)
     y = to_grid(implant_crop, grid) > 0.5
     inside = int(implant_crop.sum())

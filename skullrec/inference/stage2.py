@@ -96,13 +96,19 @@ def from_grid(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return F.interpolate(t, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
-def largest_piece(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of ``mask`` (empty in, empty out)."""
-    labels, n = ndimage.label(mask, structure=CONNECTIVITY)
-    if n == 0:
-        return np.zeros(mask.shape, dtype=bool)
+def _pieces(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(26-connected labels of ``mask``, voxel count per label with the background's set to 0)."""
+    labels, _ = ndimage.label(mask, structure=CONNECTIVITY)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
+    return labels, sizes
+
+
+def largest_piece(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of ``mask`` (empty in, empty out)."""
+    labels, sizes = _pieces(mask)
+    if sizes.size == 1:
+        return np.zeros(mask.shape, dtype=bool)
     return labels == int(np.argmax(sizes))
 
 
@@ -118,11 +124,9 @@ def defect_centre(stage1_implant: np.ndarray) -> np.ndarray | None:
 def restrict_implant(mask: np.ndarray, defective: np.ndarray, stage1_implant: np.ndarray) -> np.ndarray:
     """``mask AND NOT defective``, then its largest 26-connected piece touching ``stage1_implant`` (else the largest)."""
     m = np.asarray(mask, dtype=bool) & ~np.asarray(defective, dtype=bool)
-    labels, n = ndimage.label(m, structure=CONNECTIVITY)
-    if n == 0:
+    labels, sizes = _pieces(m)
+    if sizes.size == 1:
         return m
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
     touching = np.unique(labels[np.asarray(stage1_implant, dtype=bool) & (labels > 0)])
     if touching.size:
         keep = int(touching[np.argmax(sizes[touching])])
@@ -140,6 +144,19 @@ class Stage2Input:
     centre: np.ndarray
 
 
+def network_input(defective: np.ndarray, prior_crop: np.ndarray, box: Box, grid: int) -> np.ndarray:
+    """The network's (2, grid, grid, grid) float32 input: the defective skull cut at ``box`` and stage 1's
+    complete skull in that box (``prior_crop``, shape ``box.shape``), each resampled to the grid.
+
+    The one place the input is made, for training samples (:func:`skullrec.data.stage2.make_sample`)
+    and for prediction (:func:`stage2_input`), so the two cannot drift apart.
+    """
+    if prior_crop.shape != box.shape:
+        raise ValueError(f"prior crop has shape {prior_crop.shape}, box has {box.shape}")
+    return np.stack([to_grid(crop(np.asarray(defective, dtype=np.uint8), box), grid),
+                     to_grid(np.asarray(prior_crop, dtype=np.uint8), grid)]).astype(np.float32)
+
+
 def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
                  spacing: tuple[float, ...], box_mm: float, grid: int) -> Stage2Input | None:
     """Locate the defect, cut the box and build the two-channel input; None when stage 1 found no defect."""
@@ -147,9 +164,8 @@ def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_impl
     if centre is None:
         return None
     box = box_around(centre, spacing, box_mm)
-    x = np.stack([to_grid(crop(np.asarray(defective, dtype=np.uint8), box), grid),
-                  to_grid(crop(np.asarray(stage1_complete, dtype=np.uint8), box), grid)])
-    return Stage2Input(x=x.astype(np.float32), box=box, centre=centre)
+    x = network_input(defective, crop(np.asarray(stage1_complete, dtype=bool), box), box, grid)
+    return Stage2Input(x=x, box=box, centre=centre)
 
 
 def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
