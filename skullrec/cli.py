@@ -367,6 +367,7 @@ def evaluate_command(
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip cases without a partner and report the count.")] = False,
     threshold: THRESHOLD = None,
     overwrite: OVERWRITE = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (at most 4; 2 on a 2-core machine for 512^2 x Z skulls); values do not depend on it.")] = 1,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""
     from rich.progress import Progress
@@ -383,7 +384,7 @@ def evaluate_command(
         task = bar.add_task("evaluating", total=None)
         rows, summary = evaluate_folders(
             pred, truth, defective=defective, target=target, hd95=hd95, skip_missing=skip_missing,
-            threshold=threshold, progress=lambda cid: bar.update(task, advance=1, description=f"case {cid}"),
+            threshold=threshold, progress=lambda cid: bar.update(task, advance=1, description=f"case {cid}"), workers=workers,
         )
     csv_path, json_path = write_results(out, rows, summary, overwrite=overwrite)
     print_summary(summary, console)
@@ -526,6 +527,7 @@ def prepare_eval_command(
     seed: Annotated[int, typer.Option(help="Seed of the set-1 / set-2 defects.")] = 0,
     overwrite: OVERWRITE = False,
     workers: Annotated[int, typer.Option(help="Worker processes (at most 4); the files do not depend on it.")] = 1,
+    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation skulls.")] = None,
 ) -> Path:
     """The held-out skulls' defects at their own resolution, to score 'predict' with 'evaluate'."""
     from .data.stage2 import build_native_eval_sets
@@ -533,7 +535,7 @@ def prepare_eval_command(
     console = _console(stderr=True)
     with _bar("prepare-eval", console) as progress:
         meta = build_native_eval_sets(prepared, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-                                      seed=seed, overwrite=overwrite, progress=progress, workers=workers)
+                                      seed=seed, overwrite=overwrite, progress=progress, workers=workers, max_cases=max_cases)
     console.print(f"{len(meta['eval_ids'])} evaluation skulls x {len(meta['kinds'])} defect kinds -> {out}")
     return Path(out)
 

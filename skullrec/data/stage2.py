@@ -33,7 +33,7 @@ from ..errors import InputError
 from ..data.resample import Box
 from ..inference.stage2 import box_around, crop, network_input, to_grid
 from ..io import Volume, atomic_write_bytes, atomic_write_text, list_volumes, read_volume
-from ..utils import Progress, seed_sequence
+from ..utils import Progress, ordered_process_map, seed_sequence
 
 KINDS: tuple[str, ...] = ("skullfix", "set1", "set2")
 DEFAULT_JITTER_MM = 10.0
@@ -154,7 +154,7 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
     records: list[dict[str, Any]] = []
     total = len(ids) * len(kinds)
     with staged_output(out, overwrite, inputs) as staging:
-        for samples in _parallel_map(_case_samples, jobs, workers):
+        for samples in ordered_process_map(_case_samples, jobs, workers):
             for name, payload, rec in samples:
                 atomic_write_bytes(staging / name, payload)
                 records.append(rec)
@@ -174,23 +174,6 @@ def eval_ids(prepared: str | Path) -> list[str]:
     if not ids:
         raise InputError(f"{prepared}: manifest lists no eval_ids (not a data set from skullrec prepare --eval-fraction > 0?)")
     return [str(i) for i in ids]
-
-
-def _parallel_map(fn: Callable[[dict[str, Any]], Any], jobs: list[dict[str, Any]], workers: int) -> Any:
-    """``map(fn, jobs)`` in up to ``workers`` spawned processes (at most 4: each holds a 512^2 x Z skull, ~1-2 GB),
-    results in job order whatever order the workers finish in."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    n = max(1, min(workers, 4, len(jobs)))
-    if n == 1:
-        yield from map(fn, jobs)
-        return
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
-    try:
-        yield from pool.map(fn, jobs)
-    finally:
-        pool.shutdown(cancel_futures=True)
 
 
 def _eval_case(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -213,7 +196,8 @@ def _eval_case(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS, seed: int = 0,
-                           overwrite: bool = False, progress: Progress | None = None, workers: int = 1) -> dict[str, Any]:
+                           overwrite: bool = False, progress: Progress | None = None, workers: int = 1,
+                           max_cases: int | None = None) -> dict[str, Any]:
     """Defective skulls of the *evaluation* skulls of ``prepared`` at their own grid, for ``predict`` + ``evaluate``.
 
     Writes ``OUT/complete/CASE.nii.gz`` (the true complete skull) and, per kind,
@@ -230,7 +214,7 @@ def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tupl
     for k in kinds:
         if k not in KINDS:
             raise InputError(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
-    ids = eval_ids(prepared)
+    ids = eval_ids(prepared)[:max_cases]  # max_cases: only the first N evaluation skulls
     _, complete_dir, defective_dir = training_ids(prepared)
     complete_files = list_volumes(complete_dir)
     defective_files = list_volumes(defective_dir) if defective_dir is not None and "skullfix" in kinds else {}
@@ -243,7 +227,7 @@ def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tupl
                 raise InputError(f"{complete_dir}: no complete skull for evaluation case {cid}")
         jobs = [{"cid": cid, "complete_file": complete_files[cid], "defective_dir": defective_dir, "defective_files": defective_files,
                  "kinds": kinds, "seed": seed, "staging": staging} for cid in ids]
-        for i, recs in enumerate(_parallel_map(_eval_case, jobs, workers), 1):
+        for i, recs in enumerate(ordered_process_map(_eval_case, jobs, workers), 1):
             cases.extend(recs)
             if progress is not None:
                 progress(i, len(ids))
