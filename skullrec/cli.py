@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import json
 import sys
 import time
 from collections import Counter
@@ -196,18 +198,17 @@ def defects_command(
 ) -> Path:
     """Cut set-1 (training-like) and set-2 (different) defects into any folder of complete skulls."""
     from .data.resample import DEFAULT_MARGIN_MM
-    from .io import list_volumes
 
     # No orientation warning: read_volume brings every file to the canonical L, P, S order, so the
     # defects land at the same anatomical place whatever voxel order a file uses.
-    files = list_volumes(complete)  # InputError for a missing or empty folder
     console = _console(stderr=True)
     t0 = time.perf_counter()
     result = prepare_command(
         complete=Path(complete), out=Path(out), defective=None, size=size, margin_mm=DEFAULT_MARGIN_MM,
         eval_fraction=eval_fraction, seed=seed, threshold=threshold, overwrite=overwrite,
     )
-    console.print(f"defects: {len(files)} skulls in {time.perf_counter() - t0:.1f} s -> {result}")
+    n_skulls = len(json.loads((Path(result) / "manifest.json").read_text())["cases"])  # what was written, not re-listed
+    console.print(f"defects: {n_skulls} skulls in {time.perf_counter() - t0:.1f} s -> {result}")
     return result
 
 
@@ -370,8 +371,6 @@ def evaluate_command(
     workers: Annotated[int, typer.Option(help="Worker processes (at most 4; 2 on a 2-core machine for 512^2 x Z skulls); values do not depend on it.")] = 1,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""
-    from rich.progress import Progress
-
     from .evaluation.evaluate import check_outputs, evaluate_folders, write_results
     from .evaluation.metrics import HD95_DEFINITIONS, TARGETS
 
@@ -380,11 +379,11 @@ def evaluate_command(
     out = Path(out)
     check_outputs(out, overwrite)  # refuse before spending time on the evaluation
     console = _console()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("evaluating", total=None)
+    scored = itertools.count(1)
+    with _bar("evaluate", _console(stderr=True)) as progress:  # stderr: stdout carries only the summary
         rows, summary = evaluate_folders(
             pred, truth, defective=defective, target=target, hd95=hd95, skip_missing=skip_missing,
-            threshold=threshold, progress=lambda cid: bar.update(task, advance=1, description=f"case {cid}"), workers=workers,
+            threshold=threshold, progress=lambda cid: progress(next(scored), None), workers=workers,
         )
     csv_path, json_path = write_results(out, rows, summary, overwrite=overwrite)
     print_summary(summary, console)

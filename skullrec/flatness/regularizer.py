@@ -49,7 +49,8 @@ class FamRegularizer:
     torch 2.13; with lam = 0 the regulariser only monitors Tr(H), which is right).
     """
 
-    def __init__(self, cfg: FamConfig, model: nn.Module) -> None:
+    def __init__(self, cfg: FamConfig, model: nn.Module, world_size: int = 1) -> None:
+        """``world_size``: the DDP processes that will each estimate on their own shard (for check_unbiased)."""
         from ..nets.autoencoder import get_linear
 
         self.cfg = cfg
@@ -62,7 +63,7 @@ class FamRegularizer:
             raise ConfigError(f"fam.estimator: unknown estimator {cfg.estimator!r} (available: {', '.join(ESTIMATORS)})")
         if ESTIMATORS[cfg.estimator].taps:
             fast.prepare_taps(model)
-        check_unbiased(cfg)
+        check_unbiased(cfg, world_size)
         if cfg.lam > 0 and cfg.gradient == "full" and any(isinstance(m, nn.modules.instancenorm._InstanceNorm) for m in model.modules()):
             raise ConfigError(
                 "fam.gradient: 'full' needs third derivatives, which torch computes wrongly through InstanceNorm; "
@@ -129,6 +130,13 @@ def grad_ratio(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor
     The gradients are taken with ``torch.autograd.grad``: nothing accumulates in ``.grad``, and the
     model's weights are untouched. ``lam = 1`` gives the ratio per unit lambda (ratio is linear in lam).
     """
+    return ratio_and_term(model, x, y, loss_fn, reg, generator, lam=lam, loss_scale=loss_scale, penalty_scale=penalty_scale)[0]
+
+
+def ratio_and_term(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], reg: FamRegularizer,
+                   generator: torch.Generator | None = None, *, lam: float = 1.0, loss_scale: float = 1.0,
+                   penalty_scale: float = 1.0) -> tuple[dict[str, float], FamTerm]:
+    """:func:`grad_ratio` and the regulariser term it evaluated (its trace and norm serve as monitoring values)."""
     params = [p for p in model.parameters() if p.requires_grad]
     loss = loss_fn(model(x), y)
     term = reg(model, x, y, loss_fn, loss, generator)
@@ -143,7 +151,7 @@ def grad_ratio(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor
     for name, w in zip(reg.layers, reg.weights(model)):
         is_w = lambda p, w=w: p is w  # noqa: E731
         out[name] = norm(g_pen, is_w) / max(norm(g_loss, is_w), 1e-300)
-    return out
+    return out, term
 
 
-__all__ = ["Estimator", "ESTIMATORS", "FamRegularizer", "SUBSET_ESTIMATORS", "check_unbiased", "grad_ratio"]
+__all__ = ["Estimator", "ESTIMATORS", "FamRegularizer", "SUBSET_ESTIMATORS", "check_unbiased", "grad_ratio", "ratio_and_term"]

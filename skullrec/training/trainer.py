@@ -375,15 +375,12 @@ def _start(
     model = build_model(cfg.model, seed=cfg.seed).to(dev)
     model.train()
     distributed.check_batch_size(cfg.train.batch_size, dinfo)
-    if cfg.train.method in FAM_METHODS:
-        from ..flatness.regularizer import check_unbiased
-
-        check_unbiased(cfg.fam, dinfo.world_size)
     run = _Run(
         cfg=cfg, run_dir=run_dir, dev=dev, dinfo=dinfo, data=data, model=model, net=model,
         optimizer=make_optimizer(cfg, model), loss_fn=loss_function(cfg.model.loss),
-        # Built for every method: FAM trains with it, the others only log Tr(H) and kappa-hat with it.
-        reg=FamRegularizer(cfg.fam, model), log=log, progress=progress,
+        # Built for every method (FAM trains with it; the others' monitoring builds its whole-batch twin);
+        # it refuses a biased estimator / trace-mode / world-size combination before any training.
+        reg=FamRegularizer(cfg.fam, model, dinfo.world_size), log=log, progress=progress,
         steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
     )
     if resume and run.state_path.is_file():
@@ -468,7 +465,7 @@ def _epoch_record(run: _Run, epoch: int, sums: dict[str, torch.Tensor], reg_step
     if record["trace"] is not None:
         record["kappa_hat"] = summary["norm_sq"] / reg_steps * record["trace"]
     if cfg.train.method in FAM_METHODS:  # every epoch: how strong lam is, on the gradients' scale
-        record["fam_grad_ratio"] = fam_grad_ratio(run.model, run.data.train, cfg, run.loss_fn, epoch, run.dev)
+        record["fam_grad_ratio"], _ = fam_grad_ratio(run.model, run.data.train, cfg, run.loss_fn, epoch, run.dev)
     return record
 
 
@@ -482,9 +479,11 @@ def _validate(run: _Run, epoch: int, record: dict[str, Any]) -> None:
         record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
         record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
     if cfg.train.method not in FAM_METHODS:
-        record.update(_monitor(run.model, run.data.train, cfg, run.reg, run.loss_fn, epoch, run.dev))
-        # What lambda = 1 would give here: divide a target ratio by it to choose lambda.
-        record["monitor_fam_grad_ratio_per_lam"] = fam_grad_ratio(run.model, run.data.train, cfg, run.loss_fn, epoch, run.dev, lam=1.0)
+        # One evaluation of the regulariser gives both: what lambda = 1 would give here (divide a target ratio
+        # by it to choose lambda), and Tr(H) / kappa-hat of the FAM layers on the first training batch.
+        ratio, term = fam_grad_ratio(run.model, run.data.train, cfg, run.loss_fn, epoch, run.dev, lam=1.0)
+        trace, norm_sq = float(term.trace.detach()), float(term.norm_sq.detach())
+        record.update(monitor_trace=trace, monitor_kappa_hat=trace * norm_sq, monitor_fam_grad_ratio_per_lam=ratio)
 
 
 def _save_epoch(run: _Run, epoch: int, record: dict[str, Any]) -> None:
@@ -513,20 +512,9 @@ def _interrupted(run_dir: Path, epoch: int, step: int) -> KeyboardInterrupt:
     )
 
 
-def _monitor(model, split: TensorSplit, cfg: Config, reg: Any, loss_fn, epoch: int, dev: torch.device) -> dict[str, float]:
-    """Tr(H) and kappa-hat of the FAM layers on the first training batch (methods that do not compute them)."""
-    x, y = split.batch(torch.arange(min(cfg.train.batch_size, len(split)), device=split.defective.device))
-    gen = make_generator(dev, cfg.seed, epoch, STREAM_MONITOR)
-    loss = loss_fn(model(x), y)
-    term = reg(model, x, y, loss_fn, loss, gen)
-    trace, norm_sq = float(term.trace.detach()), float(term.norm_sq.detach())
-    model.zero_grad(set_to_none=True)
-    return {"monitor_trace": trace, "monitor_kappa_hat": trace * norm_sq}
-
-
 def fam_grad_ratio(model: torch.nn.Module, split: TensorSplit, cfg: Config, loss_fn: Callable, epoch: int,
-                   dev: torch.device, lam: float | None = None) -> dict[str, float]:
-    """||grad(lam * FAM)|| / ||grad(Dice loss)|| of the training objective on the first training batch.
+                   dev: torch.device, lam: float | None = None) -> tuple[dict[str, float], Any]:
+    """||grad(lam * FAM)|| / ||grad(Dice loss)|| of the training objective on the first training batch, and the FamTerm.
 
     Over all parameters (``all``) and on each regularised layer's weight. The objective's own scaling
     (fam_authors: 80 * sum) and lam (``cfg.fam.lam`` unless given) apply. Measured with the whole-batch
@@ -535,7 +523,7 @@ def fam_grad_ratio(model: torch.nn.Module, split: TensorSplit, cfg: Config, loss
     """
     import dataclasses
 
-    from ..flatness.regularizer import SUBSET_ESTIMATORS, FamRegularizer, grad_ratio
+    from ..flatness.regularizer import SUBSET_ESTIMATORS, FamRegularizer, ratio_and_term
 
     fam = cfg.fam
     if fam.estimator in SUBSET_ESTIMATORS:
@@ -544,8 +532,8 @@ def fam_grad_ratio(model: torch.nn.Module, split: TensorSplit, cfg: Config, loss
     loss_scale, penalty_scale = objective_scales(cfg, x.shape[0])
     reg = FamRegularizer(fam, model)
     gen = make_generator(dev, cfg.seed, epoch, STREAM_MONITOR)
-    out = grad_ratio(model, x, y, loss_fn, reg, gen, lam=fam.lam if lam is None else lam,
-                     loss_scale=loss_scale, penalty_scale=penalty_scale)
+    out = ratio_and_term(model, x, y, loss_fn, reg, gen, lam=fam.lam if lam is None else lam,
+                         loss_scale=loss_scale, penalty_scale=penalty_scale)
     model.zero_grad(set_to_none=True)
     return out
 

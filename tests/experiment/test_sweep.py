@@ -95,6 +95,15 @@ def test_versus_reference_pairs_methods_by_seed():
     (moved,) = versus_reference(shifted, exp)
     cell = versus_reference_markdown([moved], exp).splitlines()[-1].split("|")[4].strip()
     assert cell == f"{moved['d_dsc']:+.3f} ± {moved['d_dsc_ci95']:.3f}*" and 9.0 < moved["d_dsc"] < 11.0
+    # paired by case: the t-interval over cases of the seed-averaged per-case differences (numpy, by hand)
+    per_case = np.array([np.mean([next(r["dsc"] for r in rows if (r["method"], r["seed"], r["case"]) == ("fam", s, c))
+                                  - next(r["dsc"] for r in rows if (r["method"], r["seed"], r["case"]) == ("baseline", s, c))
+                                  for s in exp.seeds]) for c in ("0", "1", "2")])
+    assert entry["cases"] == 3 and entry["d_dsc"] == pytest.approx(per_case.mean())
+    assert entry["d_dsc_case_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * per_case.std(ddof=1) / math.sqrt(3))
+    # one seed: no seed interval, but the case interval exists
+    (one,) = versus_reference([r for r in rows if r["seed"] == 0], ExperimentConfig(**{**exp.__dict__, "seeds": [0]}))
+    assert math.isnan(one["d_dsc_ci95"]) and one["d_dsc_case_ci95"] > 0
     with pytest.raises(ConfigError, match="reference: 'sam' is not one of the methods"):
         load_experiment(REPO / "configs" / "demo.yaml", ["reference=sam"], None)
 
