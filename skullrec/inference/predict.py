@@ -360,10 +360,12 @@ def predict_folder(
 
 def apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
     """Replace stage 1's implant by stage 2's; the complete skull becomes defective OR that implant."""
-    from .stage2 import stage2_implant
+    from .stage2 import deep_defect_centre, stage2_implant
 
+    # the box goes where stage 1 added bone far from the remaining skull, not around its false sheets
+    centre = deep_defect_centre(rec.prepared_input, rec.prepared_prediction, vol.affine)
     implant, info = stage2_implant(model2, vol, rec.complete.data.astype(bool), rec.implant.data.astype(bool),
-                                   cfg2.net.box_mm, cfg2.net.grid, device)
+                                   cfg2.net.box_mm, cfg2.net.grid, device, centre=centre)
     complete = vol.data.astype(bool) | implant
     vox = voxel_volume_mm3(vol.affine)
     new_info = {**rec.info, "stage1_implant_voxels": rec.info["implant_voxels"], "implant_voxels": int(implant.sum()),

@@ -121,6 +121,29 @@ def defect_centre(stage1_implant: np.ndarray) -> np.ndarray | None:
     return (np.asarray(bb[0], dtype=np.float64) + np.asarray(bb[1], dtype=np.float64) - 1.0) / 2.0
 
 
+def deep_defect_centre(prepared_input: Volume, prepared_prediction: Volume, target_affine: np.ndarray) -> np.ndarray | None:
+    """Voxel-index centre (on the grid of ``target_affine``) of the deepest part of stage 1's added bone.
+
+    Stage 1 also adds thin false sheets all around the skull, so the largest piece of its implant
+    often spans the whole vault and its box centre misses the defect (SkullFix held-out skulls: up
+    to 60 mm off). The hole itself is where added bone lies far from the remaining bone: at stage
+    1's own 64^3 grid, the added voxels farther from the defective skull than half the largest such
+    distance (scipy's exact EDT in mm), their largest 26-connected piece, its bounding-box centre
+    (measured on 8 held-out skulls: within 0.1-9 mm per axis, inside the +-10 mm training jitter).
+    """
+    inp = np.asarray(prepared_input.data, dtype=bool)
+    added = np.asarray(prepared_prediction.data, dtype=bool) & ~inp
+    if not added.any():
+        return None
+    dist = ndimage.distance_transform_edt(~inp, sampling=prepared_input.spacing) if inp.any() else np.ones(inp.shape)
+    depth = np.where(added, dist, 0.0)
+    piece = largest_piece(added & (depth > 0.5 * depth.max()))
+    bb = bounding_box(piece)
+    c64 = (np.asarray(bb[0], dtype=np.float64) + np.asarray(bb[1], dtype=np.float64) - 1.0) / 2.0
+    m = np.linalg.inv(np.asarray(target_affine, dtype=np.float64)) @ np.asarray(prepared_input.affine, dtype=np.float64)
+    return (m @ np.r_[c64, 1.0])[:3]
+
+
 def restrict_implant(mask: np.ndarray, defective: np.ndarray, stage1_implant: np.ndarray) -> np.ndarray:
     """``mask AND NOT defective``, then its largest 26-connected piece touching ``stage1_implant`` (else the largest)."""
     m = np.asarray(mask, dtype=bool) & ~np.asarray(defective, dtype=bool)
@@ -158,9 +181,10 @@ def network_input(defective: np.ndarray, prior_crop: np.ndarray, box: Box, grid:
 
 
 def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
-                 spacing: tuple[float, ...], box_mm: float, grid: int) -> Stage2Input | None:
-    """Locate the defect, cut the box and build the two-channel input; None when stage 1 found no defect."""
-    centre = defect_centre(stage1_implant)
+                 spacing: tuple[float, ...], box_mm: float, grid: int, centre: np.ndarray | None = None) -> Stage2Input | None:
+    """Locate the defect (or use ``centre``), cut the box and build the two-channel input; None when stage 1 found no defect."""
+    if centre is None:
+        centre = defect_centre(stage1_implant)
     if centre is None:
         return None
     box = box_around(centre, spacing, box_mm)
@@ -169,7 +193,8 @@ def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_impl
 
 
 def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
-                   box_mm: float, grid: int, device: str | torch.device = "cpu", amp: str = "none") -> tuple[np.ndarray, dict[str, Any]]:
+                   box_mm: float, grid: int, device: str | torch.device = "cpu", amp: str = "none",
+                   centre: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Stage 2 on one defective skull: the implant on the input grid (bool) and what was done (info).
 
     Without a defect from stage 1 (empty stage-1 implant) the result is empty and ``info['box']`` None.
@@ -179,7 +204,7 @@ def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndar
     from ..training.trainer import amp_context
 
     defective = vol.data.astype(bool)
-    inp = stage2_input(defective, stage1_complete, stage1_implant, vol.spacing, box_mm, grid)
+    inp = stage2_input(defective, stage1_complete, stage1_implant, vol.spacing, box_mm, grid, centre=centre)
     if inp is None:
         return np.zeros(vol.shape, dtype=bool), {"box": None}
     was_training = model.training

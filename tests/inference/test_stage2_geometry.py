@@ -173,3 +173,29 @@ def test_stage2_bf16_inference_agrees_with_fp32():
     b, _ = stage2_implant(net, vol, complete, implant_true, 30.0, 16, amp="bf16")
     assert a.sum() > 0.3 * implant_true.sum()
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
+
+
+def test_deep_defect_centre_finds_the_hole_not_the_false_sheet():
+    from skullrec.inference.stage2 import deep_defect_centre
+
+    shape, spacing = (48, 48, 48), (2.0, 2.0, 2.0)
+    g = np.indices(shape).astype(float)
+    r = np.sqrt((((g.T - 23.5) * spacing) ** 2).sum(-1)).T
+    complete = (r < 40) & (r > 32)
+    defective = complete & ~((g[2] > 38) & (np.abs(g[0] - 23.5) < 9) & (np.abs(g[1] - 23.5) < 9))  # a hole on top
+    sheet = (r >= 40) & (r < 43) & (g[0] < 30)  # a thin false sheet over much of the outer surface, larger than the cap
+    prediction = complete | sheet
+    assert (sheet.sum()) > (complete & ~defective).sum()
+    aff = _affine(spacing)
+    centre = deep_defect_centre(Volume(defective.astype(np.uint8), aff), Volume(prediction.astype(np.uint8), aff), aff)
+    bb = np.argwhere(complete & ~defective)
+    true_centre = (bb.min(0) + bb.max(0)) / 2.0
+    assert np.abs((centre - true_centre) * spacing).max() < 6.0  # mm
+    # the largest piece of everything stage 1 added is the sheet+cap, centred far from the hole
+    old = defect_centre(prediction & ~defective)
+    assert np.abs((old - true_centre) * spacing).max() > 10.0
+    # same physical point when the target grid differs (a 2x finer grid with the same origin)
+    fine = _affine((1.0, 1.0, 1.0))
+    fine[:3, 3] -= 0.5
+    c2 = deep_defect_centre(Volume(defective.astype(np.uint8), aff), Volume(prediction.astype(np.uint8), aff), fine)
+    np.testing.assert_allclose(c2, centre * 2 + 0.5, atol=1e-9)

@@ -245,3 +245,20 @@ def test_stage1_prior_in_a_box_equals_the_crop_of_predicts_reconstruction(tiny):
     for box in (Box(lo=(5, 7, 3), hi=(30, 41, 29)), Box(lo=(-6, 20, 10), hi=(20, 60, 44))):  # inside; reaching past two faces
         part = stage1_complete_in_box(model, vol, box, cfg.model.size)
         np.testing.assert_array_equal(part, crop(full, box))
+
+
+def test_output_bias_starts_at_the_implant_fraction():
+    from skullrec.config import ImplantNetConfig
+    from skullrec.nets.implant_net import build_implant_net
+    from skullrec.training.stage2 import init_output_bias
+
+    net = build_implant_net(ImplantNetConfig(grid=16, box_mm=40.0, channels=[4, 8, 8], strides=[2, 2]), seed=0)
+    x = torch.rand((1, 2, 16, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = net(x)
+        bias = init_output_bias(net, 0.03)
+        after = net(x)
+    assert bias == pytest.approx(np.log(0.03 / 0.97))
+    # every logit moves by the same amount (the bias of the last convolution, added to an identity residual)
+    shift = (after - before).numpy()
+    assert np.ptp(shift) < 1e-4 and abs(float(torch.sigmoid(after).median()) - 0.03) < 0.02
