@@ -51,7 +51,7 @@ def main() -> None:
         ax = fig.add_subplot(1, 2, k + 1, projection="3d")
         for (v, f), colour, alpha in ((skull, (0.85, 0.82, 0.75), 0.35), (implant, (0.85, 0.2, 0.15), 1.0)):
             if len(f):
-                ax.add_collection3d(Poly3DCollection(v[f], facecolor=colour, edgecolor="none", alpha=alpha, shade=True))
+                ax.add_collection3d(Poly3DCollection(v[f], facecolors=[colour], edgecolors=[(0, 0, 0, 0)], alpha=alpha, shade=True))
         pts = skull[0] if len(skull[0]) else implant[0]
         lo, hi = pts.min(0), pts.max(0)
         mid, half = (lo + hi) / 2, (hi - lo).max() / 2
