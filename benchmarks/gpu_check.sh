@@ -203,7 +203,8 @@ def job(rank, n_cases, q):
     sys.path.insert(0, "benchmarks")
     from step_cost import build_runner
     torch.set_num_threads(1)
-    r = build_runner("fam-default", 64, 4, torch.device(os.environ["GPU_CHECK_DEVICE"]), seed=rank)
+    # eager: "fam-default" now compiles, a ~50 s warm-up in every spawned process that would swamp this short concurrency check
+    r = build_runner("fam-default-eager", 64, 4, torch.device(os.environ["GPU_CHECK_DEVICE"]), seed=rank)
     r.step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()

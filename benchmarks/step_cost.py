@@ -1,9 +1,16 @@
-"""Cost of one training step for every method and FAM mode, as a ratio to a plain Dice+Adam step.
+"""Cost of one training step for every method and FAM mode, as a ratio to today's plain Dice+Adam step.
 
 A benchmark, not a test. Every method runs the trainer's own ``skullrec.training.trainer.train_step`` on its
-own copy of the same model (same initial weights, same batch). Timing: the methods take turns, one
+own copy of the same model (same initial weights, same batch). The reference row ``plain-eager`` is the
+plain step as it was before the speed switches (float32, eager, for-loop Adam); the rows ``plain`` and
+``fam-default`` are what the trainer runs by default for a paper-protocol run (``--protocol-steps``):
+``train.amp`` and ``train.compile`` resolved and applied by the trainer's own functions
+(skullrec.training.speed), the compile trial step included. Other ``plain-*`` / ``fam-*`` rows take
+one switch at a time (bf16, torch.compile, channels-last 3D, fused Adam); rows without a suffix
+(fam-autograd, sam, ...) are the float32 eager step of that method, as in earlier tables.
+Timing: the methods take turns, one
 step each per round (round-robin), so a change of machine load during the run hits all of them alike;
-the table gives the median over ``--steps`` rounds, as a ratio to the median plain step, the ratio
+the table gives the median over ``--steps`` rounds, as a ratio to the median plain-eager step, the ratio
 of the fastest steps (what an unloaded machine approaches) and the ratio of process CPU time (both
 more robust than the median on a machine shared with other jobs). Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` per method; on CPU (where tracemalloc does not see torch's
@@ -12,6 +19,8 @@ allocations) a fresh subprocess per method reports its peak resident set size (V
 that the imports' peak does not hide the step's) and its growth over the state after setup.
 
     python benchmarks/step_cost.py --threads 2 --batch 4 --steps 10            # CPU (and GPU if present)
+    python benchmarks/step_cost.py --threads 1 --steps 20 --no-memory \
+        --methods plain-eager,plain,fam-default,plain-bf16,plain-compiled,fam-default-eager   # the issue-14 table
     python benchmarks/step_cost.py --device cuda --steps 20 --no-memory-subprocess
 """
 
@@ -31,9 +40,25 @@ from typing import Any
 
 import torch
 
-# name -> (train.method, FamConfig overrides, description). "every4" is timed per cycle of 4 steps.
-METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "plain": ("baseline", {}, "Dice + Adam"),
+# name -> (train.method, FamConfig overrides, description[, step options]). "every4" is timed per cycle of 4 steps.
+# Step options: amp / compile ("default": the trainer's resolved default; else the value given),
+# channels_last (model and batch in channels_last_3d), fused (torch.optim.Adam(fused=True)).
+# Without options: float32, eager, the trainer's Adam (the step before the speed switches).
+DEFAULT = {"amp": "default", "compile": "default"}
+REFERENCE = "plain-eager"  # the row every ratio refers to
+METHODS: dict[str, tuple[Any, ...]] = {
+    "plain-eager": ("baseline", {}, "reference: Dice + Adam, float32, eager (the plain step before issue 14)"),
+    "plain": ("baseline", {}, "Dice + Adam as the trainer runs it by default", DEFAULT),
+    "fam-default": ("fam", {}, "FAM defaults (fd-quarter) as the trainer runs it by default", DEFAULT),
+    "plain-bf16": ("baseline", {}, "Dice + Adam, bf16 autocast, eager", {"amp": "bf16"}),
+    "plain-compiled": ("baseline", {}, "Dice + Adam, float32, torch.compile", {"compile": True}),
+    "plain-bf16-compiled": ("baseline", {}, "Dice + Adam, bf16 autocast, torch.compile", {"amp": "bf16", "compile": True}),
+    "plain-channels-last": ("baseline", {}, "Dice + Adam, float32, channels_last_3d", {"channels_last": True}),
+    "plain-bf16-channels-last": ("baseline", {}, "Dice + Adam, bf16, channels_last_3d", {"amp": "bf16", "channels_last": True}),
+    "plain-fused-adam": ("baseline", {}, "Dice + Adam(fused=True), float32, eager", {"fused": True}),
+    "fam-default-eager": ("fam", {}, "FAM defaults (fd-quarter), float32, eager (the default before issue 14)"),
+    "fam-default-bf16": ("fam", {}, "FAM defaults, bf16 autocast (fd passes in float32), eager", {"amp": "bf16"}),
+    "fam-default-compiled": ("fam", {}, "FAM defaults, float32, torch.compile", {"compile": True}),
     "fam-autograd": ("fam", {"estimator": "autograd"}, "FAM full gradient, plain autograd (third-order backward)"),
     "fam-detached": ("fam", {"estimator": "autograd", "gradient": "detached"}, "FAM, trace detached (authors' code)"),
     "fam-every4": ("fam", {"estimator": "autograd", "every": 4}, "FAM autograd every 4th step (mean per step)"),
@@ -46,7 +71,6 @@ METHODS: dict[str, tuple[str, dict[str, Any], str]] = {
     "fam-fd-k4": ("fam", {"estimator": "fd", "samples": 4}, "fd, 4 probes stacked in one pass"),
     "fam-fd-half-every2": ("fam", {"estimator": "fd-half", "every": 2}, "fd-half every 2nd step"),
     "fam-fd-detached": ("fam", {"estimator": "fd", "gradient": "detached"}, "fd, trace detached"),
-    "fam-default": ("fam", {}, "FamConfig defaults (what configs/fam.yaml trains: fd-quarter)"),
     "sam": ("sam", {}, "SAM (two forward/backward passes)"),
     "asam": ("asam", {}, "ASAM"),
     "lookbehind": ("lookbehind", {}, "Lookbehind-SAM, k = 2 (three forward/backward passes, two Adam steps)"),
@@ -60,6 +84,8 @@ class Runner:
     name: str
     step: Any
     cycle: int = 1
+    mode: str = "float32, eager"  # what the step ran as (speed.describe)
+    setup_s: float = 0.0  # building + compile trial + warm-up steps, seconds
     times: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     error: str | None = None
@@ -83,15 +109,22 @@ def make_batch(batch: int, size: int, device: torch.device, seed: int = 0) -> tu
     return torch.stack(xs)[:, None].to(device), torch.stack(ys)[:, None].to(device)
 
 
-def build_runner(name: str, size: int, batch: int, device: torch.device, seed: int = 0) -> Runner:
-    """The step closure of one method (its own model and optimizer, same initial weights)."""
+def build_runner(name: str, size: int, batch: int, device: torch.device, seed: int = 0, protocol_steps: int = 5000) -> Runner:
+    """The step closure of one method (its own model and optimizer, same initial weights).
+
+    The default rows resolve train.amp / train.compile exactly as the trainer's ``_start`` does for a run
+    of ``protocol_steps`` steps (skullrec.training.speed), including the compile trial step.
+    """
     from skullrec.config import Config, FamConfig, ModelConfig
     from skullrec.flatness import hessian as flatness
     from skullrec.flatness.regularizer import FamRegularizer
     from skullrec.nets.autoencoder import build_model, loss_function
+    from skullrec.training import speed
     from skullrec.training.trainer import make_optimizer, train_step
 
-    method, fam_over, _ = METHODS[name]
+    t_setup = time.perf_counter()
+    method, fam_over, _, *rest = METHODS[name]
+    opts = {"amp": "none", "compile": False, "channels_last": False, "fused": False, **(rest[0] if rest else {})}
     fam_over = dict(fam_over)
     batched = fam_over.pop("_batched", None)
     cfg = Config()
@@ -101,19 +134,25 @@ def build_runner(name: str, size: int, batch: int, device: torch.device, seed: i
     cfg.fam = FamConfig(**{**{"lam": 0.002}, **fam_over})
     model = build_model(cfg.model, seed=seed).to(device)
     model.train()
+    if opts["channels_last"]:
+        model = model.to(memory_format=torch.channels_last_3d)
     try:
-        opt = make_optimizer(cfg, model)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True) if opts["fused"] else make_optimizer(cfg, model)
     except ImportError as exc:  # e.g. skullrec.training.sam not there yet
         r = Runner(name, None)
         r.error = f"unavailable ({exc})"
         return r
     loss_fn = loss_function()
     reg = FamRegularizer(cfg.fam, model) if method == "fam" else None
-    if reg is not None and cfg.fam.estimator != "autograd":
-        from skullrec.flatness.fast import attach_taps
-
-        attach_taps(model)
+    if rest and rest[0] is DEFAULT and reg is None:
+        FamRegularizer(cfg.fam, model)  # as the trainer: built for every method (taps attached), used by FAM only
     x, y = make_batch(batch, size, device, seed)
+    if opts["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    amp = speed.resolve_amp(cfg.train.amp, device) if opts["amp"] == "default" else opts["amp"]
+    twice = speed.needs_double_backward(cfg)
+    want = speed.resolve_compile(cfg.train.compile if opts["compile"] == "default" else opts["compile"], device, protocol_steps, False, twice)
+    net, compiled = speed.prepare(model, bool(want), amp, (x, y), loss_fn)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     sam = method in ("sam", "asam", "lookbehind")
     every = cfg.fam.every
@@ -126,11 +165,13 @@ def build_runner(name: str, size: int, batch: int, device: torch.device, seed: i
         try:
             use = reg is not None and counter[0] % every == 0
             counter[0] += 1
-            train_step(model, x, y, loss_fn, opt, reg=reg if use else None, lam=cfg.fam.lam, sam=sam, generator=gen)
+            train_step(net, x, y, loss_fn, opt, reg=reg if use else None, lam=cfg.fam.lam, sam=sam, generator=gen, amp=amp)
         finally:
             flatness.BATCHED_PROBES = old
 
-    return Runner(name, step, cycle=every)
+    r = Runner(name, step, cycle=every, mode=speed.describe(amp, compiled))
+    r.setup_s = time.perf_counter() - t_setup
+    return r
 
 
 def _sync(device: torch.device) -> None:
@@ -138,17 +179,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_methods(names: list[str], size: int, batch: int, steps: int, device: torch.device, warmup: int = 1) -> dict[str, Runner]:
-    """Round-robin timing: each round runs one step (one cycle for every-k) of every method."""
-    runners = {n: build_runner(n, size, batch, device) for n in names}
+def time_methods(names: list[str], size: int, batch: int, steps: int, device: torch.device, warmup: int = 2,
+                 protocol_steps: int = 5000) -> dict[str, Runner]:
+    """Round-robin timing: each round runs one step (one cycle for every-k) of every method.
+
+    Before timing, each method runs ``warmup`` steps (cycles), timed into its ``setup_s`` with its
+    construction and compile trial: the one-off cost that a compiled step amortises.
+    """
+    runners = {n: build_runner(n, size, batch, device, protocol_steps=protocol_steps) for n in names}
     for r in runners.values():
         if r.error:
             continue
+        t = time.perf_counter()
         try:
             for _ in range(warmup * r.cycle):
                 r.step()
         except Exception as exc:  # a mode that crashes (e.g. is_grads_batched + GroupNorm) is reported, not fatal
             r.error = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        r.setup_s += time.perf_counter() - t
     for _ in range(steps):
         for r in runners.values():
             if r.error:
@@ -237,27 +285,31 @@ def memory_all(names: list[str], args: argparse.Namespace, device: torch.device)
 
 def table(runners: dict[str, Runner], memory: dict[str, dict[str, float]], device: torch.device, args: argparse.Namespace) -> str:
     """The Markdown table of one device."""
-    base = statistics.median(runners["plain"].times)
-    base_cpu = statistics.median(runners["plain"].cpu)
+    ref = runners[REFERENCE]
+    base = statistics.median(ref.times)
+    base_cpu = statistics.median(ref.cpu)
     lines = [
         f"device {device} ({_device_name(device)}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"batch {args.batch}, {args.size}^3, medians of {args.steps} round-robin steps; plain step {base * 1e3:.1f} ms",
+        f"batch {args.batch}, {args.size}^3, medians of {args.steps} round-robin steps; {REFERENCE} step {base * 1e3:.1f} ms; "
+        f"default rows resolved for a run of {args.protocol_steps} steps",
         "",
-        "| method | what | ms / step | x plain (wall) | x plain (fastest) | x plain (CPU time) | peak memory MB | step memory MB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | what | runs as | setup + {args.warmup} warm-up steps, s | ms / step | x {REFERENCE} (wall) | x {REFERENCE} (fastest) "
+        f"| x {REFERENCE} (CPU time) | peak memory MB | step memory MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in runners.items():
         desc = METHODS[n][2]
         mem = memory.get(n, {})
         mem_s = ("%.0f" % mem["peak_mb"], "%.0f" % mem["delta_mb"]) if "peak_mb" in mem else (mem.get("error", "-"), "-")
         if r.error or not r.times:
-            lines.append(f"| {n} | {desc} | {r.error or 'no data'} | - | - | - | {mem_s[0]} | {mem_s[1]} |")
+            lines.append(f"| {n} | {desc} | {r.mode} | - | {r.error or 'no data'} | - | - | - | {mem_s[0]} | {mem_s[1]} |")
             continue
         t = statistics.median(r.times)
         cpu = statistics.median(r.cpu) / base_cpu if device.type == "cpu" else float("nan")
         cpu_s = f"{cpu:.2f}" if device.type == "cpu" else "-"
-        fastest = min(r.times) / min(runners["plain"].times)
-        lines.append(f"| {n} | {desc} | {t * 1e3:.1f} | {t / base:.2f} | {fastest:.2f} | {cpu_s} | {mem_s[0]} | {mem_s[1]} |")
+        fastest = min(r.times) / min(ref.times)
+        lines.append(f"| {n} | {desc} | {r.mode} | {r.setup_s:.1f} | {t * 1e3:.1f} | {t / base:.2f} | {fastest:.2f} | {cpu_s} "
+                     f"| {mem_s[0]} | {mem_s[1]} |")
     return "\n".join(lines)
 
 
@@ -277,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="all", help="cpu, cuda, or all (CPU, then CUDA when present)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method before the rounds (compile happens here)")
+    p.add_argument("--protocol-steps", type=int, default=5000,
+                   help="the run length the default rows resolve train.compile for (paper protocol: 4,000-5,000 steps)")
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     p.add_argument("--no-memory-subprocess", dest="memory_subprocess", action="store_false", help="CUDA: measure in-process")
@@ -292,16 +347,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-    if "plain" not in names:
-        names.insert(0, "plain")
+    if REFERENCE not in names:
+        names.insert(0, REFERENCE)
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}[args.device]
     raw = {}
     for d in devices:
         dev = torch.device(d)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        runners = time_methods(names, args.size, args.batch, args.steps, dev)
+        load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+        runners = time_methods(names, args.size, args.batch, args.steps, dev, warmup=args.warmup, protocol_steps=args.protocol_steps)
+        load_end = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
         for r in runners.values():  # free the timed models before measuring memory (in-process on CUDA)
             r.step = None
         import gc
@@ -310,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         memory = memory_all(names, args, dev) if args.memory else {}
-        print(f"\n## step cost on {d} (1-min load average at start {load:.2f})\n", flush=True)
+        print(f"\n## step cost on {d} (load average 1/5/15 min at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+              f"at the end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; {os.cpu_count()} CPUs)\n", flush=True)
         print(table(runners, memory, dev, args), flush=True)
-        raw[d] = {n: {"times": r.times, "cpu": r.cpu, "error": r.error, "memory": memory.get(n)} for n, r in runners.items()}
+        raw[d] = {n: {"times": r.times, "cpu": r.cpu, "error": r.error, "memory": memory.get(n), "mode": r.mode, "setup_s": r.setup_s}
+                  for n, r in runners.items()}
     if args.json:
         with contextlib.suppress(OSError):
             with open(args.json, "w") as fh:

@@ -105,7 +105,11 @@ class TrainConfig:
     checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
     deterministic: bool = True
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
-    amp: Literal["none", "bf16"] = "none"
+    # Speed switches (skullrec.training.speed; docs/performance.md). amp "auto": bf16 autocast where the
+    # hardware has native bf16 (AVX-512 BF16 / AMX CPUs, bf16 GPUs), else float32. compile "auto":
+    # torch.compile for single-process runs of >= speed.COMPILE_MIN_STEPS steps; eager if compiling fails.
+    amp: Literal["auto", "none", "bf16"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -337,7 +341,12 @@ def _load(parse: typing.Callable[[dict[str, Any]], Any], path: str | Path | None
 # Keys added after configs were first stored in run folders and checkpoints, with the value every
 # stored config written before them implicitly had. They apply to *stored* configs only
 # (:func:`upgrade_stored`): a new config file without the key gets today's default instead.
-LEGACY_DEFAULTS: dict[tuple[str, ...], Any] = {("model", "loss"): "sigmoid_dice"}
+LEGACY_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("model", "loss"): "sigmoid_dice",
+    # Runs stored before the speed switches trained float32, eagerly: resuming one continues the same way.
+    ("train", "amp"): "none",
+    ("train", "compile"): False,
+}
 
 
 def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:
@@ -406,12 +415,17 @@ class ExperimentConfig:
     # Reference predictors scored beside the methods (rows "ref:NAME"): mean_shape, input, nearest
     # (skullrec.experiment.references). They need no training.
     references: list[str] = field(default_factory=list)
+    # How runs are trained: "processes" (one `skullrec train` subprocess per run, --jobs at a time) or
+    # "batched" (runs that differ only in their seed trained together in this process, vmap over stacked
+    # weights, skullrec.training.batched; baseline runs only, the others still as processes).
+    jobs_mode: str = "processes"
 
     def row_methods(self) -> list[str]:
         """Method labels of Table 2's rows: the trained methods, then the references."""
         return [m.name for m in self.methods] + [f"ref:{r}" for r in self.references]
 
 
+JOBS_MODES = ("processes", "batched")
 # The reference predictors of skullrec.experiment.references, by name.
 REFERENCES = ("mean_shape", "input", "nearest")
 
@@ -427,6 +441,8 @@ def load_experiment(path: str | Path, overrides: list[str], scale: float | None)
         raise ConfigError(f"{path}: methods and seeds must not be empty")
     if len({m.name for m in cfg.methods}) != len(cfg.methods):
         raise ConfigError(f"{path}: methods: names must be unique")
+    if cfg.jobs_mode not in JOBS_MODES:
+        raise ConfigError(f"{path}: jobs_mode must be one of {', '.join(JOBS_MODES)}, got {cfg.jobs_mode!r}")
     if cfg.hd95 not in ("max", "pooled"):
         raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
     if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:

@@ -140,12 +140,16 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def to_source_grid(data: np.ndarray, source: SourceGrid | None) -> np.ndarray:
-    """Undo :func:`to_canonical`: canonical-order ``data`` back in the file's own voxel order (a copy)."""
+    """Undo :func:`to_canonical`: canonical-order ``data`` back in the file's own voxel order (a copy).
+
+    The copy is Fortran-ordered, the order NIfTI stores voxels in, so nibabel writes it without a
+    transposition (a Fortran-ordered ``data`` is copied as it lies).
+    """
     data = np.asarray(data)
     if source is None or source.is_canonical:
-        return np.ascontiguousarray(data)
+        return np.array(data, order="F")
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(CANONICAL_AXCODES), _ornt_of_source(source))
-    out = np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
+    out = np.array(nib.orientations.apply_orientation(data, back), order="F")
     if out.shape[:3] != source.shape:  # a wrong-shaped array would be written on the wrong grid
         raise ValueError(f"to_source_grid: shape {out.shape} does not match the source grid {source.shape}")
     return out
@@ -284,7 +288,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     return data, affine, header
 
 
-def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
+    """(voxels (x, y, z) as a view of the image's buffer, RAS affine, the image that owns the buffer)."""
     if path.name.lower().endswith(".nrrd"):
         try:
             with open(path, "rb") as f:
@@ -306,15 +311,19 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"{path}: expected a scalar 3D volume, got {img.GetNumberOfComponentsPerPixel()} components per voxel")
     if img.GetDimension() != 3:
         raise InputError(f"{path}: expected a 3D volume, got {img.GetDimension()}D")
-    # SimpleITK arrays are (z, y, x); transpose to (x, y, z) = ITK index order, like nibabel.
-    data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    # SimpleITK arrays are (z, y, x); transpose to (x, y, z) = ITK index order, like nibabel. The
+    # transposed array is Fortran-ordered (as NIfTI stores voxels) and is kept so: a C-ordered copy of
+    # a 512^3 volume costs a slow transposition here and another one when a result is written.
+    # A view, not a copy: read_volume's binarisation makes the one copy (mask=False copies it there);
+    # the view does not keep the image alive, so the image is returned for the caller to hold until then.
+    data = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0)
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
     origin = np.asarray(img.GetOrigin(), dtype=np.float64)
     affine = np.eye(4)
     affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(spacing)
     affine[:3, 3] = LPS_TO_RAS @ origin
-    return data, affine
+    return data, affine, img
 
 
 def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None = None) -> Volume:
@@ -338,10 +347,11 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
         raise InputError(f"{path}: empty file (0 bytes)")
     name = path.name.lower()
     header = None
+    owner = None  # what owns a NRRD's voxel buffer: held until the voxels are copied below
     if name.endswith(NIFTI_SUFFIXES):
         data, affine, header = _read_nifti(path)
     elif name.endswith(NRRD_SUFFIXES):
-        data, affine = _read_nrrd(path)
+        data, affine, owner = _read_nrrd(path)
     else:
         raise InputError(f"{path}: unknown file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
 
@@ -357,12 +367,18 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
 
     if mask:
         data = to_mask(data, threshold=threshold, source=path)
-    elif np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():
-        raise InputError(f"{path}: volume contains NaN values")
+    else:
+        if np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():
+            raise InputError(f"{path}: volume contains NaN values")
+        data = np.array(data, order="K")  # own the voxels (a NRRD's array is a view of SimpleITK's image)
+    del owner  # every branch above made a copy
     data, canon_affine, source = to_canonical(data, affine)
     if header is not None and int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         source = dataclasses.replace(source, oriented=False)
-    return Volume(data=np.ascontiguousarray(data), affine=canon_affine, header=header, path=path, source=source)
+    # Fortran order (how both NIfTI and NRRD hold voxels) is kept as it is: same values, no transposition.
+    if not (data.flags.c_contiguous or data.flags.f_contiguous):
+        data = np.ascontiguousarray(data)
+    return Volume(data=data, affine=canon_affine, header=header, path=path, source=source)
 
 
 def to_mask(data: np.ndarray, *, threshold: float | None = None, source: str | Path = "<array>") -> np.ndarray:
@@ -373,8 +389,13 @@ def to_mask(data: np.ndarray, *, threshold: float | None = None, source: str | P
         return (data > threshold).astype(np.uint8)
     if data.dtype == np.bool_:
         return data.astype(np.uint8)
-    # np.unique on a 512^3 volume is slow; two comparisons answer "is it binary" much faster.
-    if not np.all((data == 0) | (data == 1)):
+    # np.unique on a 512^3 volume is slow; two comparisons answer "is it binary" much faster, and for
+    # integers the range alone does (one pass, no temporary arrays).
+    if np.issubdtype(data.dtype, np.integer):
+        binary = data.size == 0 or (int(data.min()) >= 0 and int(data.max()) <= 1)
+    else:
+        binary = bool(np.all((data == 0) | (data == 1)))
+    if not binary:
         values = np.unique(data[(data != 0) & (data != 1)])[:5]
         shown = ", ".join(f"{v:g}" for v in values.astype(np.float64))
         raise InputError(

@@ -72,8 +72,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DistributedDataParallel / DataParallel wrapper (the model itself otherwise)."""
-    return getattr(model, "module", model)
+    """The plain module inside DistributedDataParallel / DataParallel / a compiled-step wrapper, nested or not (the model itself otherwise)."""
+    from torch import nn
+
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 __all__ = ["Progress", "bounding_box", "seed_key", "seed_sequence", "derive_seed", "resolve_device", "unwrap"]

@@ -93,6 +93,8 @@ def train_sweep(
             atomic_write_text(cfg_path, dump_config(cfg))
             tasks.append(((spec.name, seed), cfg_path, sweep_run_dir(out, spec.name, seed)))
     runs: dict[tuple[str, int], Path] = {}
+    if exp.jobs_mode == "batched":
+        tasks = _train_batched_groups(tasks, device, done, runs)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
             pool.submit(_train_run, cfg_path, run_dir, device, sweep_log(out, *key)): key
@@ -108,6 +110,38 @@ def train_sweep(
             done(f"done {key[0]} seed {key[1]}" + (f" ({secs:.0f} s)" if secs else " (reused)"))
             runs[key] = run_dir
     return runs
+
+
+def _train_batched_groups(tasks: list, device: str, done: Callable[[str], None], runs: dict[tuple[str, int], Path]) -> list:
+    """jobs_mode batched: train each group of new runs that differ only in their seed together (in this process).
+
+    Fills ``runs`` with them and returns the tasks left for the subprocesses: runs that cannot be batched
+    (not baseline), are alone in their group, or have a folder already (finished ones are reused,
+    unfinished ones resumed by the ordinary trainer).
+    """
+    from ..training.batched import batch_key, train_batched
+
+    groups: dict[str, list] = {}
+    rest = []
+    for task in tasks:
+        _, cfg_path, run_dir = task
+        cfg = load_config(cfg_path)
+        k = batch_key(cfg) if not (run_dir / CONFIG_FILE).exists() else None
+        if k is None:
+            rest.append(task)
+        else:
+            groups.setdefault(k, []).append((task, cfg))
+    for members in groups.values():
+        if len(members) < 2:
+            rest += [task for task, _ in members]
+            continue
+        t0 = time.perf_counter()
+        train_batched([cfg for _, cfg in members], [task[2] for task, _ in members], device)
+        secs = time.perf_counter() - t0
+        for (key, _, run_dir), _ in members:
+            done(f"done {key[0]} seed {key[1]} ({secs:.0f} s, {len(members)} runs batched)")
+            runs[key] = run_dir
+    return rest
 
 
 def _pairwise_dsc(recon: np.ndarray) -> float:

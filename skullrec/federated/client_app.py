@@ -6,23 +6,25 @@ its held-out DSC. The volumes never leave the site: they are read from the Super
 ``data-root`` (``--node-config "data-root='...' site='...'"``), on the site's machine.
 
 The local update is a few epochs of the training config's method (baseline, FAM, SAM, ASAM,
-Lookbehind) from the received weights, with a fresh optimizer each round (the usual FedAvg client).
-Its randomness (batch order, Hutchinson probes) comes from (seed, site, epoch), with the epoch
-counted across rounds, so a round recomputed after an interruption gives the same weights.
+Lookbehind) from the received weights, run by the trainer's own epoch functions, with a fresh
+optimizer each round (the usual FedAvg client) at the learning rate the server sends (the cyclic
+schedule of FedSAM + SWA). Its randomness (batch order, Hutchinson probes) comes from (seed, site,
+epoch), with the epoch counted across rounds, so a round recomputed after an interruption gives
+the same weights, and ``fam.every`` counts steps across rounds as in one ``skullrec train`` run.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
 import zlib
 from typing import Any
 
 import torch
 
 from ..config import Config, config_from_dict
-from ..data.cache import STREAM_PROBES, TrainingData, load_training_data, make_generator
+from ..data.cache import TrainingData, load_training_data
 from ..errors import ConfigError, InputError
-from ..training.trainer import SAM_LIKE, _torch_settings, evaluate_dsc, make_optimizer, train_step
+from ..training.trainer import _epoch_record, _torch_settings, _train_epoch, evaluate_dsc, make_run
 from ..utils import derive_seed
 
 
@@ -45,48 +47,44 @@ def site_config(cfg: Config, data_root: str) -> Config:
 
 def local_train(
     cfg: Config, model: torch.nn.Module, data: TrainingData, *, round_: int, local_epochs: int, site: str,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", lr: float | None = None,
 ) -> dict[str, float]:
-    """``local_epochs`` epochs of ``cfg.train.method`` on ``data.train`` in place; returns the reply metrics."""
-    from ..config import FAM_METHODS
-    from ..flatness.regularizer import FamRegularizer
-    from ..nets.autoencoder import loss_function
-    from ..training.trainer import objective_scales
+    """``local_epochs`` epochs of ``cfg.train.method`` on ``data.train``, in place on ``model``; returns the reply metrics.
 
+    The epochs are the trainer's own (:func:`skullrec.training.trainer.make_run`, ``_train_epoch``,
+    ``_epoch_record``) numbered across rounds (round r, local epoch e -> epoch (r-1) * local_epochs + e),
+    so ``fam.every``, ``sam.start_epoch``, the batch order and the probes continue over the rounds as in
+    one ``skullrec train`` run; only the optimizer is fresh each round (the usual FedAvg client).
+    ``lr`` replaces ``cfg.train.lr`` for this round (the server's cyclic SWA schedule)."""
     dev = torch.device(device)
-    method = cfg.train.method
-    optimizer = make_optimizer(cfg, model)
-    loss_fn = loss_function(cfg.model.loss)
-    reg = FamRegularizer(cfg.fam, model) if method in FAM_METHODS else None
-    seed = site_seed(cfg, site)
-    model.train()
-    total = torch.zeros((), dtype=torch.float64, device=dev)
-    seen, step = 0, 0
-    t0 = time.perf_counter()
-    with _torch_settings(cfg, dev):
+    local = dataclasses.replace(cfg, seed=site_seed(cfg, site))  # (seed, site, epoch) drive the local randomness
+    with _torch_settings(local, dev):
+        run = make_run(local, data, dev, model=model)  # the received global weights, a fresh optimizer
+        if lr is not None:
+            for group in run.optimizer.param_groups:  # the wrappers (SAM, Lookbehind) share their base's groups
+                group["lr"] = lr
+        records = []
         for e in range(local_epochs):
             epoch = (round_ - 1) * local_epochs + e + 1
-            probes = make_generator(dev, seed, epoch, STREAM_PROBES)
-            for idx in data.epoch_order(seed, epoch, cfg.train.batch_size):
-                x, y = data.train.batch(idx)
-                use_reg = reg is not None and step % cfg.fam.every == 0
-                loss_scale, penalty_scale = objective_scales(cfg, x.shape[0])
-                out = train_step(
-                    model, x, y, loss_fn, optimizer, reg=reg if use_reg else None, lam=cfg.fam.lam,
-                    sam=method in SAM_LIKE and epoch >= cfg.sam.start_epoch, generator=probes, amp=cfg.train.amp,
-                    loss_scale=loss_scale, penalty_scale=penalty_scale,
-                )
-                total += out.loss.to(torch.float64) * x.shape[0]
-                seen += x.shape[0]
-                step += 1
-    return {"num-examples": len(data.train), "dice_loss": float(total) / max(seen, 1), "seconds": time.perf_counter() - t0}
+            sums, reg_steps, seconds = _train_epoch(run, epoch)
+            records.append(_epoch_record(run, epoch, sums, reg_steps, seconds))
+    out = {
+        "num-examples": len(data.train),
+        "dice_loss": sum(r["dice_loss"] for r in records) / len(records),
+        "seconds": sum(r["seconds"] for r in records),
+        "reg_steps": sum(r["reg_steps"] for r in records),
+        "lr": float(run.optimizer.param_groups[0]["lr"]),
+    }
+    if records[-1].get("kappa_hat") is not None:  # FAM methods: the last local epoch's flatness terms
+        out.update(trace=records[-1]["trace"], kappa_hat=records[-1]["kappa_hat"])
+    return out
 
 
 def local_evaluate(cfg: Config, model: torch.nn.Module, data: TrainingData) -> dict[str, float]:
     """Mean DSC of the global model on each of the site's evaluation splits (``dsc_<split>``)."""
     out: dict[str, float] = {}
     for name, split in data.evals.items():
-        out[f"dsc_{name}"] = float(evaluate_dsc(model, split, 2 * cfg.train.batch_size, cfg.train.amp))
+        out[f"dsc_{name}"] = float(evaluate_dsc(model, split, 2 * cfg.train.batch_size)  # float32, as train's validation and predict)
     out["num-examples"] = sum(len(s) for s in data.evals.values())
     return out
 
@@ -129,7 +127,8 @@ if ClientApp is not None:
     def train(msg: Message, context: Context) -> Message:
         """Local epochs from the received global weights; reply with the new weights and metrics."""
         cfg, model, data, site, conf = _setup(msg, context)
-        metrics = local_train(cfg, model, data, round_=int(conf["round"]), local_epochs=int(conf["local-epochs"]), site=site)
+        lr = float(conf["lr"]) if "lr" in conf else None
+        metrics = local_train(cfg, model, data, round_=int(conf["round"]), local_epochs=int(conf["local-epochs"]), site=site, lr=lr)
         reply = RecordDict({
             "arrays": ArrayRecord(model.state_dict()),
             "metrics": MetricRecord(metrics),

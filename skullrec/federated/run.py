@@ -56,6 +56,8 @@ class FederateConfig:
     local_epochs: int = 1
     strategy: Literal["fedavg", "fedavg-swa"] = "fedavg"
     swa_start: int | None = None  # first round averaged by fedavg-swa (default: 75 % of the rounds, as FedSAM)
+    swa_cycle: int = 1  # fedavg-swa: rounds per cyclic-lr cycle; SWA collects each cycle's last round (1: constant lr)
+    swa_lr: float | None = None  # fedavg-swa: the sites' lr at the end of a cycle (default: train lr / 100)
     min_sites: int | None = None  # sites that must answer for a round to commit (default: all)
     round_timeout: float = 3600.0  # seconds the server waits for the sites' replies in one round
     checkpoint_rounds: list[int] = field(default_factory=list)  # keep round_NNN.safetensors of these rounds
@@ -85,6 +87,8 @@ def load_federation_config(path: Path | None, overrides: list[str], sites: list[
         ("local_epochs", fed.local_epochs >= 1, "must be >= 1"),
         ("round_timeout", fed.round_timeout > 0, "must be > 0"),
         ("swa_start", fed.swa_start is None or 1 <= fed.swa_start <= fed.rounds, "must lie in 1..rounds"),
+        ("swa_cycle", fed.swa_cycle >= 1, "must be >= 1"),
+        ("swa_lr", fed.swa_lr is None or fed.swa_lr > 0, "must be > 0"),
         ("min_sites", fed.min_sites is None or 1 <= fed.min_sites <= max(len(fed.sites), 1), "must lie in 1..number of sites"),
         ("checkpoint_rounds", all(1 <= r <= fed.rounds for r in fed.checkpoint_rounds), "must lie in 1..rounds"),
         ("sites", len(fed.sites) >= 2, f"need at least 2 site folders (--site DIR, repeatable), got {len(fed.sites)}"),
@@ -236,18 +240,16 @@ def local_federation(out: Path, sites: dict[str, Path]) -> Iterator[LocalFederat
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool, sites: Sequence[str | Path] = ()) -> None:
+    """Check the federation folder: resumable, or new (empty, or a federation folder to replace with --overwrite)."""
     from ..data.layout import check_outside_inputs
+    from ..training.run_dir import check_new_run_dir
 
     check_outside_inputs(out, sites)  # replacing out must never delete a site's data
     if resume:
         if not (out / "federate.yaml").is_file():
             raise InputError(f"{out}: not a federation folder (no federate.yaml); nothing to resume")
         return
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise InputError(f"{out}: already holds results; pass --resume to continue or --overwrite to start again")
+    if check_new_run_dir(out, overwrite):  # the trainer's rule: non-empty needs --overwrite
         if not (out / "federate.yaml").is_file():
             raise InputError(f"{out}: --overwrite only replaces a federation folder (no federate.yaml here)")
         shutil.rmtree(out)
@@ -283,25 +285,20 @@ def setup_federation(fed: FederateConfig, out: Path, resume: bool = False, overw
             check_sites([Path(s["root"]) for s in stored["site_folders"]], cfg.model.size)
         return cfg, stored
     cfg = load_config(fed.train_config, fed.train_set)
-    if fed.superlink is not None:  # remote sites: their folders live on their own machines
-        _prepare_out(out, False, overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        stored = dataclasses.asdict(fed)
-        stored["out"] = str(out.resolve())
-        stored["site_folders"] = [{"name": n, "root": None} for n in fed.sites]
-        atomic_write_text(out / "config.yaml", dump_config(cfg))
-        atomic_write_text(out / "federate.yaml", yaml.safe_dump(stored, sort_keys=False))
-        return cfg, stored
-    for s in fed.sites:
-        if "'" in s:
-            raise InputError(f"{s}: a site folder name must not contain a quote (')")
-    infos = check_sites([Path(s) for s in fed.sites], cfg.model.size)
-    _prepare_out(out, False, overwrite, fed.sites)
+    if fed.superlink is None:  # local sites: their folders are checked here, before anything is written
+        for s in fed.sites:
+            if "'" in s:
+                raise InputError(f"{s}: a site folder name must not contain a quote (')")
+        infos = check_sites([Path(s) for s in fed.sites], cfg.model.size)
+        folders = [{"name": i["name"], "root": str(Path(s).resolve()), "train": i["train"]} for i, s in zip(infos, fed.sites)]
+    else:  # remote sites: their folders live on their own machines, their ClientApps check them
+        folders = [{"name": n, "root": None} for n in fed.sites]
+    _prepare_out(out, False, overwrite, fed.sites if fed.superlink is None else ())
     out.mkdir(parents=True, exist_ok=True)
     stored = dataclasses.asdict(fed)
     stored["out"] = str(out.resolve())
-    stored["sites"] = [i["name"] for i in infos]
-    stored["site_folders"] = [{"name": i["name"], "root": str(Path(s).resolve()), "train": i["train"]} for i, s in zip(infos, fed.sites)]
+    stored["sites"] = [f["name"] for f in folders]
+    stored["site_folders"] = folders
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(out / "federate.yaml", yaml.safe_dump(stored, sort_keys=False))
     return cfg, stored

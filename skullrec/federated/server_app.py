@@ -9,9 +9,11 @@ module adds what a skullrec run needs around it:
   FedAvg alone would average the survivors); the round is recorded as failed and the run stops;
   ``skullrec federate --resume`` redoes it.
 - **server-side SWA** (strategy ``fedavg-swa``; Caldarola et al. 2022 use it with SAM/ASAM clients,
-  "FedSAM + SWA"): from round ``swa-start`` on, the server keeps the running mean of the global models,
-  ``swa_n = (swa_n-1 * (n-1) + w_r) / n``. The clients keep receiving the FedAvg model; the SWA model is
-  the run's result (``final.safetensors``).
+  "FedSAM + SWA"): from round ``swa-start`` on, the server keeps the running mean of the global models
+  collected at the end of each cycle of ``swa_cycle`` rounds, ``swa_n = (swa_n-1 * (n-1) + w_r) / n``,
+  and the sites' learning rate follows the cyclic schedule of :func:`client_lr` (constant for
+  ``swa_cycle`` 1). The clients keep receiving the FedAvg model; the SWA model is the run's result
+  (``final.safetensors``).
 - **the run folder** (OUT)::
 
       config.yaml            the training config every site trains with
@@ -130,12 +132,15 @@ if FedAvg is not None:
             self.swa, self.swa_n = swa, int(state.get("swa_n", 0))
             self.pending: dict[str, Any] = {}
             self.t0 = time.perf_counter()
+            # One module each for the global and the SWA weights, loaded every round (not rebuilt per round).
+            self.model, self.swa_model = _model(cfg), _model(cfg)
 
         def _round(self, server_round: int) -> int:
             return self.offset + server_round
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):  # type: ignore[override]
             config["round"] = self._round(server_round)
+            config["lr"] = client_lr(self.fed, self.cfg.train.lr, self._round(server_round))
             self.t0 = time.perf_counter()
             return super().configure_train(server_round, arrays, config, grid)
 
@@ -176,30 +181,32 @@ if FedAvg is not None:
             """Checkpoints, SWA, metrics, then state.safetensors (last: the commit point of the round)."""
             p = self.pending
             r = p["round"]
-            model = _model(self.cfg)
+            model = self.model
             model.load_state_dict(p["arrays"].to_torch_state_dict())
             meta = {"round": r, "strategy": self.fed["strategy"], "method": self.cfg.train.method, "sites": self.fed["sites"]}
             save_checkpoint(self.out / LAST, model, self.cfg, **meta)
             if r in self.fed.get("checkpoint_rounds", []):
                 save_checkpoint(self.out / f"round_{r:03d}.safetensors", model, self.cfg, **meta)
             final, final_model = LAST, model
-            if self.fed["strategy"] == "fedavg-swa" and r >= int(self.fed["swa_start"]):
+            if swa_collects(self.fed, r):
                 w = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
                 self.swa_n += 1
                 if self.swa is None or self.swa_n == 1:
                     self.swa = w
                 else:
                     self.swa = {k: self.swa[k] + (w[k] - self.swa[k]) / self.swa_n for k in w}
-                swa_model = _model(self.cfg)
-                swa_model.load_state_dict({k: v.float() for k, v in self.swa.items()})
-                save_checkpoint(self.out / SWA, swa_model, self.cfg, swa_n=self.swa_n, **meta)
-                final, final_model = SWA, swa_model
+            if self.swa is not None:
+                self.swa_model.load_state_dict({k: v.float() for k, v in self.swa.items()})
+                if swa_collects(self.fed, r):
+                    save_checkpoint(self.out / SWA, self.swa_model, self.cfg, swa_n=self.swa_n, **meta)
+                final, final_model = SWA, self.swa_model
             save_checkpoint(self.out / FINAL, final_model, self.cfg, result=final, swa_n=self.swa_n, **meta)
             sites = p["sites"]
             dice = [(s["dice_loss"], s["num-examples"]) for s in sites.values() if "dice_loss" in s]
             dsc_keys = sorted({k for s in sites.values() for k in s if k.startswith("dsc_")})
             record = {
                 "round": r, "status": "ok", "strategy": self.fed["strategy"], "method": self.cfg.train.method,
+                "lr": client_lr(self.fed, self.cfg.train.lr, r),
                 "dice_loss": _weighted_mean(dice),
                 **{k: _weighted_mean([(s[k], s["num-examples"]) for s in sites.values() if k in s]) for k in dsc_keys},
                 "swa_n": self.swa_n, "sites": sites, "errors": p["errors"], "missing": p["missing"],
@@ -209,6 +216,34 @@ if FedAvg is not None:
             save_state(self.out, r, self.swa_n, model.state_dict(), self.swa)
             dsc = "  ".join(f"{k} {record[k]:.4f}" for k in dsc_keys if record[k] is not None)
             print(f"round {r}/{self.fed['rounds']}  loss {record['dice_loss']:.4f}  {dsc}  {record['seconds']:.1f} s", flush=True)
+
+
+def client_lr(fed: dict[str, Any], lr: float, round_: int) -> float:
+    """The sites' learning rate in ``round_``: ``lr``, or FedSAM + SWA's cyclic schedule.
+
+    Caldarola et al. (2022) take SWA's cyclic schedule (Izmailov et al. 2018) from iterations to rounds:
+    from ``swa_start`` on, in cycles of ``swa_cycle`` = c rounds, round j = 1..c of a cycle trains at
+    ``(1 - j/c) * lr + (j/c) * swa_lr``, so the last round of each cycle trains at ``swa_lr`` and its
+    global model is the one SWA collects (:func:`swa_collects`), as Izmailov et al. define it.
+    ``swa_cycle`` 1 keeps ``lr`` constant and collects every round from ``swa_start`` (the default of
+    the authors' code; their paper scripts use c = 10)."""
+    c = int(fed.get("swa_cycle") or 1)
+    if fed.get("strategy") != "fedavg-swa" or c == 1 or round_ < int(fed["swa_start"]):
+        return float(lr)
+    t = ((round_ - int(fed["swa_start"])) % c + 1) / c
+    return float((1 - t) * lr + t * swa_lr_of(fed, lr))
+
+
+def swa_lr_of(fed: dict[str, Any], lr: float) -> float:
+    """``swa_lr`` of the federation, default lr / 100 (the authors' scripts: client lr 1e-2, swa_lr 1e-4)."""
+    return float(fed["swa_lr"]) if fed.get("swa_lr") is not None else float(lr) / 100
+
+
+def swa_collects(fed: dict[str, Any], round_: int) -> bool:
+    """Whether the server's SWA mean takes the global model of ``round_`` (fedavg-swa: the end of each cycle)."""
+    if fed.get("strategy") != "fedavg-swa" or round_ < int(fed["swa_start"]):
+        return False
+    return (round_ - int(fed["swa_start"]) + 1) % int(fed.get("swa_cycle") or 1) == 0
 
 
 def _model(cfg: Config) -> torch.nn.Module:

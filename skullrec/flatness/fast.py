@@ -39,7 +39,7 @@ Estimators (the table :data:`skullrec.flatness.regularizer.ESTIMATORS` names the
 All honour fam.gradient (full / detached: the detached form runs the extra passes without a graph),
 fam.norm, fam.trace and fam.samples (several probes share one stacked decoder call). Where they do not
 apply (fam.layers other than exactly ["decodeL"], another model, a loss that is not a mean of
-per-sample losses, a decoder with BatchNorm, or 16-bit autocast for the finite differences) the
+per-sample losses, or a decoder with BatchNorm) the
 regulariser falls back to plain autograd with a one-time warning, so every configuration still trains.
 
 Cost: the measured step cost of every estimator relative to a plain Dice+Adam step is in
@@ -148,20 +148,22 @@ def detach_taps(model: nn.Module) -> None:
         del net._fast_fam_taps
 
 
-def _slope(mod: nn.Module, ref: Tensor) -> Tensor:
-    """The slope each unit of a kinked activation had at input ``ref`` (what autograd differentiates)."""
+def _slope(mod: nn.Module, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The slope each unit of a kinked activation had at input ``ref`` (what autograd differentiates), in ``dtype``
+    (default ``ref``'s; the bf16 path asks for float32, so that a PReLU weight is not rounded to bf16)."""
+    dtype = dtype or ref.dtype
     pos = ref > 0
     if isinstance(mod, nn.PReLU):
         w = mod.weight
         neg = w.view(1, -1, *([1] * (ref.dim() - 2))) if w.numel() > 1 else w
-        return torch.where(pos, torch.ones_like(ref), neg.to(ref.dtype).expand_as(ref))
+        return torch.where(pos, torch.ones((), dtype=dtype, device=ref.device), neg.to(dtype))
     if isinstance(mod, nn.LeakyReLU):
-        return torch.where(pos, 1.0, mod.negative_slope).to(ref.dtype)
-    return pos.to(ref.dtype)
+        return torch.where(pos, 1.0, mod.negative_slope).to(dtype)
+    return pos.to(dtype)
 
 
 @contextlib.contextmanager
-def _frozen(taps: _Taps, idx: Tensor | None, reps: int) -> Iterator[None]:
+def _frozen(taps: _Taps, idx: Tensor | None, reps: int, dtype: torch.dtype | None = None) -> Iterator[None]:
     """Within: each kinked activation of the decoder is the linear map with its recorded slopes.
 
     The input is ``reps`` stacked copies of the recorded samples ``idx``; the slope of the recorded
@@ -174,7 +176,7 @@ def _frozen(taps: _Taps, idx: Tensor | None, reps: int) -> Iterator[None]:
     try:
         for mod in mods:
             ref = taps.act_inputs[mod]
-            slope = _slope(mod, ref if idx is None else ref[idx])
+            slope = _slope(mod, ref if idx is None else ref[idx], dtype)
 
             def frozen_forward(x: Tensor, slope: Tensor = slope) -> Tensor:
                 return (x.view(reps, *slope.shape) * slope).view(x.shape)
@@ -198,13 +200,13 @@ def _applicable(reg: Any, model: nn.Module, x: Tensor, loss_fn: Callable) -> str
         return "the decoder couples samples (BatchNorm)"
     if getattr(loss_fn, "batch", False) or str(getattr(getattr(loss_fn, "reduction", "mean"), "value", getattr(loss_fn, "reduction", "mean"))) != "mean":
         return "the loss is not a mean of per-sample losses"
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16):
-        # In bf16 the second difference (~1e-4 of the loss) drowns in rounding (~4e-3): on the small
-        # model the bf16 estimate of v^T H v was 0.0005 against 0.0148 in float32 and its gradient was
-        # unrelated (cosine 0.16), while plain autograd under bf16 stays within 4 % (cosine 0.999).
-        return "autocast to a 16-bit type is on (a finite difference needs float32)"
     return None
+
+
+def _autocast_16bit(device: torch.device) -> bool:
+    """Whether the caller's forward pass runs under 16-bit autocast (bf16 / fp16) on ``device``."""
+    dev = device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16)
 
 
 _WARNED: set[str] = set()
@@ -274,11 +276,18 @@ def fd_quadratic_form(
     probes: Tensor,
     idx: Tensor | None = None,
     eps: float = FD_EPS,
+    recentre: bool = False,
 ) -> Tensor:
     """Mean over probes V (k, out, in) of the frozen-kink second difference of the loss along u = V l.
 
     Returns the Hutchinson estimate of v^T H_W v averaged over the probes (and over the samples
     ``idx`` when given), with the graph of whatever ``latent``, ``z``, ``logits`` carry.
+
+    ``recentre=True`` (the training pass ran under bf16 autocast): the three points of the difference
+    are all evaluated here in float32, z = decodeL(latent) and the centre L(z) included, so that the
+    centre and the two sides share one precision. Centring on the bf16 training logits instead would
+    put their rounding (~4e-3 of the loss) into a difference of ~1e-4. ``logits`` is then unused and the
+    caller disables autocast; the activation slopes stay those of the training pass.
     """
     k = probes.shape[0]
     kinked = [mod for mod in net.decoder.modules() if isinstance(mod, _KINKED)]
@@ -286,6 +295,9 @@ def fd_quadratic_form(
         raise RuntimeError("fast FAM estimator: the decoder's activations were not recorded with this batch")
     if idx is not None:
         latent, z, logits, y = latent[idx], z[idx], logits[idx], y[idx]
+    if recentre:
+        latent = latent.float()
+        z = F.linear(latent, net.decodeL.weight.float(), None if net.decodeL.bias is None else net.decodeL.bias.float())
     m = z.shape[0]
     # Per-sample step relative to that sample's feature scale; a detached constant (no gradient).
     # Per sample, so that a sample's estimate does not depend on which batch or shard it is in.
@@ -294,9 +306,13 @@ def fd_quadratic_form(
     # ReLU after decodeL, frozen: relu(z + s u) -> relu(z) + s * 1[z > 0] u.
     du = step * (z > 0).to(z.dtype) * u
     h = F.relu(z)
-    hp = torch.cat([(h + du).reshape(k * m, -1), (h - du).reshape(k * m, -1)])  # (2 k m, out)
-    with _frozen(taps, idx, 2 * k):
-        out = net.decoder(hp.reshape(2 * k * m, *net.bottleneck_shape))
+    sides = [(h + du).reshape(k * m, -1), (h - du).reshape(k * m, -1)]
+    c = 1 if recentre else 0  # copies of the centre in the stacked call
+    hp = torch.cat([h] * c + sides)  # ((c + 2 k) m, out)
+    with _frozen(taps, idx, c + 2 * k, z.dtype if recentre else None):
+        out = net.decoder(hp.reshape((c + 2 * k) * m, *net.bottleneck_shape))
+    if recentre:
+        logits, out = out[:m], out[m:]
     # Per-sample losses (the loss is a mean over samples), in float64: the second difference is
     # ~1e-4 of the loss, close to float32's resolution there.
     yd = y.double()
@@ -328,8 +344,14 @@ def fd_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Call
     weight = net.decodeL.weight
     probes = rademacher(reg.cfg.samples, weight, generator)
     idx = _subset(x.shape[0], fraction, generator, x.device)
-    with torch.set_grad_enabled(reg.cfg.gradient == "full" and torch.is_grad_enabled()):
-        trace = fd_quadratic_form(net, taps, latent, z, logits, y, loss_fn, probes, idx, eps=FD_EPS)
+    # Under 16-bit autocast the difference passes run in float32, centre included: in bf16 the second
+    # difference (~1e-4 of the loss) drowns in rounding (~4e-3; on the small model a bf16 estimate of
+    # v^T H v was 0.0005 against 0.0148 in float32, gradient cosine 0.16). The training forward and
+    # backward stay in bf16; only these m (1 + 2k) decoder samples pay float32.
+    recentre = _autocast_16bit(x.device)
+    amp_off = torch.autocast(x.device.type, enabled=False) if recentre else contextlib.nullcontext()
+    with torch.set_grad_enabled(reg.cfg.gradient == "full" and torch.is_grad_enabled()), amp_off:
+        trace = fd_quadratic_form(net, taps, latent, z, logits, y, loss_fn, probes, idx, eps=FD_EPS, recentre=recentre)
     taps.clear()  # each capture is used once: a stale one is never read by a later step
     return _finish(reg, weight, trace)
 
@@ -348,7 +370,7 @@ def outspace_quadratic_form(z: Tensor, latent: Tensor, loss: Tensor, probes: Ten
 def outspace_estimator(reg: Any, model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable, loss: Tensor,
                         generator: torch.Generator | None) -> FamTerm:
     why = _applicable(reg, model, x, loss_fn)
-    if why is not None and "autocast" not in why:  # exact autograd: fine under autocast
+    if why is not None:
         return _fallback("outspace", why, reg, model, x, y, loss_fn, loss, generator)
     net = unwrap(model)
     taps = attach_taps(net)

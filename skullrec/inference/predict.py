@@ -2,8 +2,8 @@
 
 Per input: :func:`skullrec.data.resample.prepare_volume` (the same crop + downsampling rule as the
 training data, crop box from the defective skull) -> batched forward pass -> bone probability (sigmoid
-of the bone log-odds, either loss) at ``size^3`` -> :func:`skullrec.data.resample.restore_to_grid` (linear interpolation in physical space)
--> threshold -> complete skull on the input grid.
+of the bone log-odds, either loss) at ``size^3`` -> :func:`skullrec.data.resample.restore_mask` (linear
+interpolation in physical space, then threshold) -> complete skull on the input grid.
 
 Implant = reconstruction AND NOT defective, restricted to where the model added bone at its own
 resolution, with small islands removed. Why the restriction: the reconstruction is made at
@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 
 from ..data.layout import implant_of
-from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_to_grid
+from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_mask
 from ..errors import InputError
 from ..io import Volume, atomic_write_bytes, atomic_write_text, write_volume
 from ..nets.autoencoder import bone_logit
@@ -93,13 +93,12 @@ def input_plausibility(vol: Volume) -> tuple[list[str], list[str]]:
     Problems (below :data:`MIN_BONE_MM3` / :data:`MIN_EXTENT_MM`) mean it cannot be a skull;
     warnings (outside :data:`PLAUSIBLE_BONE_CM3` / :data:`PLAUSIBLE_EXTENT_MM`) that it is unlike one.
     """
-    bone = vol.data.astype(bool)
-    n = int(bone.sum())
+    n = int(np.count_nonzero(vol.data))  # counted in place: no bool copy of a 512^3 volume
     if n == 0:
         return ["no bone voxels (empty mask)"], []
     bone_mm3 = n * voxel_volume_mm3(vol.affine)
-    idx = [np.flatnonzero(bone.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    extent = [float((i[-1] - i[0] + 1) * s) for i, s in zip(idx, vol.spacing)]
+    lo, hi = bounding_box(vol.data)
+    extent = [float((h - l) * s) for l, h, s in zip(lo, hi, vol.spacing)]
     problems, warnings = [], []
     if bone_mm3 < MIN_BONE_MM3 or min(extent) < MIN_EXTENT_MM:
         problems.append(
@@ -124,19 +123,21 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
 def remove_small_islands(mask: np.ndarray, affine: np.ndarray, min_mm3: float = MIN_ISLAND_MM3) -> tuple[np.ndarray, int]:
     """Drop 26-connected components smaller than ``min_mm3``; returns (cleaned bool mask, number removed)."""
     mask = np.asarray(mask, dtype=bool)
-    bb = bounding_box(mask)
-    if bb is None:
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
         return mask, 0
-    # Components never leave the mask's bounding box, so labelling only that box gives the same
-    # pieces at a fraction of the cost on a 512^2 x Z grid (an implant fills a few % of it).
-    box = tuple(slice(a, b) for a, b in zip(*bb))
-    labels, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel()) * voxel_volume_mm3(affine)
-    keep = sizes >= min_mm3
-    keep[0] = False
-    out = np.zeros(mask.shape, dtype=bool)
-    out[box] = keep[labels]
-    return out, int(n - keep[1:].sum())
+    # Counted over the mask's voxels only: bincount casts its input to int64, which for the whole
+    # label array of a 512^3 grid is a 1 GB copy.
+    sizes = np.bincount(labels[mask], minlength=n + 1) * voxel_volume_mm3(affine)
+    small = np.flatnonzero(sizes[1:] < min_mm3) + 1
+    kept = mask.copy()
+    # Clear each small component inside its own bounding box: the few crumbs cost little, where
+    # ``keep[labels]`` would index the whole (512^3-sized) label array.
+    boxes = ndimage.find_objects(labels)
+    for lab in small:
+        box = boxes[lab - 1]
+        kept[box][labels[box] == lab] = False
+    return kept, int(small.size)
 
 
 def implant_from_reconstruction(
@@ -231,30 +232,60 @@ def stage1_complete_in_box(model: torch.nn.Module, vol: Volume, box: Any, size: 
 
 
 def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, min_island_mm3: float) -> Reconstruction:
-    """Map one ``size^3`` prediction back to the input grid and derive the implant."""
+    """Map one ``size^3`` prediction back to the input grid and derive the implant.
+
+    Equal to ``restore_to_grid(prob) > threshold`` and :func:`implant_from_reconstruction` on whole
+    volumes (tests/inference/test_predict_fast.py), computed faster: the separable interpolation of
+    :func:`restore_mask`, and the implant only inside the box where the model added bone (outside it
+    the implant is empty, so its components and their sizes are the same).
+    """
     pred64 = prob > threshold
-    complete = restore_to_grid(prob, prepared.affine, vol) > threshold
+    complete = restore_mask(prob, prepared.affine, vol, threshold)
     added64 = (pred64 & ~prepared.data.astype(bool)).astype(np.float32)
-    added = restore_to_grid(added64, prepared.affine, vol) > 0.5
-    defective = vol.data.astype(bool)
-    implant, removed = implant_from_reconstruction(complete, defective, added, vol.affine, min_island_mm3)
+    added = restore_mask(added64, prepared.affine, vol, 0.5)
+    implant = np.zeros(vol.shape, dtype=bool, order="F")
+    removed = 0
+    box = bounding_box(added)
+    if box is not None:
+        crop = tuple(slice(lo, hi) for lo, hi in zip(*box))
+        implant[crop], removed = implant_from_reconstruction(complete[crop], vol.data[crop], added[crop], vol.affine, min_island_mm3)
     vox = voxel_volume_mm3(vol.affine)
+    n_implant = int(np.count_nonzero(implant))
     info = {
-        "complete_voxels": int(complete.sum()),
-        "implant_voxels": int(implant.sum()),
-        "implant_mm3": round(float(implant.sum()) * vox, 1),
+        "complete_voxels": int(np.count_nonzero(complete)),
+        "implant_voxels": n_implant,
+        "implant_mm3": round(float(n_implant) * vox, 1),
         "islands_removed": removed,
         "prepared_spacing_mm": [round(s, 4) for s in prepared.spacing],
     }
     return Reconstruction(
-        complete=vol.like(complete.astype(np.uint8)),
-        implant=vol.like(implant.astype(np.uint8)),
+        # bool -> uint8 as a view: the same bytes, no 512^3 copy
+        complete=vol.like(complete.view(np.uint8)),
+        implant=vol.like(implant.view(np.uint8)),
         prepared_input=prepared,
         prepared_prob=prob.astype(np.float32),
         prepared_prediction=Volume(pred64.astype(np.uint8), prepared.affine, None, vol.path),
         islands_removed=removed,
         info=info,
     )
+
+
+def finish_reference(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float = 0.5,
+                     min_island_mm3: float = MIN_ISLAND_MM3) -> tuple[np.ndarray, np.ndarray, int]:
+    """(complete, implant, islands removed) of :func:`_finish` the straightforward way, on whole volumes.
+
+    scipy's general ``affine_transform`` for both maps and the islands labelled on the whole grid: the
+    implementation predict had before it was made fast, kept as the reference the fast path is tested
+    (tests/inference/test_predict_fast.py) and benchmarked (benchmarks/predict_speed.py) against.
+    """
+    from ..data.resample import restore_to_grid
+
+    pred64 = prob > threshold
+    complete = restore_to_grid(prob, prepared.affine, vol) > threshold
+    added64 = (pred64 & ~prepared.data.astype(bool)).astype(np.float32)
+    added = restore_to_grid(added64, prepared.affine, vol) > 0.5
+    implant, removed = implant_from_reconstruction(complete, vol.data.astype(bool), added, vol.affine, min_island_mm3)
+    return complete, implant, removed
 
 
 def predict_folder(

@@ -198,7 +198,9 @@ def bone_logit(logits: torch.Tensor) -> torch.Tensor:
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """All Linear layers of a model by their module name (e.g. ``{"mu": ..., "decodeL": ...}``)."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel / DataParallel
+    from ..utils import unwrap
+
+    model = unwrap(model)  # DistributedDataParallel / DataParallel / the trainer's compiled wrapper
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 

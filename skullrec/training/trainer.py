@@ -36,7 +36,7 @@ from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingDat
 from ..errors import InputError
 from ..nets.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ..utils import resolve_device
-from . import distributed
+from . import distributed, speed
 from .lookbehind import Lookbehind
 from .run_dir import (
     BEST,
@@ -68,10 +68,12 @@ class StepResult:
 
 
 def amp_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """torch.autocast in bfloat16 for ``amp="bf16"``, a no-op context for ``"none"``."""
-    if amp == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """torch.autocast for ``amp`` ("bf16", or "auto" resolved per device by speed.resolve_amp); a no-op for "none"."""
+    # "auto" resolves per device (speed.resolve_amp), so every caller passing cfg.train.amp agrees.
+    return speed.amp_context(speed.resolve_amp(amp, device), device)
+
+
+_amp_context = amp_context  # the name main's callers use
 
 
 def train_step(
@@ -166,7 +168,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 
 
 @torch.no_grad()
-def evaluate_dsc(model: torch.nn.Module, split: TensorSplit, batch_size: int, amp: str = "none") -> torch.Tensor:
+def evaluate_dsc(model: torch.nn.Module, split: TensorSplit, batch_size: int) -> torch.Tensor:
     """Mean DSC (MONAI compute_dice) of the predicted bone (bone log-odds > 0) against the complete skulls; a 0-d device tensor."""
     from monai.metrics import compute_dice
 
@@ -176,8 +178,7 @@ def evaluate_dsc(model: torch.nn.Module, split: TensorSplit, batch_size: int, am
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=split.defective.device)
     for x, y in split.batches(batch_size):
-        with amp_context(amp, x.device):
-            logits = model(x)
+        logits = model(x)  # float32 whatever train.amp: the DSC predict would give
         dsc = compute_dice((bone_logit(logits) > 0).float(), y, include_background=True)
         total += dsc.to(torch.float64).sum()
     model.train(was_training)
@@ -289,7 +290,7 @@ class _Run:
     """What the steps of one training run share: config, folder, device, data, model, optimizer, progress so far."""
 
     cfg: Config
-    run_dir: Path
+    run_dir: Path | None  # None: a loop without a run folder (a federated site's local epochs)
     dev: torch.device
     dinfo: distributed.DistInfo
     data: TrainingData
@@ -301,6 +302,8 @@ class _Run:
     log: Callable[[str], None]
     progress: bool
     steps_per_epoch: int
+    amp: str = "none"  # train.amp as run (speed.resolve_amp)
+    compiled: bool = False  # whether net is the torch.compile'd step (speed.prepare)
     start_epoch: int = 1
     start_step: int = 0
     best_score: float | None = None
@@ -310,6 +313,7 @@ class _Run:
 
     @property
     def state_path(self) -> Path:
+        assert self.run_dir is not None, "a run without a folder has no state file"
         return self.run_dir / STATE_FILE
 
     def save_state(self, epoch: int, step: int, **mid_epoch: Any) -> None:
@@ -356,15 +360,40 @@ def train(
     return run.records[-1] if run.records else {}
 
 
-def _start(
-    cfg: Config, run_dir: Path, dev: torch.device, resume: bool, progress: bool | None, log: Callable[[str], None] | None,
-    data: TrainingData | None, force: bool,
+def make_run(
+    cfg: Config, data: TrainingData, dev: torch.device, *, model: torch.nn.Module | None = None,
+    run_dir: Path | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
 ) -> _Run:
-    """Load the data, build model, optimizer and regulariser, and restore ``state.pt`` when resuming."""
+    """The model (``model``, else seeded from ``cfg.seed``), optimizer, loss and regulariser of a training loop over ``data``.
+
+    What ``skullrec train`` and a federated site's local update share: both then run
+    :func:`_train_epoch` / :func:`_epoch_record` over global epoch numbers, so the batch order, the
+    Hutchinson probes, ``sam.start_epoch`` and the ``fam.every`` schedule follow one rule everywhere.
+    ``run_dir`` is None for a loop without a run folder (a federated site: nothing is saved locally)."""
     from ..flatness.regularizer import FamRegularizer
     from ..nets.autoencoder import build_model, loss_function
 
     dinfo = distributed.current()  # a torchrun (DDP) job, or a single process (skullrec.training.distributed)
+    model = (build_model(cfg.model, seed=cfg.seed) if model is None else model).to(dev)
+    model.train()
+    distributed.check_batch_size(cfg.train.batch_size, dinfo)
+    return _Run(
+        cfg=cfg, run_dir=run_dir, dev=dev, dinfo=dinfo, data=data, model=model, net=model,
+        optimizer=make_optimizer(cfg, model), loss_fn=loss_function(cfg.model.loss),
+        # Built for every method (FAM trains with it; the others' monitoring builds its whole-batch twin);
+        # it refuses a biased estimator / trace-mode / world-size combination before any training.
+        reg=FamRegularizer(cfg.fam, model, dinfo.world_size), log=log or (lambda s: None), progress=progress,
+        steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
+        amp=speed.resolve_amp(cfg.train.amp, dev),  # train.compile is applied by _start (skullrec train) only
+    )
+
+
+def _start(
+    cfg: Config, run_dir: Path, dev: torch.device, resume: bool, progress: bool | None, log: Callable[[str], None] | None,
+    data: TrainingData | None, force: bool,
+) -> _Run:
+    """Load the data, build model, optimizer and regulariser (:func:`make_run`), and restore ``state.pt`` when resuming."""
+    dinfo = distributed.current()
     log = log or (lambda s: None)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -372,17 +401,8 @@ def _start(
         log, progress = (lambda s: None), False
     if data is None:
         data = load_training_data(cfg.data, cfg.model.size, dev)
-    model = build_model(cfg.model, seed=cfg.seed).to(dev)
-    model.train()
-    distributed.check_batch_size(cfg.train.batch_size, dinfo)
-    run = _Run(
-        cfg=cfg, run_dir=run_dir, dev=dev, dinfo=dinfo, data=data, model=model, net=model,
-        optimizer=make_optimizer(cfg, model), loss_fn=loss_function(cfg.model.loss),
-        # Built for every method (FAM trains with it; the others' monitoring builds its whole-batch twin);
-        # it refuses a biased estimator / trace-mode / world-size combination before any training.
-        reg=FamRegularizer(cfg.fam, model, dinfo.world_size), log=log, progress=progress,
-        steps_per_epoch=math.ceil(len(data.train) / cfg.train.batch_size),
-    )
+    run = make_run(cfg, data, dev, run_dir=run_dir, log=log, progress=progress)
+    model = run.model
     if resume and run.state_path.is_file():
         state = load_training_state(run.state_path, map_location=dev)
         if state.get("data") not in (None, data.train.fingerprint) and not force:
@@ -401,13 +421,23 @@ def _start(
         run.resumed = state
         log(f"resuming {run_dir} at epoch {run.start_epoch}" + (f" step {run.start_step}" if run.start_step else ""))
     run.net = distributed.wrap(model, dinfo, dev)  # DDP when distributed; run.model stays the plain module
+    total_steps = run.steps_per_epoch * cfg.train.epochs
+    twice = speed.needs_double_backward(cfg)
+    if cfg.train.compile is True and twice:
+        log(f"train.compile: not applied: the step differentiates twice (fam.estimator={cfg.fam.estimator}), "
+            "which a compiled backward cannot; training eagerly")
+    if speed.resolve_compile(cfg.train.compile, dev, total_steps, dinfo.enabled, twice):
+        # The trial batch has the steps' shape (static shapes: a smaller last batch compiles once more).
+        example = data.train.batch(distributed.shard(torch.arange(min(cfg.train.batch_size, len(data.train)), device=dev), dinfo))
+        run.net, run.compiled = speed.prepare(run.net, True, run.amp, example, run.loss_fn, warn=log)
+    log(f"step: {speed.describe(run.amp, run.compiled)} (train.amp={cfg.train.amp}, train.compile={cfg.train.compile})")
     return run
 
 
-def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str, torch.Tensor], int, float]:
+def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt | None = None) -> tuple[dict[str, torch.Tensor], int, float]:
     """The steps of one epoch: (device sums of loss, penalty, trace, norm_sq; regularised steps; seconds).
 
-    A requested interrupt saves the mid-epoch state and raises KeyboardInterrupt.
+    A requested interrupt saves the mid-epoch state and raises KeyboardInterrupt (none without a run folder).
     """
     cfg, dev, method = run.cfg, run.dev, run.cfg.train.method
     batches = run.data.epoch_order(cfg.seed, epoch, cfg.train.batch_size)
@@ -428,7 +458,7 @@ def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str
         loss_scale, penalty_scale = objective_scales(cfg, x.shape[0])
         out = train_step(
             run.net, x, y, run.loss_fn, run.optimizer,
-            reg=run.reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=cfg.train.amp,
+            reg=run.reg if use_reg else None, lam=cfg.fam.lam, sam=use_sam, generator=probes, amp=run.amp,
             loss_scale=loss_scale, penalty_scale=penalty_scale,
         )
         sums["loss"] += out.loss.to(torch.float64) * x.shape[0]
@@ -438,7 +468,7 @@ def _train_epoch(run: _Run, epoch: int, interrupt: _Interrupt) -> tuple[dict[str
             sums["norm_sq"] += out.norm_sq.to(torch.float64)
             reg_steps += 1
         bar.update(out)
-        if interrupt.requested and i + 1 < run.steps_per_epoch:  # at the epoch's last step: finish it normally
+        if interrupt is not None and interrupt.requested and i + 1 < run.steps_per_epoch:  # at the epoch's last step: finish it normally
             bar.close()
             run.save_state(epoch, i + 1, sums=sums, reg_steps=reg_steps, elapsed=elapsed + time.perf_counter() - t0,
                            probes=probes.get_state())
@@ -460,6 +490,8 @@ def _epoch_record(run: _Run, epoch: int, sums: dict[str, torch.Tensor], reg_step
         "trace": summary["trace"] / reg_steps if reg_steps else None,
         "norm_sq": float(_layer_norm_sq(run.model, cfg.fam.layers)),
         "sam": cfg.train.method in SAM_LIKE and epoch >= cfg.sam.start_epoch,
+        "amp": run.amp,
+        "compiled": run.compiled,
         "seconds": seconds,
     }
     if record["trace"] is not None:
@@ -475,7 +507,9 @@ def _validate(run: _Run, epoch: int, record: dict[str, Any]) -> None:
     if not (cfg.train.val_every > 0 and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs)):
         return
     if run.data.evals:
-        val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size, cfg.train.amp) for name, split in run.data.evals.items()}
+        # In float32 whatever train.amp: the validation DSC (and so best.safetensors) is what `skullrec predict`,
+        # which runs in float32, would give on these 64^3 cases.
+        val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size) for name, split in run.data.evals.items()}
         record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
         record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
     if cfg.train.method not in FAM_METHODS:
@@ -608,6 +642,7 @@ __all__ = [
     "StepResult",
     "train_step",
     "make_optimizer",
+    "make_run",
     "evaluate_dsc",
     "train",
     "run_training",

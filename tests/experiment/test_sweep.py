@@ -222,3 +222,36 @@ def test_reference_predictors_against_a_direct_numpy_computation(tmp_path):
             assert row["dsc"] == pytest.approx(value, abs=1e-6) and row["epoch"] == 7 and row["seed"] == 0
     pw = {c["method"]: c["pairwise_dsc"] for c in collapse}
     assert pw["ref:mean_shape"] == pytest.approx(1.0)
+
+
+def test_experiment_jobs_mode_batched_trains_seed_variants_together(tmp_path):
+    """jobs_mode batched: the baseline seeds train together in-process; FAM still by subprocesses; both are tabulated."""
+    from skullrec.data.layout import write_case
+    from skullrec.experiment.sweep import run_experiment
+    from skullrec.training.run_dir import read_metrics, run_finished
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split, k in (("train", 4), ("eval_set1", 2), ("eval_set2", 2)):
+        for i in range(k):
+            write_case(data, split, f"{split}{i}", *_shell(16, rng), np.diag([2.0, 2.0, 3.0, 1.0]))
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(
+        f"name: t\nbase_config: {REPO / 'configs' / 'baseline.yaml'}\ndata_root: {data}\nseeds: [0, 1]\n"
+        "epochs: 2\ncheckpoint_epochs: [2]\njobs_mode: batched\n"
+        "methods: [{name: base, method: baseline}, {name: fam, method: fam, lam: 0.01}]\nreference: base\n"
+        'set: ["model.size=16", "model.channels=[8, 16, 8]", "model.strides=[2, 2, 2]", "train.val_every=0", '
+        '"train.num_threads=1", "train.batch_size=2"]\n'
+    )
+    out = tmp_path / "results"
+    messages: list[str] = []
+    run_experiment(cfg, out=out, device="cpu", done=messages.append)
+    for seed in (0, 1):
+        base = read_metrics(out / "runs" / f"base_seed{seed}" / "metrics.jsonl")
+        fam = read_metrics(out / "runs" / f"fam_seed{seed}" / "metrics.jsonl")
+        assert [r.get("batched_runs") for r in base] == [2, 2] and all("batched_runs" not in r for r in fam)
+        assert run_finished(out / "runs" / f"base_seed{seed}")
+    assert sum("2 runs batched" in m for m in messages) == 2
+    assert (out / "table2.csv").stat().st_size > 0
+    with pytest.raises(Exception, match="jobs_mode"):
+        run_experiment(cfg, out=tmp_path / "bad", device="cpu", overrides=["jobs_mode=threads"])

@@ -222,3 +222,49 @@ def test_remote_superlink_mode_names_sites_without_folders(tmp_path: Path) -> No
     assert [s["root"] for s in stored["site_folders"]] == [None, None]
     with pytest.raises(Exception, match="site names must be distinct"):
         load_federation_config(None, ["superlink=h"], [Path("x"), Path("x")])
+
+
+def test_cyclic_swa_averages_the_last_round_of_each_cycle(tmp_path: Path) -> None:
+    """fedavg-swa with cycles of 2 rounds from round 1 of 4: SWA = mean of the global models of rounds 2 and 4
+    (each cycle's last, lowest-lr round), and every round's record carries the lr the sites were sent."""
+    from flwr.app import ArrayRecord
+
+    from skullrec.config import load_config
+    from skullrec.federated.server_app import SkullFedAvg
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", TRAIN_SET)
+    fed = {"sites": ["a", "b"], "strategy": "fedavg-swa", "swa_start": 1, "swa_cycle": 2, "swa_lr": 1e-6, "rounds": 4,
+           "checkpoint_rounds": [], "evaluate": False}
+    globals_ = [build_model(cfg.model, seed=s).state_dict() for s in (21, 22, 23, 24)]
+    strategy = SkullFedAvg(tmp_path, cfg, fed, {"round": 0, "swa_n": 0}, None)
+    for r in range(1, 5):
+        strategy.pending = {"round": r, "arrays": ArrayRecord(globals_[r - 1]), "errors": {}, "missing": [], "train": {},
+                            "sites": {"a": {"num-examples": 1, "dice_loss": 0.5}, "b": {"num-examples": 1, "dice_loss": 0.5}}}
+        strategy.aggregate_evaluate(r, [])
+        assert (tmp_path / "swa.safetensors").exists() == (r >= 2)
+    mean = {k: (globals_[1][k].double().numpy() + globals_[3][k].double().numpy()) / 2 for k in globals_[0]}
+    _assert_weights(tmp_path / "swa.safetensors", mean)
+    _assert_weights(tmp_path / "final.safetensors", mean)
+    assert read_state(tmp_path)["swa_n"] == 2
+    half = 0.5 * cfg.train.lr + 0.5 * 1e-6
+    np.testing.assert_allclose([r["lr"] for r in read_metrics(tmp_path)], [half, 1e-6, half, 1e-6], rtol=1e-12)
+
+
+def test_output_folder_rules_are_the_trainers(tmp_path: Path) -> None:
+    """A non-empty --out needs --overwrite (run_dir.check_new_run_dir), which replaces only a federation folder."""
+    from skullrec.errors import InputError
+
+    fed = load_federation_config(None, ["superlink=hospitals", f"train_config={REPO / 'configs' / 'baseline.yaml'}"],
+                                 [Path("hospitalA"), Path("hospitalB")])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="already holds results; pass --resume .* or --overwrite"):
+        setup_federation(fed, other)
+    with pytest.raises(InputError, match="--overwrite only replaces a federation folder"):
+        setup_federation(fed, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep"
+    setup_federation(fed, tmp_path / "fed")
+    (tmp_path / "fed" / "stale.txt").write_text("x")
+    setup_federation(fed, tmp_path / "fed", overwrite=True)  # a federation folder is replaced whole
+    assert not (tmp_path / "fed" / "stale.txt").exists() and (tmp_path / "fed" / "federate.yaml").is_file()

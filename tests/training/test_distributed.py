@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from skullrec.config import FamConfig, ModelConfig
-from skullrec.training import distributed
+from skullrec.training import distributed, speed
 from skullrec.utils import unwrap
 
 SMALL = ModelConfig(size=32, channels=[4, 8, 16, 8], strides=[2, 2, 2, 2], latent_size=8)
@@ -136,7 +136,8 @@ def test_fd_shards_average_to_the_combined_batch():
 
 
 @pytest.mark.slow
-def test_torchrun_skullrec_train_matches_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("amp", ["none", "auto"])
+def test_torchrun_skullrec_train_matches_one_process(tmp_path, monkeypatch, amp):
     """`torchrun --nproc_per_node 2 -m skullrec train`: rank 0 writes the run, the result is the 1-process one."""
     import json
     import subprocess
@@ -157,7 +158,11 @@ def test_torchrun_skullrec_train_matches_one_process(tmp_path, monkeypatch):
         f"data.root={tmp_path / 'data'}", "data.eval_splits=[]", "data.max_train_cases=null", "data.max_eval_cases=null",
         "model.size=32", "model.channels=[4,8,16,8]", "model.strides=[2,2,2,2]", "train.method=baseline", "fam.lam=0",
         "train.epochs=2", "train.checkpoint_epochs=[2]", "train.num_threads=1", "train.val_every=0",
+        # none: float32, with float32's bounds. auto (the default): bf16 on a CPU with native bf16, where the
+        # shard and whole-batch roundings differ more: loss 1.2e-6 relative, ||w2 - w1|| 4.7 % of the update (measured).
+        f"train.amp={amp}",
     ]
+    bf16 = amp == "auto" and speed.resolve_amp("auto", torch.device("cpu")) == "bf16"
     args = ["train", "--config", "configs/smoke.yaml", "--device", "cpu", *sum((["--set", s] for s in sets), [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     single = subprocess.run([sys.executable, "-m", "skullrec", *args, "--run-dir", str(tmp_path / "one")],
@@ -171,7 +176,8 @@ def test_torchrun_skullrec_train_matches_one_process(tmp_path, monkeypatch):
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in two] == [1, 2]
     for a, b in zip(one, two):  # the all-reduced epoch loss is the combined batch's
-        assert b["dice_loss"] == pytest.approx(a["dice_loss"], rel=1e-6)
+        assert a["amp"] == b["amp"] == ("bf16" if bf16 else "none")
+        assert b["dice_loss"] == pytest.approx(a["dice_loss"], rel=1e-5 if bf16 else 1e-6)
     wa, wb = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "two" / "last.safetensors")
     assert wa.keys() == wb.keys()
     # float32: the shards' sums round differently, and Adam's first steps (lr * g / (|g| + 1e-8)) turn
@@ -184,4 +190,4 @@ def test_torchrun_skullrec_train_matches_one_process(tmp_path, monkeypatch):
     diff = sum(float((wa[k] - wb[k]).pow(2).sum()) for k in wa) ** 0.5
     update = sum(float((wa[k] - init[k]).pow(2).sum()) for k in wa) ** 0.5
     print(f"torchrun 2 ranks vs 1 process: ||w2 - w1|| {diff:.3g}, ||w1 - w_init|| {update:.3g}")
-    assert update > 0 and diff <= 1e-2 * update, (diff, update)
+    assert update > 0 and diff <= (0.1 if bf16 else 1e-2) * update, (diff, update)

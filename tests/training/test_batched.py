@@ -1,0 +1,131 @@
+"""skullrec.training.batched: several seeds trained together (vmap over stacked weights) against training each alone."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, write_shell_dataset
+from skullrec.config import load_config
+from skullrec.nets.autoencoder import build_model, loss_function
+from skullrec.nets.checkpoint import load_training_state
+from skullrec.training import batched as B
+from skullrec.training.run_dir import LAST, checkpoint_path, read_metrics, run_finished
+from skullrec.training.trainer import make_optimizer, train, train_step
+
+SMOKE = REPO / "configs" / "smoke.yaml"
+# Bound on |batched - alone| of any weight after the runs below (lr 1e-3 Adam; see the module doc):
+# the grouped-convolution rounding (~1e-6 of the gradient) carried by Adam's normalised steps.
+WEIGHT_TOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shell_dataset(tmp_path_factory.mktemp("batched_data"))
+
+
+def _cfg(data_root: Path, seed: int, **extra: object):
+    sets = [f"data.root={data_root}", "data.max_train_cases=8", "data.eval_splits=[]", "model.size=16",
+            "model.channels=[8, 16, 8]", "model.strides=[2, 2, 2]", "train.method=baseline", "train.epochs=2",
+            "train.checkpoint_epochs=[1, 2]", "train.num_threads=1", "train.lr=1e-3", "fam.lam=0.0",
+            f"seed={seed}", f"name=b_seed{seed}"]
+    return load_config(SMOKE, sets + [f"{k}={json.dumps(v)}" for k, v in extra.items()])
+
+
+def test_stacked_adam_is_bit_for_bit_the_separate_optimizers(data_root: Path) -> None:
+    """Given the same gradients, the one stacked optimizer moves every run exactly as its own would."""
+    cfgs = [_cfg(data_root, s) for s in (0, 1, 2)]
+    models = [build_model(c.model, seed=c.seed) for c in cfgs]
+    alone = [copy.deepcopy(m) for m in models]
+    opts = [make_optimizer(c, m) for c, m in zip(cfgs, alone)]
+    stack = B.StackedModels(models)
+    sopt = make_optimizer(cfgs[0], stack)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        grads = {k: torch.randn(v.shape, generator=gen) * 1e-3 for k, v in stack.params.items()}
+        for i, (m, o) in enumerate(zip(alone, opts)):
+            for k, p in m.named_parameters():
+                p.grad = grads[k][i].clone()
+            o.step()
+        for k, p in stack.params.items():
+            p.grad = grads[k].clone()
+        sopt.step()
+    for i, m in enumerate(alone):
+        mine = stack.state_dict(i)
+        for k, v in m.state_dict().items():
+            assert torch.equal(mine[k], v), (i, k)
+
+
+def test_vmapped_forward_and_step_match_each_model_alone(data_root: Path) -> None:
+    cfgs = [_cfg(data_root, s) for s in (0, 1)]
+    models = [build_model(c.model, seed=c.seed) for c in cfgs]
+    gen = torch.Generator().manual_seed(1)
+    xs = (torch.rand(2, 4, 1, 16, 16, 16, generator=gen) > 0.6).float()
+    ys = torch.clamp(xs + (torch.rand(xs.shape, generator=gen) > 0.9).float(), 0, 1)
+    stack = B.StackedModels([copy.deepcopy(m) for m in models])
+    with torch.no_grad():
+        out = stack(xs)
+        for i, m in enumerate(models):
+            ref = m(xs[i])
+            assert (out[i] - ref).abs().max() < 2e-6  # the grouped convolution's rounding, nothing more
+            assert (out[0] - models[1](xs[0])).abs().max() > 1e-2  # the two models really differ
+    loss_fn = loss_function(cfgs[0].model.loss)
+    sopt = make_optimizer(cfgs[0], stack)
+    opts = [make_optimizer(c, m) for c, m in zip(cfgs, models)]
+    for _ in range(5):
+        losses = B.batched_step(stack, xs, ys, loss_fn, sopt)
+        for i, (m, o) in enumerate(zip(models, opts)):
+            alone = train_step(m, xs[i], ys[i], loss_fn, o).loss
+            assert abs(float(losses[i]) - float(alone)) < 1e-4
+    for i, m in enumerate(models):
+        mine = stack.state_dict(i)
+        worst = max(float((mine[k] - v).abs().max()) for k, v in m.state_dict().items())
+        assert worst < WEIGHT_TOL, worst
+
+
+def test_train_batched_writes_the_runs_train_would(data_root: Path, tmp_path: Path) -> None:
+    cfgs = [_cfg(data_root, s) for s in (0, 1)]
+    dirs = [tmp_path / f"seed{s}" for s in (0, 1)]
+    lines: list[str] = []
+    last = B.train_batched(cfgs, dirs, "cpu", log=lines.append)
+    assert len(last) == 2 and lines[0].startswith("training 2 runs together")
+    for cfg, d in zip(cfgs, dirs):
+        assert run_finished(d)
+        assert checkpoint_path(d, 1).is_file() and checkpoint_path(d, 2).is_file()
+        recs = read_metrics(d / "metrics.jsonl")
+        assert [r["epoch"] for r in recs] == [1, 2] and all(r["batched_runs"] == 2 for r in recs)
+        # Trained alone by the ordinary trainer: the same run within the stated tolerance.
+        alone = tmp_path / f"alone_{cfg.seed}"
+        alone.mkdir()
+        (alone / "config.yaml").write_text((d / "config.yaml").read_text())
+        rec = train(cfg, alone, device="cpu")
+        assert abs(rec["dice_loss"] - recs[-1]["dice_loss"]) < 1e-3
+        a, b = load_file(str(d / LAST)), load_file(str(alone / LAST))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < WEIGHT_TOL
+        # The tolerance is taken by the convolution biases before a GroupNorm (their true gradient is 0, so
+        # Adam's normalised step follows rounding noise, without effect on the output); the function agrees closely.
+        m_a, m_b = build_model(cfg.model), build_model(cfg.model)
+        m_a.load_state_dict(a)
+        m_b.load_state_dict(b)
+        x = (torch.rand(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2)) > 0.6).float()
+        with torch.no_grad():
+            assert (m_a(x) - m_b(x)).abs().max() < 1e-4
+        # The optimizer state is the run's own: the ordinary trainer can resume from it.
+        state = load_training_state(d / "state.pt")
+        assert state["epoch"] == 2 and len(state["optimizer"]["state"]) == len(a)
+    w0, w1 = load_file(str(dirs[0] / LAST)), load_file(str(dirs[1] / LAST))
+    assert max(float((w0[k] - w1[k]).abs().max()) for k in w0) > 10 * WEIGHT_TOL  # seeds stay distinct runs
+
+
+def test_batch_key_groups_only_seed_variants(data_root: Path) -> None:
+    a, b = _cfg(data_root, 0), _cfg(data_root, 1)
+    assert B.batch_key(a) == B.batch_key(b) is not None
+    assert B.batch_key(_cfg(data_root, 0, **{"train.lr": 2e-3})) != B.batch_key(a)
+    assert B.batch_key(_cfg(data_root, 0, **{"train.method": "fam", "fam.lam": 0.01})) is None
+    with pytest.raises(ValueError):
+        B.train_batched([a, _cfg(data_root, 1, **{"train.lr": 2e-3})], [Path("x"), Path("y")])
