@@ -289,27 +289,35 @@ def flatness_command(
 
 
 def predict_command(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train'.")],
     inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped models/, stage 1 + stage 2).")] = None,
     stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
     threshold: THRESHOLD = None,
     device: DEVICE = "auto",
     overwrite: OVERWRITE = False,
     stage2: Annotated[Optional[Path], typer.Option("--stage2", help="A stage-2 checkpoint from 'skullrec train-implant': the implant is designed in a box around the defect.")] = None,
+    keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With stage 2: also write stage 1's own implant to OUT/stage1_implant/.")] = False,
 ) -> Path:
     """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
     from .inference.predict import predict_folder
 
     _at_least("--batch-size", batch_size, 1)
     console = _console(stderr=True)
+    if checkpoint is None:
+        from .inference.shipped import shipped_checkpoints
+
+        if stage2 is not None:
+            raise InputError("--stage2: needs --checkpoint (without both, the shipped stage 1 + stage 2 are used)")
+        checkpoint, stage2 = shipped_checkpoints()
+        console.print(f"using the shipped weights: {checkpoint} + {stage2}")
     with _bar("predict", console) as progress:
         rows = predict_folder(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
-            stage2=stage2,
+            stage2=stage2, keep_stage1=keep_stage1,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")
@@ -360,6 +368,7 @@ def evaluate_command(
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip cases without a partner and report the count.")] = False,
     threshold: THRESHOLD = None,
     overwrite: OVERWRITE = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (at most 4; 2 on a 2-core machine for 512^2 x Z skulls); values do not depend on it.")] = 1,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score predictions against ground truth: DSC, bDSC, HD and HD95 (mm and voxels)."""
     from .evaluation.evaluate import check_outputs, evaluate_folders, write_results
@@ -374,7 +383,7 @@ def evaluate_command(
     with _bar("evaluate", _console(stderr=True)) as progress:  # stderr: stdout carries only the summary
         rows, summary = evaluate_folders(
             pred, truth, defective=defective, target=target, hd95=hd95, skip_missing=skip_missing,
-            threshold=threshold, progress=lambda cid: progress(next(scored), None),
+            threshold=threshold, progress=lambda cid: progress(next(scored), None), workers=workers,
         )
     csv_path, json_path = write_results(out, rows, summary, overwrite=overwrite)
     print_summary(summary, console)
@@ -494,6 +503,7 @@ def prepare_implant_command(
     seed: Annotated[int, typer.Option(help="Seed of the defects and box offsets.")] = 0,
     max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N training skulls.")] = None,
     overwrite: OVERWRITE = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (at most 4); the samples do not depend on it.")] = 1,
 ) -> Path:
     """Stage-2 training samples at the skulls' own resolution (training skulls only)."""
     from .data.stage2 import build_stage2_data
@@ -504,8 +514,28 @@ def prepare_implant_command(
     with _bar("prepare-implant", console) as progress:
         recs = build_stage2_data(prepared, stage1, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
                                  box_mm=box_mm, grid=grid, seed=seed, max_cases=max_cases, overwrite=overwrite,
-                                 progress=progress, log=lambda s: console.print(f"[yellow]{s}[/]"))
+                                 progress=progress, workers=workers, log=lambda s: console.print(f"[yellow]{s}[/]"))
     console.print(f"{len(recs)} samples -> {out}")
+    return Path(out)
+
+
+def prepare_eval_command(
+    prepared: Annotated[Path, typer.Option("--prepared", help="A data set from 'skullrec prepare' (its eval_ids and source folders are used).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and KIND/{defective,implant}/ at each skull's own grid.")],
+    kinds: Annotated[str, typer.Option(help="Defect kinds, comma-separated: skullfix, set1, set2.")] = "skullfix,set1,set2",
+    seed: Annotated[int, typer.Option(help="Seed of the set-1 / set-2 defects.")] = 0,
+    overwrite: OVERWRITE = False,
+    workers: Annotated[int, typer.Option(help="Worker processes (at most 4); the files do not depend on it.")] = 1,
+    max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation skulls.")] = None,
+) -> Path:
+    """The held-out skulls' defects at their own resolution, to score 'predict' with 'evaluate'."""
+    from .data.stage2 import build_native_eval_sets
+
+    console = _console(stderr=True)
+    with _bar("prepare-eval", console) as progress:
+        meta = build_native_eval_sets(prepared, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                                      seed=seed, overwrite=overwrite, progress=progress, workers=workers, max_cases=max_cases)
+    console.print(f"{len(meta['eval_ids'])} evaluation skulls x {len(meta['kinds'])} defect kinds -> {out}")
     return Path(out)
 
 
@@ -535,6 +565,7 @@ for _name, _command in (
     ("train", train_command),
     ("flatness", flatness_command),
     ("prepare-implant", prepare_implant_command),
+    ("prepare-eval", prepare_eval_command),
     ("train-implant", train_implant_command),
     ("predict", predict_command),
     ("evaluate", evaluate_command),

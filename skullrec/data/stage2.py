@@ -19,6 +19,7 @@ lists them with their parameters.
 
 from __future__ import annotations
 
+import functools
 import io as _stdio
 import json
 from collections.abc import Callable
@@ -29,9 +30,10 @@ import numpy as np
 
 from ..data.layout import implant_of, read_manifest
 from ..errors import InputError
-from ..inference.stage2 import box_around, crop, to_grid
+from ..data.resample import Box
+from ..inference.stage2 import box_around, crop, network_input, to_grid
 from ..io import Volume, atomic_write_bytes, atomic_write_text, list_volumes, read_volume
-from ..utils import Progress, seed_sequence
+from ..utils import Progress, ordered_process_map, seed_sequence
 
 KINDS: tuple[str, ...] = ("skullfix", "set1", "set2")
 DEFAULT_JITTER_MM = 10.0
@@ -51,9 +53,13 @@ def training_ids(prepared: str | Path) -> tuple[list[str], Path, Path | None]:
     return [str(i) for i in ids], Path(complete), None if not defective else Path(defective)
 
 
-def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.ndarray, box_mm: float, grid: int,
-                rng: np.random.Generator, jitter_mm: float = DEFAULT_JITTER_MM) -> dict[str, Any]:
-    """One training sample: network input ``x``, target ``y`` and the box, for a defective skull on ``complete``'s grid."""
+def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.ndarray | Callable[[Box], np.ndarray],
+                box_mm: float, grid: int, rng: np.random.Generator, jitter_mm: float = DEFAULT_JITTER_MM) -> dict[str, Any]:
+    """One training sample: network input ``x``, target ``y`` and the box, for a defective skull on ``complete``'s grid.
+
+    ``stage1_complete``: stage 1's complete skull on that grid, or a function giving its crop for a box
+    (:func:`skullrec.inference.predict.stage1_complete_in_box`, what build_stage2_data uses).
+    """
     comp = complete.data.astype(bool)
     implant = implant_of(comp, defective)
     bb = np.argwhere(implant)
@@ -63,7 +69,8 @@ def make_sample(complete: Volume, defective: np.ndarray, stage1_complete: np.nda
     shift_mm = rng.uniform(-jitter_mm, jitter_mm, 3)
     centre = centre + shift_mm / np.asarray(complete.spacing)
     box = box_around(centre, complete.spacing, box_mm)
-    x = np.stack([to_grid(crop(defective.astype(np.uint8), box), grid), to_grid(crop(stage1_complete.astype(np.uint8), box), grid)])
+    prior = stage1_complete(box) if callable(stage1_complete) else crop(np.asarray(stage1_complete, dtype=bool), box)
+    x = network_input(defective, prior, box, grid)
     implant_crop = crop(implant.astype(np.uint8), box)
     y = to_grid(implant_crop, grid) > 0.5
     inside = int(implant_crop.sum())
@@ -88,13 +95,42 @@ def _defective(kind: str, cid: str, complete: Volume, defective_dir: Path | None
     return mask, {"defect_source": kind, "defect": params}
 
 
+def _case_samples(job: dict[str, Any]) -> list[tuple[str, bytes, dict[str, Any]]]:
+    """All samples of one training skull: (file name, .npz bytes, record) per kind (a worker's job)."""
+    from ..inference.predict import stage1_complete_in_box
+    from ..nets.checkpoint import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(job["stage1"], "cpu")  # per job: a few MB, negligible beside the skull
+    cid, seed = job["cid"], job["seed"]
+    defective_dir = None if job["defective_dir"] is None else Path(job["defective_dir"])
+    complete = read_volume(job["complete_file"])
+    out = []
+    for kind in job["kinds"]:
+        dmask, extra = _defective(kind, cid, complete, defective_dir, job["defective_files"], seed)
+        dvol = complete.like(dmask.astype(np.uint8))
+        rng = np.random.default_rng(seed_sequence(seed, cid, kind, "box"))
+        prior = functools.partial(stage1_complete_in_box, model, dvol, size=cfg.model.size)
+        s = make_sample(complete, dmask, prior, job["box_mm"], job["grid"], rng, job["jitter_mm"])
+        name = f"{cid}_{kind}.npz"
+        buf = _stdio.BytesIO()
+        np.savez_compressed(buf, x=s["x"], y=s["y"], box_lo=np.asarray(s["box"].lo), box_hi=np.asarray(s["box"].hi))
+        out.append((name, buf.getvalue(), {
+            "file": name, "case_id": cid, "kind": kind, "source": str(job["complete_file"]), "box": s["box"].to_dict(),
+            "shift_mm": s["shift_mm"], "implant_voxels": s["implant_voxels"], "implant_in_box": s["implant_in_box"],
+            **{k: v for k, v in extra.items() if k != "defect"}}))
+    return out
+
+
 def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS,
                       box_mm: float = 128.0, grid: int = 128, seed: int = 0, jitter_mm: float = DEFAULT_JITTER_MM,
                       max_cases: int | None = None, overwrite: bool = False, progress: Progress | None = None,
-                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Write stage-2 samples for the training skulls of ``prepared`` into ``out`` (staged, then renamed); returns the records."""
+                      log: Callable[[str], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
+    """Write stage-2 samples for the training skulls of ``prepared`` into ``out`` (staged, then renamed); returns the records.
+
+    ``workers`` (at most 4) processes build skulls in parallel; the samples and samples.json do not
+    depend on it (every random draw is seeded by (seed, case, kind), and records keep the id order).
+    """
     from ..data.layout import check_output_dir, staged_output
-    from ..inference.predict import reconstruct
     from ..nets.checkpoint import load_checkpoint
 
     for k in kinds:
@@ -108,29 +144,22 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
     # Replacing out must never delete an input: the prepared set, its source folders or the stage-1 checkpoint.
     inputs = (prepared, complete_dir, defective_dir, Path(stage1))
     check_output_dir(out, overwrite, inputs)
-    model, cfg, _ = load_checkpoint(stage1, "cpu")
+    load_checkpoint(stage1, "cpu")  # a bad checkpoint is one error before any work
+    for cid in ids:
+        if cid not in complete_files:
+            raise InputError(f"{complete_dir}: no complete skull for training case {cid}")
+    jobs = [{"cid": cid, "complete_file": complete_files[cid], "defective_dir": defective_dir, "defective_files": defective_files,
+             "stage1": str(stage1), "kinds": kinds, "seed": seed, "box_mm": box_mm, "grid": grid, "jitter_mm": jitter_mm}
+            for cid in ids]
     records: list[dict[str, Any]] = []
     total = len(ids) * len(kinds)
     with staged_output(out, overwrite, inputs) as staging:
-        for cid in ids:
-            if cid not in complete_files:
-                raise InputError(f"{complete_dir}: no complete skull for training case {cid}")
-            complete = read_volume(complete_files[cid])
-            for kind in kinds:
-                dmask, extra = _defective(kind, cid, complete, defective_dir, defective_files, seed)
-                dvol = complete.like(dmask.astype(np.uint8))
-                rec = reconstruct(model, [dvol], batch_size=1, size=cfg.model.size)[0]
-                rng = np.random.default_rng(seed_sequence(seed, cid, kind, "box"))
-                s = make_sample(complete, dmask, rec.complete.data.astype(bool), box_mm, grid, rng, jitter_mm)
-                name = f"{cid}_{kind}.npz"
-                buf = _stdio.BytesIO()
-                np.savez_compressed(buf, x=s["x"], y=s["y"], box_lo=np.asarray(s["box"].lo), box_hi=np.asarray(s["box"].hi))
-                atomic_write_bytes(staging / name, buf.getvalue())
-                records.append({"file": name, "case_id": cid, "kind": kind, "source": str(complete_files[cid]),
-                                "box": s["box"].to_dict(), "shift_mm": s["shift_mm"], "implant_voxels": s["implant_voxels"],
-                                "implant_in_box": s["implant_in_box"], **{k: v for k, v in extra.items() if k != "defect"}})
-                if log is not None and s["implant_in_box"] < s["implant_voxels"]:
-                    log(f"{cid} {kind}: {s['implant_voxels'] - s['implant_in_box']} implant voxels outside the box")
+        for samples in ordered_process_map(_case_samples, jobs, workers):
+            for name, payload, rec in samples:
+                atomic_write_bytes(staging / name, payload)
+                records.append(rec)
+                if log is not None and rec["implant_in_box"] < rec["implant_voxels"]:
+                    log(f"{rec['case_id']} {rec['kind']}: {rec['implant_voxels'] - rec['implant_in_box']} implant voxels outside the box")
                 if progress is not None:
                     progress(len(records), total)
         meta = {"prepared": str(prepared), "stage1": str(stage1), "kinds": list(kinds), "box_mm": box_mm, "grid": grid,
@@ -139,8 +168,81 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
     return records
 
 
+def eval_ids(prepared: str | Path) -> list[str]:
+    """The held-out (evaluation) ids of a prepared real data set (``manifest.json``'s ``meta.eval_ids``)."""
+    ids = read_manifest(prepared).get("meta", {}).get("eval_ids")
+    if not ids:
+        raise InputError(f"{prepared}: manifest lists no eval_ids (not a data set from skullrec prepare --eval-fraction > 0?)")
+    return [str(i) for i in ids]
+
+
+def _eval_case(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Write one evaluation skull's complete skull and its defective skull + implant per kind (a worker's job)."""
+    from ..io import write_volume
+
+    cid, staging = job["cid"], Path(job["staging"])
+    defective_dir = None if job["defective_dir"] is None else Path(job["defective_dir"])
+    complete = read_volume(job["complete_file"])
+    write_volume(staging / "complete" / f"{cid}.nii.gz", complete)
+    out = []
+    for kind in job["kinds"]:
+        dmask, extra = _defective(kind, cid, complete, defective_dir, job["defective_files"], job["seed"])
+        implant = implant_of(complete.data.astype(bool), dmask)
+        write_volume(staging / kind / "defective" / f"{cid}.nii.gz", complete.like(dmask.astype(np.uint8)))
+        write_volume(staging / kind / "implant" / f"{cid}.nii.gz", complete.like(implant.astype(np.uint8)))
+        out.append({"case_id": cid, "kind": kind, "source": str(job["complete_file"]), "implant_voxels": int(implant.sum()),
+                    **{k: v for k, v in extra.items() if k != "defect"}})
+    return out
+
+
+def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS, seed: int = 0,
+                           overwrite: bool = False, progress: Progress | None = None, workers: int = 1,
+                           max_cases: int | None = None) -> dict[str, Any]:
+    """Defective skulls of the *evaluation* skulls of ``prepared`` at their own grid, for ``predict`` + ``evaluate``.
+
+    Writes ``OUT/complete/CASE.nii.gz`` (the true complete skull) and, per kind,
+    ``OUT/KIND/defective/CASE.nii.gz`` and ``OUT/KIND/implant/CASE.nii.gz`` (complete AND NOT
+    defective): ``skullfix`` is SkullFix's own defective skull, ``set1`` / ``set2`` the project's
+    defects cut at the native grid exactly as ``prepare-implant`` cuts them for the training skulls
+    (seeded by (seed, case, kind)). Volumes go back to each file's own grid (:func:`write_volume`),
+    so a prediction from ``predict --in OUT/KIND/defective`` pairs with them voxel for voxel.
+    Staged and renamed; returns the manifest written as ``OUT/manifest.json``. ``workers``
+    processes (at most 4) write skulls in parallel; the files do not depend on it.
+    """
+    from ..data.layout import check_output_dir, staged_output
+
+    for k in kinds:
+        if k not in KINDS:
+            raise InputError(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    ids = eval_ids(prepared)[:max_cases]  # max_cases: only the first N evaluation skulls
+    _, complete_dir, defective_dir = training_ids(prepared)
+    complete_files = list_volumes(complete_dir)
+    defective_files = list_volumes(defective_dir) if defective_dir is not None and "skullfix" in kinds else {}
+    inputs = (prepared, complete_dir, defective_dir)
+    check_output_dir(out, overwrite, inputs)
+    cases: list[dict[str, Any]] = []
+    with staged_output(out, overwrite, inputs) as staging:
+        for cid in ids:
+            if cid not in complete_files:
+                raise InputError(f"{complete_dir}: no complete skull for evaluation case {cid}")
+        jobs = [{"cid": cid, "complete_file": complete_files[cid], "defective_dir": defective_dir, "defective_files": defective_files,
+                 "kinds": kinds, "seed": seed, "staging": staging} for cid in ids]
+        for i, recs in enumerate(ordered_process_map(_eval_case, jobs, workers), 1):
+            cases.extend(recs)
+            if progress is not None:
+                progress(i, len(ids))
+        meta = {"command": "skullrec prepare-eval", "prepared": str(prepared), "kinds": list(kinds), "seed": seed,
+                "eval_ids": ids, "cases": cases}
+        atomic_write_text(staging / "manifest.json", json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
 def load_stage2_samples(root: str | Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """(samples.json, x (N, 2, g, g, g) float32, y (N, 1, g, g, g) float32) of a stage-2 data folder."""
+    """(samples.json, x (N, 2, g, g, g) float16, y (N, 1, g, g, g) uint8) of a stage-2 data folder.
+
+    Kept as stored (float16 / uint8, 2.5 GB for 240 samples at 128^3 instead of 6 GB in float32);
+    the trainer converts one batch at a time.
+    """
     root = Path(root)
     meta_file = root / SAMPLES_FILE
     if not meta_file.is_file():
@@ -155,8 +257,8 @@ def load_stage2_samples(root: str | Path) -> tuple[dict[str, Any], np.ndarray, n
         try:
             # allow_pickle=False: a sample file can only hold plain arrays, never code.
             with np.load(path, allow_pickle=False) as z:
-                xs.append(z["x"].astype(np.float32))
-                ys.append(z["y"].astype(np.float32)[None])
+                xs.append(z["x"].astype(np.float16, copy=False))
+                ys.append(z["y"].astype(np.uint8, copy=False)[None])
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"{path}: unreadable stage-2 sample ({exc})") from None
     if not xs:

@@ -204,6 +204,33 @@ def reconstruct(
     return results
 
 
+def stage1_complete_in_box(model: torch.nn.Module, vol: Volume, box: Any, size: int, *, threshold: float = 0.5,
+                           margin_mm: float = DEFAULT_MARGIN_MM) -> np.ndarray:
+    """Stage 1's complete skull inside ``box`` (an index box of ``vol``'s grid), as :func:`reconstruct` makes it.
+
+    Equal to ``crop(reconstruct(...).complete.data, box)`` (box voxels outside the volume are 0, as
+    :func:`skullrec.inference.stage2.crop` reads them), but the 64^3 prediction is interpolated at the
+    box's voxels only: stage-2 training samples need the prior in their box and nothing else, and a
+    512^2 x Z grid is ~4x the box's voxels (tests/training/test_train_implant.py checks the equality).
+    """
+    from .stage2 import crop
+
+    was_training = model.training
+    model.eval()
+    try:
+        prepared = prepare_volume(vol, size, margin_mm)[0]
+        x = torch.from_numpy(prepared.data.astype(np.float32)[None, None])
+        with torch.inference_mode():
+            prob = torch.sigmoid(bone_logit(model(x)).float()).numpy()[0, 0]
+    finally:
+        model.train(was_training)
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(box.lo, dtype=np.float64)
+    target = Volume(np.zeros(box.shape, dtype=np.uint8), np.asarray(vol.affine, dtype=np.float64) @ shift)
+    inside = crop(np.ones(vol.shape, dtype=bool), box)
+    return (restore_to_grid(np.nan_to_num(prob, nan=0.0), prepared.affine, target) > threshold) & inside
+
+
 def _finish(vol: Volume, prepared: Volume, prob: np.ndarray, threshold: float, min_island_mm3: float) -> Reconstruction:
     """Map one ``size^3`` prediction back to the input grid and derive the implant.
 
@@ -273,6 +300,7 @@ def predict_folder(
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
     stage2: Path | None = None,
+    keep_stage1: bool = False,
 ) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
@@ -283,7 +311,8 @@ def predict_folder(
     ``failed`` in predict.json, and when no case is usable the call fails with InputError and
     leaves nothing behind. With ``stage2`` (a ``skullrec train-implant`` checkpoint) the implant is
     stage 2's (:mod:`skullrec.inference.stage2`, in a box around stage 1's implant) and the
-    complete skull is the defective skull plus that implant.
+    complete skull is the defective skull plus that implant; ``keep_stage1`` also writes stage 1's
+    implant to out/stage1_implant/CASE.nii.gz.
     """
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
@@ -317,17 +346,19 @@ def predict_folder(
             recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
             for cid, vol, rec in zip(chunk, vols, recs):
                 done += 1
-                if progress is not None:
-                    progress(done, len(ids))
                 for w in rec.warnings:
                     say(f"warning: {files[cid]}: {w}")
                 if not rec.usable:
                     # Garbage is never written as a result: report it, write nothing for this case.
                     say(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}")
                     failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems})
+                    if progress is not None:
+                        progress(done, len(ids))
                     continue
                 if model2 is not None:
-                    rec = _apply_stage2(rec, vol, model2, cfg2, dev)
+                    if keep_stage1:  # stage 1's own implant beside stage 2's, to compare the two on one run
+                        write_volume(staging / "stage1_implant" / f"{cid}.nii.gz", rec.implant)
+                    rec = apply_stage2(rec, vol, model2, cfg2, dev)
                 # Back on the input file's own grid: its voxel order, affine and header.
                 write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
                 write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
@@ -342,6 +373,8 @@ def predict_folder(
                 if rec.implant_empty:
                     say(f"{cid}: empty implant (the model added no bone outside the defective skull)")
                 summary.append(row)
+                if progress is not None:  # after stage 2 and the files: a case is done when its outputs are
+                    progress(done, len(ids))
         if not summary:
             # No usable output at all: fail (exit 2) and leave nothing behind (the staging folder goes).
             first = failed[0]
@@ -356,12 +389,14 @@ def predict_folder(
 
 
 
-def _apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
+def apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
     """Replace stage 1's implant by stage 2's; the complete skull becomes defective OR that implant."""
-    from .stage2 import stage2_implant
+    from .stage2 import deep_defect_centre, stage2_implant
 
+    # the box goes where stage 1 added bone far from the remaining skull, not around its false sheets
+    centre = deep_defect_centre(rec.prepared_input, rec.prepared_prediction, vol.affine)
     implant, info = stage2_implant(model2, vol, rec.complete.data.astype(bool), rec.implant.data.astype(bool),
-                                   cfg2.net.box_mm, cfg2.net.grid, device)
+                                   cfg2.net.box_mm, cfg2.net.grid, device, centre=centre)
     complete = vol.data.astype(bool) | implant
     vox = voxel_volume_mm3(vol.affine)
     new_info = {**rec.info, "stage1_implant_voxels": rec.info["implant_voxels"], "implant_voxels": int(implant.sum()),

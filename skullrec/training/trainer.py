@@ -67,9 +67,13 @@ class StepResult:
     norm_sq: torch.Tensor | None = None
 
 
-def _amp_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+def amp_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast for ``amp`` ("bf16", or "auto" resolved per device by speed.resolve_amp); a no-op for "none"."""
     # "auto" resolves per device (speed.resolve_amp), so every caller passing cfg.train.amp agrees.
     return speed.amp_context(speed.resolve_amp(amp, device), device)
+
+
+_amp_context = amp_context  # the name main's callers use
 
 
 def train_step(
@@ -99,7 +103,7 @@ def train_step(
     """
     device = x.device
     optimizer.zero_grad(set_to_none=True)
-    with _amp_context(amp, device):
+    with amp_context(amp, device):
         logits = model(x)
         loss = loss_fn(logits.float(), y)
         total = loss * loss_scale if loss_scale != 1.0 else loss
@@ -114,7 +118,7 @@ def train_step(
     if sam:  # SAM / ASAM / Lookbehind-SAM: the wrapper's step re-evaluates the loss at its perturbed weights
         def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            with _amp_context(amp, device):
+            with amp_context(amp, device):
                 inner = loss_fn(model(x).float(), y)
             inner.backward()
             return inner

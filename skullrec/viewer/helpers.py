@@ -142,6 +142,26 @@ def discover_checkpoints(roots: str | Path | tuple[Path, ...] | list[Path], max_
     return dict(sorted(found.items()))
 
 
+SHIPPED_LABEL = "shipped: stage 1 + stage 2 (models/)"
+
+
+def checkpoint_choices(roots: str | Path | tuple[Path, ...] | list[Path]) -> dict[str, tuple[Path, Path | None]]:
+    """Label -> (stage-1 checkpoint, stage-2 checkpoint or None): the shipped pair first (when
+    ``models/`` holds it, :mod:`skullrec.inference.shipped`), then every checkpoint under ``roots``
+    (:func:`discover_checkpoints`) as stage 1 alone."""
+    from ..inference.shipped import shipped_checkpoints
+
+    choices: dict[str, tuple[Path, Path | None]] = {}
+    try:
+        s1, s2 = shipped_checkpoints()
+        choices[SHIPPED_LABEL] = (s1, s2)
+    except InputError:
+        pass  # no shipped weights in this installation: the run folders only
+    for label, path in discover_checkpoints(roots).items():
+        choices[label] = (path, None)
+    return choices
+
+
 def discover_results(root: str | Path = DEFAULT_RESULTS_ROOT, max_depth: int = 3) -> list[Path]:
     """Per-case results CSVs under ``root``: those whose header has a case-id column
     (``skullrec experiment``'s per_case.csv, ``skullrec evaluate``'s CSV; not table2.csv)."""

@@ -62,13 +62,27 @@ def read_upload(name: str, digest: str, _payload: bytes, threshold: float | None
 
 # Few entries: a reconstructed 512^3 upload holds two full-size volumes.
 @st.cache_data(show_spinner="Reconstructing ...", max_entries=6)
-def reconstruct(input_key: str, ckpt: str, mtime_ns: int, _defective: Volume) -> tuple[Volume, Volume, list[str], list[str]]:
-    """Complete skull, implant, problems and warnings of one input on its own grid (skullrec.inference.predict.reconstruct)."""
+def reconstruct(input_key: str, ckpt: str, mtime_ns: int, _defective: Volume, stage2: str | None = None,
+                stage2_mtime_ns: int = 0) -> tuple[Volume, Volume, list[str], list[str]]:
+    """Complete skull, implant, problems and warnings of one input on its own grid, as ``skullrec predict``
+    makes them (skullrec.inference.predict.reconstruct, then apply_stage2 with a stage-2 checkpoint)."""
+    from skullrec.inference.predict import apply_stage2
     from skullrec.inference.predict import reconstruct as _reconstruct
 
-    model, _, _ = load_model(ckpt, mtime_ns)
-    rec = _reconstruct(model, [_defective], batch_size=1, device="cpu")[0]
+    model, cfg, _ = load_model(ckpt, mtime_ns)
+    rec = _reconstruct(model, [_defective], batch_size=1, device="cpu", size=cfg.model.size)[0]
+    if stage2 is not None and rec.usable:
+        model2, cfg2, _ = load_stage2_model(stage2, stage2_mtime_ns)
+        rec = apply_stage2(rec, _defective, model2, cfg2, "cpu")
     return rec.complete, rec.implant, rec.problems, rec.warnings
+
+
+@st.cache_resource(show_spinner="Loading stage-2 checkpoint ...", max_entries=2)
+def load_stage2_model(path: str, mtime_ns: int):
+    """The implant UNet of a stage-2 checkpoint, loaded once per file version (safe loader: no pickle)."""
+    from skullrec.nets.checkpoint import load_implant_checkpoint
+
+    return load_implant_checkpoint(path, device="cpu")
 
 
 @st.cache_data(show_spinner="Meshing ...", max_entries=64)
@@ -176,12 +190,12 @@ def sidebar() -> tuple[str | None, V.CaseVolumes | None, str | None]:
                 key = case = None
 
     sb.divider()
-    ckpts = V.discover_checkpoints(SETTINGS.runs)
+    ckpts = V.checkpoint_choices(SETTINGS.runs)
     ckpt = None
     if ckpts:
         labels = list(ckpts)
-        # Default: the first run's final weights (last.safetensors), else the first file.
-        default = next((i for i, lab in enumerate(labels) if lab.endswith("/last.safetensors")), 0)
+        # Default: the shipped stage 1 + stage 2, else the first run's final weights (last.safetensors), else the first file.
+        default = 0 if labels[0] == V.SHIPPED_LABEL else next((i for i, lab in enumerate(labels) if lab.endswith("/last.safetensors")), 0)
         ckpt = sb.selectbox("Checkpoint", labels, index=default, key="ckpt")
     else:
         sb.warning(f"No checkpoints under {RUNS_TEXT}: train one with `skullrec train` (or `skullrec view --runs DIR`).")
@@ -190,8 +204,9 @@ def sidebar() -> tuple[str | None, V.CaseVolumes | None, str | None]:
     return key, case, ckpt
 
 
-def checkpoint_path(label: str) -> Path:
-    return V.discover_checkpoints(SETTINGS.runs)[label]
+def checkpoint_path(label: str) -> tuple[Path, Path | None]:
+    """(stage-1, stage-2 or None) checkpoint files of a sidebar label."""
+    return V.checkpoint_choices(SETTINGS.runs)[label]
 
 
 @dataclass
@@ -205,10 +220,12 @@ class Recon:
 
 def run_reconstruction(key: str, case: V.CaseVolumes, label: str) -> Recon | None:
     """Reconstruct (cached); a broken checkpoint is an st.error, not a crash."""
-    path = checkpoint_path(label)
+    path, path2 = checkpoint_path(label)
     stamp = mtime_ns(path)
+    stamp2 = 0 if path2 is None else mtime_ns(path2)
     try:
-        complete, implant, problems, warnings = reconstruct(key, str(path), stamp, case.defective)
+        complete, implant, problems, warnings = reconstruct(key, str(path), stamp, case.defective,
+                                                            None if path2 is None else str(path2), stamp2)
     except InputError as exc:
         st.error(str(exc))
         return None
@@ -218,7 +235,7 @@ def run_reconstruction(key: str, case: V.CaseVolumes, label: str) -> Recon | Non
         # Like `skullrec predict`: an unusable result is not shown (or offered for download) as one.
         st.error(f"{label}: no usable reconstruction: {'; '.join(problems)}")
         return None
-    return Recon(complete, implant, f"{key}|{path}|{stamp}")
+    return Recon(complete, implant, f"{key}|{path}|{stamp}|{path2}|{stamp2}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -317,7 +334,7 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
 
 
 def page_compare(key: str | None, case: V.CaseVolumes | None) -> None:
-    ckpts = list(V.discover_checkpoints(SETTINGS.runs))
+    ckpts = list(V.checkpoint_choices(SETTINGS.runs))
     if case is None:
         st.info("Choose a case first (sidebar).")
         return

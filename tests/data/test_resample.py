@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SKULLFIX_TRAINING
+from conftest import SKULLFIX_TRAINING, seed_of_this_test
 from skimage.measure import block_reduce
 from typer.testing import CliRunner
 
@@ -329,3 +329,25 @@ def test_prepare_names_the_file_when_no_defect_fits(tmp_path):
     assert result.exit_code == 2, result.output
     assert "tiny.nii.gz" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spacing", [(0.6, 0.8, 1.1), (0.45, 0.45, 0.63), (2.0, 1.5, 0.9)])
+@pytest.mark.parametrize("cval", [0.0, -20.0])
+def test_restore_to_grid_separable_path_equals_scipy_affine_transform(spacing, cval) -> None:
+    # predict's maps are axis-aligned (prepared_affine scales and shifts the source grid), so the
+    # separable path runs; the general scipy path (fast=False) is the reference, for up- and
+    # downsampling targets, an oblique affine and a logit map with cval != 0.
+    rng = np.random.default_rng(seed_of_this_test())
+    vol = Volume(_shell(), _oblique_affine(spacing))
+    p, _ = P.prepare_volume(vol, size=24, margin_mm=3.0)
+    prob = rng.random((24, 24, 24)).astype(np.float32) * 10 - 5
+    fast = P.restore_to_grid(prob, p.affine, vol, cval=cval)
+    ref = P.restore_to_grid(prob, p.affine, vol, cval=cval, fast=False)
+    assert fast.dtype == ref.dtype == np.float32 and fast.shape == ref.shape == vol.shape
+    np.testing.assert_allclose(fast, ref, rtol=0, atol=2e-5)
+    assert (ref != cval).sum() > 0.3 * ref.size  # most target voxels are interpolated, not padding
+    # a non-axis-aligned map (prepared grid rotated against the target) still goes through scipy
+    rot = p.affine.copy()
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot[:3, :3] = rot[:3, :3] @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(P.restore_to_grid(prob, rot, vol, cval=cval), P.restore_to_grid(prob, rot, vol, cval=cval, fast=False))

@@ -128,6 +128,18 @@ def test_happy_path_csv_and_summary(folders, hd95):
     assert "failed: 1" in res.output and "003" in res.output and hd95 in res.output
 
 
+def test_workers_give_the_same_rows_and_name_a_bad_case(folders):
+    _, tmp = folders
+    assert _run(*_base(tmp, "one/results.csv")).exit_code == 0
+    res = _run(*_base(tmp, "two/results.csv"), "--workers", "2")
+    assert res.exit_code == 0, res.output
+    assert (tmp / "two" / "results.csv").read_text() == (tmp / "one" / "results.csv").read_text()
+    # an error inside a worker process is still one line naming the case, exit 2
+    (tmp / "truth" / "002.nii.gz").write_bytes(b"not a volume")
+    bad = _run(*_base(tmp, "three/results.csv"), "--workers", "2")
+    assert bad.exit_code == 2 and "case 002" in bad.output and "Traceback" not in bad.output
+
+
 def test_target_implant_and_no_defective(folders):
     cases, tmp = folders
     for cid, a in cases.items():

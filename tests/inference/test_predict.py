@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import seed_of_this_test
+from scipy import ndimage as ndi
 from typer.testing import CliRunner
 
 from skullrec.cli import app, predict_command
@@ -130,6 +132,21 @@ def test_remove_small_islands_uses_mm3() -> None:
     assert removed == 1 and kept.sum() == 125 and kept[12, 12, 12] and not kept[3, 3, 3]
     kept, removed = Q.remove_small_islands(mask, aff, min_mm3=50.0)
     assert removed == 0 and kept.sum() == 133
+
+
+def test_remove_small_islands_in_its_box_equals_skimage_on_the_whole_volume() -> None:
+    # The labelling runs inside the mask's bounding box only; skimage on the whole grid is the reference.
+    from skimage.morphology import remove_small_objects
+
+    rng = np.random.default_rng(seed_of_this_test())
+    mask = np.zeros((60, 50, 40), bool)
+    mask[12:41, 9:30, 17:35] = rng.random((29, 21, 18)) < 0.3  # many pieces of all sizes, away from the border
+    aff = np.diag([0.5, 0.5, 0.5, 1.0])  # 0.125 mm^3 per voxel: 1 mm^3 = 8 voxels
+    kept, removed = Q.remove_small_islands(mask, aff, min_mm3=1.0)
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3)))
+    ref = remove_small_objects(labels, max_size=7)  # drops pieces of at most 7 voxels
+    np.testing.assert_array_equal(kept, ref > 0)
+    assert 0 < removed == n - len(np.unique(ref[ref > 0])) and kept.any()
 
 
 def test_mesh_from_mask_is_in_mm_and_outward() -> None:

@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage as ndi
 
 from skullrec.inference.stage2 import (
-    box_around, crop, defect_centre, from_grid, largest_piece, paste, restrict_implant, stage2_implant, to_grid,
+    box_around, crop, defect_centre, from_grid, largest_piece, paste, restrict_implant, stage2_implant, stage2_input, to_grid,
 )
 from skullrec.io import Volume
 from skullrec.nets.implant_net import ImplantNetConfig, build_implant_net
@@ -132,3 +132,70 @@ def test_stage2_implant_on_a_volume_is_one_piece_outside_the_skull():
     idx = np.argwhere(implant)
     assert np.all(idx >= np.maximum(lo, 0)) and np.all(idx < hi)  # only inside the box
     assert info["stage2_voxels"] == int(implant.sum())
+
+
+def test_stage2_bf16_inference_agrees_with_fp32():
+    """bf16 autocast (train.amp: bf16, or stage2_implant(amp="bf16")) against fp32 on a net that has learnt a cap.
+
+    Tolerance stated here: probabilities within 0.03 of each other everywhere on the grid, and the
+    two implants on the input grid with Dice >= 0.99 (bf16 keeps 8 mantissa bits, ~0.4 % per
+    operation; measured on this case: max difference 0.006, Dice 0.999).
+    """
+    from skullrec.nets.autoencoder import loss_function
+
+    shape, spacing = (40, 36, 30), (1.2, 1.0, 1.5)
+    g = np.indices(shape).astype(float)
+    r = np.sqrt((((g.T - np.array(shape) / 2) * spacing) ** 2).sum(-1)).T
+    complete = (r < 18) & (r > 14)
+    defective = complete & ~(g[2] > 22)
+    implant_true = complete & ~defective
+    vol = Volume(defective.astype(np.uint8), _affine(spacing))
+    net = build_implant_net(ImplantNetConfig(grid=16, box_mm=30.0, channels=[4, 8, 8], strides=[2, 2]), seed=1)
+    inp = stage2_input(defective, complete, implant_true, spacing, 30.0, 16)
+    x = torch.from_numpy(inp.x)[None]
+    y = torch.from_numpy(to_grid(crop(implant_true.astype(np.uint8), inp.box), 16) > 0.5).float()[None, None]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    dice = loss_function("sigmoid_dice")
+    for _ in range(100):  # fit this one cap (train_implant's Dice + BCE) so the logits are far from 0 where it matters
+        logits = net(x)
+        loss = dice(logits, y) + torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.inference_mode():
+        p32 = torch.sigmoid(net(x)).numpy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            p16 = torch.sigmoid(net(x).float()).numpy()
+    assert (p32 > 0.5).sum() > 0.9 * y.sum()  # it did learn the cap
+    assert np.abs(p32 - p16).max() < 0.03
+    a, _ = stage2_implant(net, vol, complete, implant_true, 30.0, 16)
+    b, _ = stage2_implant(net, vol, complete, implant_true, 30.0, 16, amp="bf16")
+    assert a.sum() > 0.3 * implant_true.sum()
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
+
+
+def test_deep_defect_centre_finds_the_hole_not_the_false_sheet():
+    from skullrec.inference.stage2 import deep_defect_centre
+
+    shape, spacing = (48, 48, 48), (2.0, 2.0, 2.0)
+    g = np.indices(shape).astype(float)
+    r = np.sqrt((((g.T - 23.5) * spacing) ** 2).sum(-1)).T
+    complete = (r < 40) & (r > 32)
+    defective = complete & ~((g[2] > 38) & (np.abs(g[0] - 23.5) < 9) & (np.abs(g[1] - 23.5) < 9))  # a hole on top
+    sheet = (r >= 40) & (r < 43) & (g[0] < 30)  # a thin false sheet over much of the outer surface, larger than the cap
+    prediction = complete | sheet
+    assert (sheet.sum()) > (complete & ~defective).sum()
+    aff = _affine(spacing)
+    centre = deep_defect_centre(Volume(defective.astype(np.uint8), aff), Volume(prediction.astype(np.uint8), aff), aff)
+    bb = np.argwhere(complete & ~defective)
+    true_centre = (bb.min(0) + bb.max(0)) / 2.0
+    assert np.abs((centre - true_centre) * spacing).max() < 6.0  # mm
+    # the largest piece of everything stage 1 added is the sheet+cap, centred far from the hole
+    old = defect_centre(prediction & ~defective)
+    assert np.abs((old - true_centre) * spacing).max() > 10.0
+    # same physical point when the target grid differs (a 2x finer grid with the same origin)
+    fine = _affine((1.0, 1.0, 1.0))
+    fine[:3, 3] -= 0.5
+    c2 = deep_defect_centre(Volume(defective.astype(np.uint8), aff), Volume(prediction.astype(np.uint8), aff), fine)
+    np.testing.assert_allclose(c2, centre * 2 + 0.5, atol=1e-9)

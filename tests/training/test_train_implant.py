@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from scipy import ndimage as ndi
 from typer.testing import CliRunner
@@ -74,9 +75,9 @@ def test_samples_come_from_training_skulls_and_hold_the_implant(tiny):
         assert yi.sum() > 0 and 0 <= xi.min() and xi.max() <= 1
         # target and defective channel do not overlap much (only through the grid resampling)
         assert (yi[0] * xi[0]).sum() < 0.2 * yi.sum()
-    # the same seed gives the same samples
+    # the same seed gives the same samples, also from two worker processes
     again = build_stage2_data(root / "prepared", root / "stage1.safetensors", root / "samples2", kinds=("skullfix",),
-                              box_mm=BOX_MM, grid=GRID, seed=0)
+                              box_mm=BOX_MM, grid=GRID, seed=0, workers=2)
     assert [a["box"] for a in again] == [r["box"] for r in recs]
     np.testing.assert_array_equal(load_stage2_samples(root / "samples2")[1], x)
 
@@ -129,3 +130,135 @@ def test_predict_with_a_stage2_checkpoint(tiny):
     res = runner.invoke(app, ["predict", "--checkpoint", str(root / "stage1.safetensors"), "--stage2", str(root / "stage1.safetensors"),
                               "--in", str(root / "defective"), "--out", str(root / "pred2"), "--device", "cpu"])
     assert res.exit_code == 2 and "not a stage-2" in res.output and "Traceback" not in res.output
+
+
+def test_bf16_training_runs_under_autocast_and_resumes_exactly(tiny):
+    root, _ = tiny
+    fp32 = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[]), root / "amp_fp32")
+    bf16 = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="bf16"), root / "amp_bf16")
+    # autocast really ran: the same seed and data give another loss in bf16, but close to fp32's
+    assert bf16["loss"] != fp32["loss"] and abs(bf16["loss"] - fp32["loss"]) < 0.1 * fp32["loss"]
+    _, cfg, _ = load_implant_checkpoint(root / "amp_bf16" / "last.safetensors")
+    assert cfg.train.amp == "bf16"
+    # the cosine schedule is a function of the step alone: a resumed run equals an uninterrupted one
+    kw = dict(epochs=2, checkpoint_epochs=[], amp="bf16", lr_schedule="cosine")
+    whole = train_implant(_cfg(root, **kw), root / "cos_whole")
+    part = train_implant(_cfg(root, **kw), root / "cos_part", stop_after_epoch=1)
+    assert part["epoch"] == 1 and part["lr"] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 1 / 4)))  # step 1 of 4
+    resumed = train_implant(_cfg(root, **kw), root / "cos_part", resume=True)
+    assert resumed["loss"] == whole["loss"] != bf16["loss"]
+    assert whole["lr"] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 3 / 4)))  # the last of 2 x 2 steps
+
+
+def test_prepare_eval_writes_held_out_defects_at_the_native_grid(tmp_path):
+    spacing = (1.3, 1.1, 1.6)
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = (-20.0, 5.0, 3.0)
+    for i, cid in enumerate(["000", "001"]):
+        complete, defective = _skull((44, 50, 36), spacing, 26 + i)
+        write_nifti(tmp_path / "complete" / f"{cid}.nii.gz", complete, aff)
+        write_nifti(tmp_path / "defective" / f"{cid}.nii.gz", defective, aff)
+    write_manifest(tmp_path / "prepared", [], {"train_ids": ["000"], "eval_ids": ["001"],
+                                               "complete_folder": str(tmp_path / "complete"), "defective_folder": str(tmp_path / "defective")})
+    (tmp_path / "complete" / "000.nii.gz").unlink()  # a training skull: never read
+    res = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev"),
+                                   "--kinds", "skullfix,set2"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "ev" / "manifest.json").read_text())
+    assert meta["eval_ids"] == ["001"] and [c["kind"] for c in meta["cases"]] == ["skullfix", "set2"]
+    complete = read_volume(tmp_path / "ev" / "complete" / "001.nii.gz")
+    src = read_volume(tmp_path / "complete" / "001.nii.gz")
+    np.testing.assert_array_equal(complete.data, src.data)
+    np.testing.assert_allclose(complete.affine, src.affine, atol=1e-5)
+    given = read_volume(tmp_path / "defective" / "001.nii.gz").data.astype(bool)
+    for kind in ("skullfix", "set2"):
+        d = read_volume(tmp_path / "ev" / kind / "defective" / "001.nii.gz")
+        imp = read_volume(tmp_path / "ev" / kind / "implant" / "001.nii.gz").data.astype(bool)
+        assert d.shape == src.shape
+        np.testing.assert_array_equal(imp, complete.data.astype(bool) & ~d.data.astype(bool))
+        assert imp.sum() == next(c["implant_voxels"] for c in meta["cases"] if c["kind"] == kind) > 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "ev" / "skullfix" / "defective" / "001.nii.gz").data.astype(bool), given)
+    # seeded by (seed, case, kind): the same defect again, also from worker processes
+    again = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev2"), "--kinds", "set2",
+                                     "--workers", "2"])
+    assert again.exit_code == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "ev2" / "set2" / "implant" / "001.nii.gz").data,
+                                  read_volume(tmp_path / "ev" / "set2" / "implant" / "001.nii.gz").data)
+    bad = CliRunner().invoke(app, ["prepare-eval", "--prepared", str(tmp_path / "prepared"), "--out", str(tmp_path / "ev")])
+    assert bad.exit_code == 2 and "--overwrite" in bad.output and "Traceback" not in bad.output
+
+
+def test_predict_without_checkpoint_uses_the_shipped_pair(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    from skullrec.inference.shipped import MODELS_ENV
+
+    root, _ = tiny
+    train_implant(_cfg(root, epochs=1, checkpoint_epochs=[]), root / "ship_run")
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(root / "stage1.safetensors", models / "stage1.safetensors")
+    shutil.copy(root / "ship_run" / "last.safetensors", models / "stage2.safetensors")
+    runner = CliRunner()
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "nowhere"))
+    res = runner.invoke(app, ["predict", "--in", str(root / "defective"), "--out", str(tmp_path / "none"), "--device", "cpu"])
+    assert res.exit_code == 2 and "no shipped weights" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "none").exists()
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    res = runner.invoke(app, ["predict", "--in", str(root / "defective"), "--out", str(tmp_path / "shipped"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "shipped" / "predict.json").read_text())
+    assert report["checkpoint"] == str(models / "stage1.safetensors") and report["stage2"] == str(models / "stage2.safetensors")
+    res = runner.invoke(app, ["predict", "--checkpoint", str(models / "stage1.safetensors"), "--stage2", str(models / "stage2.safetensors"),
+                              "--in", str(root / "defective"), "--out", str(tmp_path / "explicit"), "--device", "cpu", "--keep-stage1"])
+    assert res.exit_code == 0, res.output
+    s1 = runner.invoke(app, ["predict", "--checkpoint", str(models / "stage1.safetensors"), "--in", str(root / "defective"),
+                             "--out", str(tmp_path / "stage1only"), "--device", "cpu"])
+    assert s1.exit_code == 0, s1.output
+    for case in report["cases"]:
+        a = read_volume(tmp_path / "shipped" / "implant" / f"{case['case_id']}.nii.gz").data
+        b = read_volume(tmp_path / "explicit" / "implant" / f"{case['case_id']}.nii.gz").data
+        np.testing.assert_array_equal(a, b)
+        assert "stage2" in case and case["implant_voxels"] == int(a.sum())
+        # --keep-stage1: stage 1's implant of the same run, equal to a stage-1-only prediction
+        kept = read_volume(tmp_path / "explicit" / "stage1_implant" / f"{case['case_id']}.nii.gz").data
+        np.testing.assert_array_equal(kept, read_volume(tmp_path / "stage1only" / "implant" / f"{case['case_id']}.nii.gz").data)
+        assert int(kept.sum()) == case["stage1_implant_voxels"]
+    res = runner.invoke(app, ["predict", "--stage2", str(models / "stage2.safetensors"), "--in", str(root / "defective"),
+                              "--out", str(tmp_path / "half"), "--device", "cpu"])
+    assert res.exit_code == 2 and "--stage2: needs --checkpoint" in res.output
+
+
+def test_stage1_prior_in_a_box_equals_the_crop_of_predicts_reconstruction(tiny):
+    from skullrec.data.resample import Box
+    from skullrec.inference.predict import reconstruct, stage1_complete_in_box
+    from skullrec.inference.stage2 import crop
+    from skullrec.nets.checkpoint import load_checkpoint
+
+    root, _ = tiny
+    model, cfg, _ = load_checkpoint(root / "stage1.safetensors")
+    vol = read_volume(root / "defective" / "000.nii.gz")
+    with torch.no_grad():  # a bias so the untrained stage 1 predicts bone in part of the grid
+        [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1].bias.add_(0.02)
+    full = reconstruct(model, [vol], batch_size=1, size=cfg.model.size)[0].complete.data.astype(bool)
+    assert 0 < full.sum() < full.size
+    for box in (Box(lo=(5, 7, 3), hi=(30, 41, 29)), Box(lo=(-6, 20, 10), hi=(20, 60, 44))):  # inside; reaching past two faces
+        part = stage1_complete_in_box(model, vol, box, cfg.model.size)
+        np.testing.assert_array_equal(part, crop(full, box))
+
+
+def test_output_bias_starts_at_the_implant_fraction():
+    from skullrec.config import ImplantNetConfig
+    from skullrec.nets.implant_net import build_implant_net
+    from skullrec.training.stage2 import init_output_bias
+
+    net = build_implant_net(ImplantNetConfig(grid=16, box_mm=40.0, channels=[4, 8, 8], strides=[2, 2]), seed=0)
+    x = torch.rand((1, 2, 16, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = net(x)
+        bias = init_output_bias(net, 0.03)
+        after = net(x)
+    assert bias == pytest.approx(np.log(0.03 / 0.97))
+    # every logit moves by the same amount (the bias of the last convolution, added to an identity residual)
+    shift = (after - before).numpy()
+    assert np.ptp(shift) < 1e-4 and abs(float(torch.sigmoid(after).median()) - 0.03) < 0.02

@@ -375,11 +375,14 @@ def test_nifti_download_round_trips() -> None:
 
 
 @pytest.fixture()
-def app(monkeypatch, dataset: Path, runs: Path):
+def app(monkeypatch, tmp_path: Path, dataset: Path, runs: Path):
     """An AppTest of app/viewer.py on the tiny data set and runs, with fresh Streamlit caches."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
+    from skullrec.inference.shipped import MODELS_ENV
+
+    monkeypatch.setenv(MODELS_ENV, str(tmp_path / "no-shipped-models"))  # a test adds its own shipped pair
     monkeypatch.setenv(L.ENV_DATA, str(dataset))
     monkeypatch.setenv(L.ENV_RUNS, str(runs))
     monkeypatch.delenv(L.ENV_RESULTS, raising=False)
@@ -471,6 +474,47 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     labels = [d.proto.label for d in at.get("download_button")]
     assert labels == ["Implant (NII.GZ)", "Reconstruction (NII.GZ)", "Implant (STL)", "Reconstruction (STL)"]
     no_failures(at)
+
+
+def test_shipped_stage1_and_stage2_are_the_default_and_give_predicts_implant(app, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from skullrec.config import stage2_config_from_dict
+    from skullrec.inference.predict import apply_stage2, reconstruct
+    from skullrec.inference.shipped import MODELS_ENV
+    from skullrec.nets.checkpoint import load_checkpoint, load_implant_checkpoint, save_implant_checkpoint
+    from skullrec.nets.implant_net import build_implant_net
+
+    models = tmp_path / "models"
+    small_checkpoint(models / "stage1.safetensors", seed=1)
+    cfg2 = stage2_config_from_dict({"net": {"grid": 16, "box_mm": 40.0, "channels": [2, 4, 8], "strides": [2, 2]}})
+    net = build_implant_net(cfg2.net, seed=0)
+    with torch.no_grad():  # an untrained net that says "implant" everywhere: the restriction shapes it
+        [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1].bias.fill_(50.0)
+    save_implant_checkpoint(models / "stage2.safetensors", net, cfg2, epoch=1)
+    monkeypatch.setenv(MODELS_ENV, str(models))
+    at = app.run()
+    assert at.sidebar.selectbox(key="ckpt").options[0] == V.SHIPPED_LABEL
+    assert at.sidebar.selectbox(key="ckpt").value == V.SHIPPED_LABEL
+    at.sidebar.selectbox(key="split").set_value("eval_set1").run()
+    at.sidebar.selectbox(key="case").set_value("007").run()
+    at.sidebar.button(key="reconstruct").click().run()
+    no_failures(at)
+    assert not at.error, [e.value for e in at.error]
+    # The implant shown and scored is stage 2's, as skullrec predict makes it with the same two files.
+    case = V.load_case(L.settings_from_env().data, "eval_set1", "007")
+    m1, _, _ = load_checkpoint(models / "stage1.safetensors")
+    m2, c2, _ = load_implant_checkpoint(models / "stage2.safetensors")
+    stage1 = reconstruct(m1, [case.defective], batch_size=1, device="cpu")[0]
+    rec = apply_stage2(stage1, case.defective, m2, c2, "cpu")
+    assert rec.implant.data.any() and not (rec.implant.data.astype(bool) & case.defective.data.astype(bool)).any()
+    assert not np.array_equal(rec.implant.data, stage1.implant.data)  # stage 2 changed it
+    from skullrec.evaluation.metrics import case_metrics
+
+    ref = case_metrics(rec.implant.data, case.implant.data, case.complete.spacing)
+    assert float(at.metric[3].value) == pytest.approx(ref["dsc"], abs=5e-4)
+    labels = [d.proto.label for d in at.get("download_button")]
+    assert "Implant (STL)" in labels
 
 
 def _huge_header() -> bytes:
