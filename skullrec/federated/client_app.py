@@ -84,7 +84,7 @@ def local_evaluate(cfg: Config, model: torch.nn.Module, data: TrainingData) -> d
     """Mean DSC of the global model on each of the site's evaluation splits (``dsc_<split>``)."""
     out: dict[str, float] = {}
     for name, split in data.evals.items():
-        out[f"dsc_{name}"] = float(evaluate_dsc(model, split, 2 * cfg.train.batch_size)  # float32, as train's validation and predict)
+        out[f"dsc_{name}"] = float(evaluate_dsc(model, split, 2 * cfg.train.batch_size))  # float32, as train's validation and predict
     out["num-examples"] = sum(len(s) for s in data.evals.values())
     return out
 
