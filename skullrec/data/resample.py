@@ -227,19 +227,6 @@ def restore_to_grid(
     return out
 
 
-def _linear_weights(scale: float, offset: float, n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) weights of 1-D linear interpolation at ``scale * j + offset``, nodes outside the input dropped."""
-    x = scale * np.arange(n_out, dtype=np.float64) + offset
-    k = np.floor(x).astype(np.int64)
-    f = x - k
-    w = np.zeros((n_out, n_in), dtype=np.float64)
-    rows = np.arange(n_out)
-    for node, weight in ((k, 1.0 - f), (k + 1, f)):
-        ok = (node >= 0) & (node < n_in)
-        w[rows[ok], node[ok]] += weight[ok]
-    return w.astype(np.float32)
-
-
 def _separable_linear(prob: np.ndarray, scale: np.ndarray, offset: np.ndarray, shape: tuple[int, ...], cval: float) -> np.ndarray:
     """``ndimage.affine_transform(order=1, mode="grid-constant")`` for a diagonal matrix, as three matrix products.
 
@@ -250,7 +237,8 @@ def _separable_linear(prob: np.ndarray, scale: np.ndarray, offset: np.ndarray, s
     Beyond the input, grid-constant reads cval, i.e. ``cval + interpolate(prob - cval)`` with zeros
     outside, which is what the weights give. tests/data/test_resample.py checks it against scipy.
     """
-    w = [_linear_weights(float(scale[i]), float(offset[i]), shape[i], prob.shape[i]) for i in range(3)]
+    w = [_linear_weights(float(scale[i]) * np.arange(shape[i], dtype=np.float64) + float(offset[i]), prob.shape[i]).astype(np.float32)
+         for i in range(3)]
     src = prob - np.float32(cval) if cval else prob
     t = np.tensordot(w[0], src, axes=(1, 0))  # (o0, n1, n2)
     t = np.tensordot(t, w[1], axes=(1, 1))  # (o0, n2, o1)

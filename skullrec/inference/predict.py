@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 
 from ..data.layout import implant_of
-from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_mask
+from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_mask, restore_to_grid
 from ..errors import InputError
 from ..io import Volume, atomic_write_bytes, atomic_write_text, write_volume
 from ..nets.autoencoder import bone_logit
@@ -278,7 +278,6 @@ def finish_reference(vol: Volume, prepared: Volume, prob: np.ndarray, threshold:
     implementation predict had before it was made fast, kept as the reference the fast path is tested
     (tests/inference/test_predict_fast.py) and benchmarked (benchmarks/predict_speed.py) against.
     """
-    from ..data.resample import restore_to_grid
 
     pred64 = prob > threshold
     complete = restore_to_grid(prob, prepared.affine, vol) > threshold

@@ -18,13 +18,16 @@ the bound it checks). Each batched run is therefore a valid run of its seed, not
 Every run folder is written as ``skullrec train`` writes it (config.yaml, the chosen epochs'
 checkpoints, best / last, metrics.jsonl, state.pt with the run's own optimizer state), so
 ``skullrec experiment`` evaluates the runs as usual and an interrupted one is resumed by the ordinary
-trainer. Scope: ``train.method: baseline`` (no FAM term, no SAM step), no AMP, a single process;
+trainer. Scope: ``train.method: baseline`` (no FAM term, no SAM step), float32 and eager (``train.amp``
+and ``train.compile`` "auto" are settled to none / false and recorded so; an explicit bf16 or compile is
+trained on its own), a single process;
 no per-epoch validation DSC or Tr(H) monitor is computed (the experiment scores the checkpoints).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -46,12 +49,23 @@ BATCHABLE_METHODS = ("baseline",)
 
 def batch_key(cfg: Config) -> str | None:
     """What runs trained together must share (the whole config but name and seed), or None for a run that cannot be batched."""
-    if cfg.train.method not in BATCHABLE_METHODS or cfg.train.amp != "none":
+    # Batched runs train float32 and eagerly (vmap over a compiled or autocast forward is not supported):
+    # the "auto" speed switches are settled that way (:func:`float32_eager`), an explicit bf16 or compile
+    # cannot be honoured, so such a run is trained on its own.
+    if cfg.train.method not in BATCHABLE_METHODS or cfg.train.amp == "bf16" or cfg.train.compile is True:
         return None
-    d = cfg.to_dict()
+    d = float32_eager(cfg).to_dict()
     d.pop("name", None)
     d.pop("seed", None)
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def float32_eager(cfg: Config) -> Config:
+    """``cfg`` with the speed switches as a batched run trains: ``train.amp: none``, ``train.compile: false``.
+
+    A run folder records these (not "auto"), so resuming it with ``skullrec train`` continues as it trained.
+    """
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="none", compile=False))
 
 
 class StackedModels:
@@ -117,7 +131,7 @@ def train_batched(
     dev = resolve_device(device)
     locks = [lock_run_dir(Path(d)) for d in run_dirs]
     try:
-        cfgs = [settle_run_dir(c, Path(d), resume=False, force=False, overwrite=False) for c, d in zip(cfgs, run_dirs)]
+        cfgs = [settle_run_dir(float32_eager(c), Path(d), resume=False, force=False, overwrite=False) for c, d in zip(cfgs, run_dirs)]
         with _torch_settings(cfg0, dev):
             data = load_training_data(cfg0.data, cfg0.model.size, dev)
             models = [build_model(c.model, seed=c.seed).to(dev).train() for c in cfgs]

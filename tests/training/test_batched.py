@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, write_shell_dataset
@@ -99,11 +100,14 @@ def test_train_batched_writes_the_runs_train_would(data_root: Path, tmp_path: Pa
         assert checkpoint_path(d, 1).is_file() and checkpoint_path(d, 2).is_file()
         recs = read_metrics(d / "metrics.jsonl")
         assert [r["epoch"] for r in recs] == [1, 2] and all(r["batched_runs"] == 2 for r in recs)
+        # The "auto" speed switches are recorded as the batched run trained: float32, eager.
+        stored = yaml.safe_load((d / "config.yaml").read_text())["train"]
+        assert (stored["amp"], stored["compile"]) == ("none", False)
         # Trained alone by the ordinary trainer: the same run within the stated tolerance.
         alone = tmp_path / f"alone_{cfg.seed}"
         alone.mkdir()
         (alone / "config.yaml").write_text((d / "config.yaml").read_text())
-        rec = train(cfg, alone, device="cpu")
+        rec = train(B.float32_eager(cfg), alone, device="cpu")  # as the batched run trained (and recorded)
         assert abs(rec["dice_loss"] - recs[-1]["dice_loss"]) < 1e-3
         a, b = load_file(str(d / LAST)), load_file(str(alone / LAST))
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < WEIGHT_TOL
@@ -127,5 +131,9 @@ def test_batch_key_groups_only_seed_variants(data_root: Path) -> None:
     assert B.batch_key(a) == B.batch_key(b) is not None
     assert B.batch_key(_cfg(data_root, 0, **{"train.lr": 2e-3})) != B.batch_key(a)
     assert B.batch_key(_cfg(data_root, 0, **{"train.method": "fam", "fam.lam": 0.01})) is None
+    # "auto" speed switches batch (settled to float32 eager); an explicit bf16 or compile is trained alone.
+    assert B.batch_key(_cfg(data_root, 0, **{"train.amp": "none", "train.compile": False})) == B.batch_key(a)
+    assert B.batch_key(_cfg(data_root, 0, **{"train.amp": "bf16"})) is None
+    assert B.batch_key(_cfg(data_root, 0, **{"train.compile": True})) is None
     with pytest.raises(ValueError):
         B.train_batched([a, _cfg(data_root, 1, **{"train.lr": 2e-3})], [Path("x"), Path("y")])

@@ -637,6 +637,7 @@ def test_page_without_data_or_runs_explains_what_to_do(monkeypatch, tmp_path: Pa
 
     monkeypatch.setenv(L.ENV_DATA, str(tmp_path / "no-data"))
     monkeypatch.setenv(L.ENV_RUNS, str(tmp_path / "no-runs"))
+    monkeypatch.setenv("SKULLREC_MODELS", str(tmp_path / "no-models"))  # an installation without the shipped weights
     monkeypatch.delenv(L.ENV_RESULTS, raising=False)
     monkeypatch.chdir(tmp_path)  # no results/ folder either
     st.cache_data.clear()
