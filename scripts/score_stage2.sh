@@ -6,6 +6,8 @@
 #   predict (shipped weights, --keep-stage1; PARTS=4 processes on interleaved subsets of the cases, linked
 #   back into one folder) -> evaluate (WORKERS=2) the stage-2 implant, stage 1's implant and the complete
 #   skull against the truth at each skull's own 512 x 512 x Z grid; each evaluate is timed (timing.txt).
+# SKIP_STAGE1=1 leaves out stage 1's implant (sheets all around the skull: its distance transforms
+# cover the whole 512^2 x Z grid, several minutes per kind); SKULLREC_MODELS=DIR scores other weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVAL=$1; OUT=$2; shift 2
@@ -32,7 +34,8 @@ for kind in $KINDS; do
         mkdir -p "$OUT/pred_$kind/$what"
         for f in "$OUT/parts_$kind"/out*/"$what"/*; do ln -s "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")" "$OUT/pred_$kind/$what/"; done
     done
-    for what in implant stage1_implant; do
+    scored="implant"; [ "${SKIP_STAGE1:-0}" = 1 ] || scored="implant stage1_implant"
+    for what in $scored; do
         start=$(date +%s%N)
         "$SKULLREC" evaluate --pred "$OUT/pred_$kind/$what" --truth "$EVAL/$kind/implant" --defective "$EVAL/$kind/defective" \
             --target implant --out "$OUT/${kind}_${what}.csv" --workers "$WORKERS" --overwrite

@@ -494,8 +494,11 @@ class Stage2TrainConfig:
     checkpoint_epochs: list[int] = field(default_factory=list)
     num_threads: int | None = None
     # bf16: forward pass under torch.autocast(bfloat16), loss and Adam in fp32 (1.7x faster per
-    # 128^3 step on an AVX-512-BF16 CPU: 0.51 vs 0.87 s); prediction runs in fp32 either way.
-    amp: Literal["none", "bf16"] = "none"
+    # 128^3 step on an AVX-512-BF16 CPU: 0.51 vs 0.87 s), but 11x SLOWER where bf16 is emulated (an AMD
+    # EPYC without AVX-512 BF16 at 96^3: 9.40 vs 0.85 s). "auto" (the default, as train.amp of stage 1)
+    # takes bf16 only where the hardware has it (skullrec.training.speed.resolve_amp). Prediction runs
+    # in fp32 either way.
+    amp: Literal["auto", "none", "bf16"] = "auto"
     # cosine: lr * (1 + cos(pi * step / total_steps)) / 2 per step (a function of the step alone, so
     # resume is exact); a short CPU run ends on small steps instead of lr's noise.
     lr_schedule: Literal["constant", "cosine"] = "constant"

@@ -23,6 +23,7 @@ from skullrec.nets.autoencoder import build_model
 from skullrec.nets.checkpoint import save_checkpoint
 from skullrec.config import stage2_config_from_dict
 from skullrec.nets.checkpoint import load_implant_checkpoint
+from skullrec.training.speed import native_bf16
 from skullrec.training.stage2 import train_implant
 
 GRID, BOX_MM = 16, 64.0
@@ -140,6 +141,9 @@ def test_bf16_training_runs_under_autocast_and_resumes_exactly(tiny):
     assert bf16["loss"] != fp32["loss"] and abs(bf16["loss"] - fp32["loss"]) < 0.1 * fp32["loss"]
     _, cfg, _ = load_implant_checkpoint(root / "amp_bf16" / "last.safetensors")
     assert cfg.train.amp == "bf16"
+    # "auto" (the default) is bf16 only where this CPU computes bf16 natively, float32 elsewhere
+    auto = train_implant(_cfg(root, epochs=2, checkpoint_epochs=[], amp="auto"), root / "amp_auto")
+    assert auto["loss"] == (bf16 if native_bf16(torch.device("cpu")) else fp32)["loss"]
     # the cosine schedule is a function of the step alone: a resumed run equals an uninterrupted one
     kw = dict(epochs=2, checkpoint_epochs=[], amp="bf16", lr_schedule="cosine")
     whole = train_implant(_cfg(root, **kw), root / "cos_whole")
