@@ -141,20 +141,30 @@ def test_fortran_ordered_volumes_read_prepare_and_write_like_c_ordered(tmp_path)
     assert c_vol.data.flags.c_contiguous
     for size in (16, 20):
         box = R.bone_box(vol)
-        np.testing.assert_array_equal(R.bone_fraction(vol, box, size), R.bone_fraction(c_vol, box, size))  # bit for bit
+        _same_to_rounding(R.bone_fraction(vol, box, size), R.bone_fraction(c_vol, box, size))
     write_volume(tmp_path / "f.nii.gz", vol.like(vol.data))
     write_nifti(tmp_path / "c.nii.gz", c_vol.data, vol.affine, vol.header)
     assert gzip.decompress((tmp_path / "f.nii.gz").read_bytes()) == gzip.decompress((tmp_path / "c.nii.gz").read_bytes())
 
 
+def _same_to_rounding(f_order: np.ndarray, c_order: np.ndarray) -> None:
+    """Bone fractions of the Fortran and C layouts: equal to float32 rounding, and the same at the 0.5 threshold.
+
+    Bit for bit on an Intel AVX-512 machine's BLAS; an AMD EPYC's BLAS kernels sum the two layouts in
+    another order (up to 1.8e-7 apart, 2026-12-06).
+    """
+    np.testing.assert_allclose(f_order, c_order, rtol=0, atol=2.5e-7)
+    np.testing.assert_array_equal(f_order >= 0.5, c_order >= 0.5)
+
+
 @pytest.mark.skipif(not SKULLFIX_TRAINING.is_dir(), reason="needs ../shared/data/real-skulls (SkullFix)")
 @pytest.mark.parametrize("case", ["defective_skull/003.nrrd", "implant/002.nrrd"])
-def test_fortran_bone_fraction_is_bit_for_bit_on_real_skulls(case):
+def test_fortran_bone_fraction_matches_c_order_on_real_skulls(case):
     vol = read_volume(SKULLFIX_TRAINING / case)
     assert vol.data.flags.f_contiguous
     c_vol = Volume(np.ascontiguousarray(vol.data), vol.affine)
     box = R.bone_box(vol)
-    np.testing.assert_array_equal(R.bone_fraction(vol, box, 64), R.bone_fraction(c_vol, box, 64))
+    _same_to_rounding(R.bone_fraction(vol, box, 64), R.bone_fraction(c_vol, box, 64))
 
 
 def test_float32_above_matches_the_float32_comparison():

@@ -73,7 +73,8 @@ def test_vmapped_forward_and_step_match_each_model_alone(data_root: Path) -> Non
         out = stack(xs)
         for i, m in enumerate(models):
             ref = m(xs[i])
-            assert (out[i] - ref).abs().max() < 2e-6  # the grouped convolution's rounding, nothing more
+            # the grouped convolution's rounding, nothing more (outputs ~0.5: 1.1e-6 .. 2.1e-6 seen, by CPU)
+            assert (out[i] - ref).abs().max() < 5e-6
             assert (out[0] - models[1](xs[0])).abs().max() > 1e-2  # the two models really differ
     loss_fn = loss_function(cfgs[0].model.loss)
     sopt = make_optimizer(cfgs[0], stack)

@@ -138,8 +138,11 @@ def test_fd_centre_in_bf16_would_be_useless():
     (g,) = torch.autograd.grad(ref, model.decodeL.weight, create_graph=True)
     (hv,) = torch.autograd.grad((g * probes[0]).sum(), model.decodeL.weight)
     exact = float((hv * probes[0]).sum())
-    assert abs(float(good) - exact) <= 0.15 * abs(exact)
-    assert abs(float(bad) - exact) > 0.5 * abs(exact)
+    # good keeps the bf16 encoder's latent (taps.latent), so its error depends on the CPU's bf16 kernels:
+    # within 15 % where bf16 is native (AVX-512 BF16), 26 % where it is emulated (an AMD EPYC, 2026-12-06).
+    # bad was 143x off, with the wrong sign, on the latter.
+    assert abs(float(good) - exact) <= 0.3 * abs(exact)
+    assert abs(float(bad) - exact) > 10 * abs(exact)
 
 
 def test_auto_switches_resolve_from_the_hardware_and_run_length(monkeypatch: pytest.MonkeyPatch):
