@@ -389,6 +389,13 @@ class MethodSpec:
     method: str = "baseline"
     lam: float = 0.0
     set: list[str] = field(default_factory=list)  # extra --set overrides for this arm
+    # The seeds this arm trains (None: all of the experiment's). A subset lets a costly arm run fewer seeds
+    # than the core comparison when time is short; the tables say how many seeds each row has.
+    seeds: list[int] | None = None
+
+    def seeds_in(self, exp_seeds: list[int]) -> list[int]:
+        """This arm's seeds, in the experiment's order."""
+        return [s for s in exp_seeds if self.seeds is None or s in self.seeds]
 
 
 @dataclass
@@ -441,6 +448,10 @@ def load_experiment(path: str | Path, overrides: list[str], scale: float | None)
         raise ConfigError(f"{path}: methods and seeds must not be empty")
     if len({m.name for m in cfg.methods}) != len(cfg.methods):
         raise ConfigError(f"{path}: methods: names must be unique")
+    for m in cfg.methods:
+        if m.seeds is not None and (not m.seeds or not set(m.seeds) <= set(cfg.seeds)):
+            raise ConfigError(f"{path}: methods: {m.name}: seeds must be a non-empty subset of the experiment's seeds "
+                              f"{cfg.seeds}, got {m.seeds}")
     if cfg.jobs_mode not in JOBS_MODES:
         raise ConfigError(f"{path}: jobs_mode must be one of {', '.join(JOBS_MODES)}, got {cfg.jobs_mode!r}")
     if cfg.hd95 not in ("max", "pooled"):

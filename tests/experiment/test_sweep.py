@@ -38,6 +38,24 @@ def test_experiment_config_errors_name_the_key(tmp_path):
         load_experiment(REPO / "configs" / "paper_skull.yaml", ["targets=[]"], None)
 
 
+def test_an_arm_with_fewer_seeds_trains_only_those_in_seed_major_order(tmp_path, monkeypatch):
+    """methods[].seeds: a costly arm may train a subset of the seeds; the queue stays seed-major, so the
+    arms of seed 0 come first and a sweep stopped early still holds complete seeds of the core comparison."""
+    from skullrec.experiment import sweep
+
+    started = []
+    monkeypatch.setattr(sweep, "_train_run", lambda cfg, run_dir, device, log: (started.append(run_dir.name), (run_dir, 0, 0.0))[1])
+    exp = ExperimentConfig(seeds=[0, 1, 2], methods=[MethodSpec(name="base"), MethodSpec(name="sam", method="sam", seeds=[0, 2]),
+                                                      MethodSpec(name="fam", method="fam", lam=1e-4)])
+    runs = sweep.train_sweep(exp, tmp_path, "cpu", jobs=1)
+    assert started == ["base_seed0", "sam_seed0", "fam_seed0", "base_seed1", "fam_seed1", "base_seed2", "sam_seed2", "fam_seed2"]
+    assert sorted(runs) == sorted([("base", 0), ("base", 1), ("base", 2), ("sam", 0), ("sam", 2), ("fam", 0), ("fam", 1), ("fam", 2)])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: [0, 1]\nmethods: [{name: a, seeds: [0, 3]}]\n")
+    with pytest.raises(ConfigError, match=r"methods: a: seeds must be a non-empty subset of the experiment's seeds \[0, 1\], got \[0, 3\]"):
+        load_experiment(bad, [], None)
+
+
 def test_run_overrides_build_a_valid_training_config():
     from skullrec.config import load_config
 
