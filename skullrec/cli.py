@@ -299,6 +299,7 @@ def predict_command(
     overwrite: OVERWRITE = False,
     stage2: Annotated[Optional[Path], typer.Option("--stage2", help="A stage-2 checkpoint from 'skullrec train-implant': the implant is designed in a box around the defect.")] = None,
     keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With stage 2: also write stage 1's own implant to OUT/stage1_implant/.")] = False,
+    mirror: Annotated[bool, typer.Option("--mirror", help="With stage 2: also run it on the left-right mirror image of the box and average (test-time augmentation, twice stage 2's network time).")] = False,
 ) -> Path:
     """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
     from .inference.predict import predict_folder
@@ -312,12 +313,14 @@ def predict_command(
             raise InputError("--stage2: needs --checkpoint (without both, the shipped stage 1 + stage 2 are used)")
         checkpoint, stage2 = shipped_checkpoints()
         console.print(f"using the shipped weights: {checkpoint} + {stage2}")
+    if mirror and stage2 is None:
+        raise InputError("--mirror: mirrors stage 2's box, and there is no stage 2 (give --stage2, or neither --checkpoint nor --stage2)")
     with _bar("predict", console) as progress:
         rows = predict_folder(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
-            stage2=stage2, keep_stage1=keep_stage1,
+            stage2=stage2, keep_stage1=keep_stage1, mirror=mirror,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")

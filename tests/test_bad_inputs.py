@@ -115,6 +115,7 @@ CASES = [
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w} --overwrite", "contains the input folder"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/busy", "output folder is not empty"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --batch-size 0", "--batch-size"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --mirror", "--mirror: mirrors stage 2's box"),
     # evaluate
     ("evaluate --pred {w}/nope --truth {w}/good --out {w}/e.csv", "no such folder"),
     ("evaluate --pred {w}/corrupt --truth {w}/good --out {w}/e.csv", "skull.nii.gz: "),

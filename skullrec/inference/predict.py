@@ -300,6 +300,7 @@ def predict_folder(
     warn: Callable[[str], None] | None = None,
     stage2: Path | None = None,
     keep_stage1: bool = False,
+    mirror: bool = False,
 ) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
@@ -311,7 +312,8 @@ def predict_folder(
     leaves nothing behind. With ``stage2`` (a ``skullrec train-implant`` checkpoint) the implant is
     stage 2's (:mod:`skullrec.inference.stage2`, in a box around stage 1's implant) and the
     complete skull is the defective skull plus that implant; ``keep_stage1`` also writes stage 1's
-    implant to out/stage1_implant/CASE.nii.gz.
+    implant to out/stage1_implant/CASE.nii.gz; ``mirror`` averages stage 2 over the box and its
+    left-right mirror image (test-time augmentation).
     """
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
@@ -357,7 +359,7 @@ def predict_folder(
                 if model2 is not None:
                     if keep_stage1:  # stage 1's own implant beside stage 2's, to compare the two on one run
                         write_volume(staging / "stage1_implant" / f"{cid}.nii.gz", rec.implant)
-                    rec = apply_stage2(rec, vol, model2, cfg2, dev)
+                    rec = apply_stage2(rec, vol, model2, cfg2, dev, mirror=mirror)
                 # Back on the input file's own grid: its voxel order, affine and header.
                 write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
                 write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
@@ -380,7 +382,7 @@ def predict_folder(
             more = f" (and {len(failed) - 1} more cases)" if len(failed) > 1 else ""
             raise InputError(f"{first['input']}: no usable result: {'; '.join(first['problems'])}{more}")
         report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta,
-                  "stage2": None if stage2 is None else str(stage2), "stage2_meta": meta2, "input": str(inp), "device": str(dev),
+                  "stage2": None if stage2 is None else str(stage2), "stage2_meta": meta2, "stage2_mirror": mirror, "input": str(inp), "device": str(dev),
                   "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary, "failed": failed}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
     return summary
@@ -388,14 +390,17 @@ def predict_folder(
 
 
 
-def apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device) -> Reconstruction:
-    """Replace stage 1's implant by stage 2's; the complete skull becomes defective OR that implant."""
+def apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device,
+                 mirror: bool = False) -> Reconstruction:
+    """Replace stage 1's implant by stage 2's; the complete skull becomes defective OR that implant.
+
+    ``mirror``: average stage 2 over the box and its left-right mirror image (see :func:`stage2_implant`)."""
     from .stage2 import deep_defect_centre, stage2_implant
 
     # the box goes where stage 1 added bone far from the remaining skull, not around its false sheets
     centre = deep_defect_centre(rec.prepared_input, rec.prepared_prediction, vol.affine)
     implant, info = stage2_implant(model2, vol, rec.complete.data.astype(bool), rec.implant.data.astype(bool),
-                                   cfg2.net.box_mm, cfg2.net.grid, device, centre=centre)
+                                   cfg2.net.box_mm, cfg2.net.grid, device, centre=centre, mirror=mirror)
     complete = vol.data.astype(bool) | implant
     vox = voxel_volume_mm3(vol.affine)
     new_info = {**rec.info, "stage1_implant_voxels": rec.info["implant_voxels"], "implant_voxels": int(implant.sum()),

@@ -194,12 +194,15 @@ def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_impl
 
 def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
                    box_mm: float, grid: int, device: str | torch.device = "cpu", amp: str = "none",
-                   centre: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                   centre: np.ndarray | None = None, mirror: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Stage 2 on one defective skull: the implant on the input grid (bool) and what was done (info).
 
     Without a defect from stage 1 (empty stage-1 implant) the result is empty and ``info['box']`` None.
     ``amp="bf16"`` runs the network under bfloat16 autocast (``skullrec predict`` uses fp32; the two
-    agree to within the tolerance tests/inference/test_stage2_geometry.py states).
+    agree to within the tolerance tests/inference/test_stage2_geometry.py states). ``mirror``: test-time
+    augmentation, the probability is the mean of the network's on the box and, flipped back, on its
+    left-right mirror image (array axis 0 is left-right in skullrec's canonical voxel order); twice the
+    network time.
     """
     from ..training.trainer import amp_context
 
@@ -213,9 +216,14 @@ def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndar
         x = torch.from_numpy(inp.x)[None].to(device)
         with torch.inference_mode(), amp_context(amp, x.device):
             logits = model(x).float().cpu().numpy()[0, 0]
+            # dims (batch, channel, axis 0, 1, 2): the box's axis 0 mirrored in, the output mirrored back
+            mirrored = model(torch.flip(x, dims=(2,))).float().cpu().numpy()[0, 0, ::-1] if mirror else None
     finally:
         model.train(was_training)
-    prob = from_grid(1.0 / (1.0 + np.exp(-logits)), inp.box.shape)
+    prob_grid = 1.0 / (1.0 + np.exp(-logits))
+    if mirrored is not None:
+        prob_grid = 0.5 * (prob_grid + 1.0 / (1.0 + np.exp(-mirrored)))
+    prob = from_grid(prob_grid, inp.box.shape)
     mask = paste(prob > 0.5, inp.box, vol.shape)
     implant = restrict_implant(mask, defective, stage1_implant)
     return implant, {"box": inp.box.to_dict(), "box_centre_vox": [round(float(c), 1) for c in inp.centre],

@@ -134,6 +134,46 @@ def test_stage2_implant_on_a_volume_is_one_piece_outside_the_skull():
     assert info["stage2_voxels"] == int(implant.sum())
 
 
+class _Pointwise(torch.nn.Module):
+    """Implant wherever the prior has bone and the defective skull has none: commutes with any flip."""
+
+    def forward(self, x):
+        return 10.0 * (x[:, 1:2] - x[:, 0:1]) - 5.0
+
+
+class _LeftHalf(torch.nn.Module):
+    """Ignores its input: certain (logit 20) on the lower half of the grid's axis 0, undecided (0) elsewhere."""
+
+    def forward(self, x):
+        out = torch.zeros_like(x[:, :1])
+        out[:, :, : x.shape[2] // 2] = 20.0
+        return out
+
+
+def test_stage2_mirror_averages_the_box_and_its_flipped_back_mirror_image():
+    """--mirror: the network also sees the box mirrored along axis 0 and its output is mirrored back."""
+    shape, spacing = (40, 36, 30), (1.2, 1.0, 1.5)
+    g = np.indices(shape).astype(float)
+    r = np.sqrt((((g.T - np.array(shape) / 2) * spacing) ** 2).sum(-1)).T
+    complete = (r < 18) & (r > 14)
+    defective = complete & ~((g[2] > 22) & (g[0] > 21))  # a defect on one side only: the box is not symmetric
+    vol, stage1 = Volume(defective.astype(np.uint8), _affine(spacing)), complete & ~defective
+    # a net that commutes with the flip gives the same implant either way; mirroring the input without
+    # mirroring the output back (or the reverse) would shift this one-sided defect and change it
+    plain, _ = stage2_implant(_Pointwise(), vol, complete, stage1, 30.0, 16)
+    mirrored, _ = stage2_implant(_Pointwise(), vol, complete, stage1, 30.0, 16, mirror=True)
+    assert plain.sum() > 100
+    np.testing.assert_array_equal(mirrored, plain)
+    # a net that only knows "lower half of axis 0": alone it fills that half; averaged with its mirror
+    # image (0.5 * (1 + 0.5) = 0.75 on both halves) it fills both, and without the flip back only one
+    half, info = stage2_implant(_LeftHalf(), vol, complete, stage1, 30.0, 16)
+    both, _ = stage2_implant(_LeftHalf(), vol, complete, stage1, 30.0, 16, mirror=True)
+    mid = (info["box"]["lo"][0] + info["box"]["hi"][0]) / 2.0
+    assert np.argwhere(half)[:, 0].max() < mid and half.sum() > 100
+    ax0 = np.argwhere(both)[:, 0]
+    assert ax0.min() < mid - 3 and ax0.max() > mid + 3 and not (both & defective).any()
+
+
 def test_stage2_bf16_inference_agrees_with_fp32():
     """bf16 autocast (train.amp: bf16, or stage2_implant(amp="bf16")) against fp32 on a net that has learnt a cap.
 
