@@ -418,7 +418,10 @@ _LAUNCHER = textwrap.dedent(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_view_forwards_sigterm_and_sigint_to_its_server(sig: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    # A runner started in the background by a non-interactive shell (nohup ... &) ignores SIGINT, and so
+    # would the launcher it starts: give the launcher the default disposition that a terminal gives it.
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         server = int(proc.stdout.readline())
         os.kill(server, 0)  # running
