@@ -1,13 +1,14 @@
 """Does mirror test-time augmentation help stage 2? Scores with and without ``--mirror``, paired by case.
 
-    python benchmarks/stage2_mirror.py --eval data/eval-native --kinds skullfix set2 [--models models] [--cases N]
+    python benchmarks/stage2_mirror.py --eval data/eval-native --kinds skullfix set2 [--cases N] [--out FILE.csv]
 
 EVAL is a folder from ``skullrec prepare-eval`` (KIND/defective, KIND/implant at each skull's own grid).
 Per case: stage 1 once, then stage 2 without and with the left-right mirror of its box
 (``stage2_implant(mirror=...)``, what ``skullrec predict --mirror`` runs), each implant scored at the
 original resolution with ``evaluation.metrics.case_metrics`` (DSC, bDSC, HD95 as ``skullrec evaluate``).
 Prints per-kind means, medians, the paired difference with its 95 % t-interval over cases, and the time
-stage 2 takes each way; ``--out FILE.csv`` keeps the per-case rows.
+stage 2 takes each way; ``--out FILE.csv`` keeps the per-case rows. The weights are the shipped ones
+(``SKULLREC_MODELS=DIR`` for others, as ``skullrec predict``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
-
 from skullrec.evaluation.metrics import case_metrics
+from skullrec.experiment.report import _mean_ci95
 from skullrec.inference.predict import apply_stage2, reconstruct
 from skullrec.inference.shipped import shipped_checkpoints
 from skullrec.io import list_volumes, read_volume
@@ -70,7 +70,7 @@ def main() -> None:
             a = np.array([r[f"plain_{key}"] for r in rk], dtype=float)
             b = np.array([r[f"mirror_{key}"] for r in rk], dtype=float)
             d = b - a
-            ci = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            _, ci = _mean_ci95(list(d))
             print(f"  {key:5s} {a.mean():.3f} ({np.median(a):.3f}) -> {b.mean():.3f} ({np.median(b):.3f});"
                   f" diff {d.mean():+.4f} ± {ci:.4f}; better in {int((d > 0).sum()) if key != 'hd95' else int((d < 0).sum())}/{len(d)}")
         t_a = np.mean([r["plain_s"] for r in rk])

@@ -393,9 +393,9 @@ class MethodSpec:
     # than the core comparison when time is short; the tables say how many seeds each row has.
     seeds: list[int] | None = None
 
-    def seeds_in(self, exp_seeds: list[int]) -> list[int]:
-        """This arm's seeds, in the experiment's order."""
-        return [s for s in exp_seeds if self.seeds is None or s in self.seeds]
+    def trains_seed(self, seed: int) -> bool:
+        """Whether this arm trains the experiment's ``seed``."""
+        return self.seeds is None or seed in self.seeds
 
 
 @dataclass

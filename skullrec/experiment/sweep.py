@@ -86,7 +86,7 @@ def train_sweep(
     # Seed-major order: every method's seed-0 run finishes before any seed-1 run starts, so a sweep
     # stopped early still holds complete seeds that can be tabulated (``--set 'seeds=[0]'``).
     for seed in exp.seeds:
-        for spec in (m for m in exp.methods if seed in m.seeds_in(exp.seeds)):
+        for spec in (m for m in exp.methods if m.trains_seed(seed)):
             overrides = run_overrides(exp, spec, seed)
             cfg = load_config(exp.base_config, overrides)  # validates every run before any training starts
             cfg_path = sweep_config(out, spec.name, seed)
