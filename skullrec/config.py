@@ -426,6 +426,10 @@ class ExperimentConfig:
     # "batched" (runs that differ only in their seed trained together in this process, vmap over stacked
     # weights, skullrec.training.batched; baseline runs only, the others still as processes).
     jobs_mode: str = "processes"
+    # Batched runs' forward call: "auto" (vmap on a GPU; on a CPU a loop over the models, bit-for-bit the
+    # runs trained alone), "vmap" (one grouped convolution per layer: faster on a CPU at 16^3-32^3, slower
+    # at 64^3, not bit-for-bit) or "loop". skullrec.training.batched.default_forward.
+    batched_forward: str = "auto"
 
     def row_methods(self) -> list[str]:
         """Method labels of Table 2's rows: the trained methods, then the references."""
@@ -433,6 +437,7 @@ class ExperimentConfig:
 
 
 JOBS_MODES = ("processes", "batched")
+BATCHED_FORWARDS = ("auto", "vmap", "loop")
 # The reference predictors of skullrec.experiment.references, by name.
 REFERENCES = ("mean_shape", "input", "nearest")
 
@@ -454,6 +459,8 @@ def load_experiment(path: str | Path, overrides: list[str], scale: float | None)
                               f"{cfg.seeds}, got {m.seeds}")
     if cfg.jobs_mode not in JOBS_MODES:
         raise ConfigError(f"{path}: jobs_mode must be one of {', '.join(JOBS_MODES)}, got {cfg.jobs_mode!r}")
+    if cfg.batched_forward not in BATCHED_FORWARDS:
+        raise ConfigError(f"{path}: batched_forward must be one of {', '.join(BATCHED_FORWARDS)}, got {cfg.batched_forward!r}")
     if cfg.hd95 not in ("max", "pooled"):
         raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
     if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:

@@ -94,7 +94,8 @@ def train_sweep(
             tasks.append(((spec.name, seed), cfg_path, sweep_run_dir(out, spec.name, seed)))
     runs: dict[tuple[str, int], Path] = {}
     if exp.jobs_mode == "batched":
-        tasks = _train_batched_groups(tasks, device, done, runs)
+        forward = None if exp.batched_forward == "auto" else exp.batched_forward
+        tasks = _train_batched_groups(tasks, device, done, runs, forward)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {
             pool.submit(_train_run, cfg_path, run_dir, device, sweep_log(out, *key)): key
@@ -112,7 +113,8 @@ def train_sweep(
     return runs
 
 
-def _train_batched_groups(tasks: list, device: str, done: Callable[[str], None], runs: dict[tuple[str, int], Path]) -> list:
+def _train_batched_groups(tasks: list, device: str, done: Callable[[str], None], runs: dict[tuple[str, int], Path],
+                          forward: str | None = None) -> list:
     """jobs_mode batched: train each group of new runs that differ only in their seed together (in this process).
 
     Fills ``runs`` with them and returns the tasks left for the subprocesses: runs that cannot be batched
@@ -136,7 +138,7 @@ def _train_batched_groups(tasks: list, device: str, done: Callable[[str], None],
             rest += [task for task, _ in members]
             continue
         t0 = time.perf_counter()
-        train_batched([cfg for _, cfg in members], [task[2] for task, _ in members], device)
+        train_batched([cfg for _, cfg in members], [task[2] for task, _ in members], device, forward=forward)
         secs = time.perf_counter() - t0
         for (key, _, run_dir), _ in members:
             done(f"done {key[0]} seed {key[1]} ({secs:.0f} s, {len(members)} runs batched)")

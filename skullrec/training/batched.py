@@ -1,19 +1,22 @@
-"""Several runs of a sweep trained together in one process: stacked weights, one vmapped forward pass.
+"""Several runs of a sweep trained together in one process: stacked weights, one forward call, one optimizer.
 
 Runs that differ only in their seed (and name) share architecture, data, schedule and optimizer
 settings; :func:`train_batched` trains them as one: ``torch.func.stack_module_state`` stacks their
-weights along a new leading axis, ``vmap(functional_call)`` runs every model on its own batch (each
-run keeps its own epoch order, drawn from its seed) in one call, the per-run Dice losses are summed
-(the gradient of a sum of independent losses is each run's own gradient) and one optimizer of the
-trainer's kind (:func:`skullrec.training.trainer.make_optimizer`) steps the stacked tensors. Adam is
-elementwise, so stacked it updates every run exactly as separate optimizers would
-(tests/training/test_batched.py checks this bit for bit).
+weights along a new leading axis, every model runs on its own batch (each run keeps its own epoch
+order, drawn from its seed), the per-run Dice losses are summed (the gradient of a sum of
+independent losses is each run's own gradient) and one optimizer of the trainer's kind
+(:func:`skullrec.training.trainer.make_optimizer`) steps the stacked tensors. Adam is elementwise,
+so stacked it updates every run exactly as separate optimizers would (tests/training/test_batched.py
+checks this bit for bit).
 
-What is *not* bit-for-bit: vmap turns the N convolutions of a layer into one grouped convolution,
-whose CPU kernel sums in another order than the single convolution. Forward outputs differ in the
-last float32 bit (~3e-7) and gradients by ~1e-6 of their norm; Adam's normalised step carries that
-into the weights (a few 1e-4 after tens of steps at lr 1e-3, tests/training/test_batched.py states
-the bound it checks). Each batched run is therefore a valid run of its seed, not a bitwise replay.
+The forward call (:func:`default_forward`): on a GPU one ``vmap(functional_call)``, which turns the N
+convolutions of a layer into one grouped convolution; on a CPU a loop of ``functional_call`` over the
+models' slices of the stacked weights. The loop runs the kernels a run alone runs, so on a CPU every
+batched run is **bit-for-bit** the run trained alone by ``skullrec train`` (test_batched.py trains
+both and compares every weight with ``torch.equal``). The grouped kernel sums in another order:
+forward outputs differ in the last float32 bit (~3e-7) and gradients by ~1e-6 of their norm, and
+Adam's normalised step carries that into the weights (a few 1e-4 after tens of steps at lr 1e-3;
+the test states its bound), so a vmapped run is a valid run of its seed, not a bitwise replay.
 
 Every run folder is written as ``skullrec train`` writes it (config.yaml, the chosen epochs'
 checkpoints, best / last, metrics.jsonl, state.pt with the run's own optimizer state), so
@@ -68,21 +71,51 @@ def float32_eager(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="none", compile=False))
 
 
-class StackedModels:
-    """N models of one architecture as one: their weights stacked on a leading axis, one vmapped forward."""
+FORWARD_MODES = ("vmap", "loop")
 
-    def __init__(self, models: list[torch.nn.Module]) -> None:
+
+def default_forward(device: torch.device) -> str:
+    """How stacked models run on ``device``: ``vmap`` on a GPU, ``loop`` on a CPU.
+
+    On a GPU a single 64^3 run is launch-bound and one grouped kernel for all runs fills the device.
+    On a CPU a step is compute-bound already, and vmap's grouped 3D convolution was 3.2x *slower* than
+    the runs one after another at 64^3 (benchmarks/sweep_batched.py, docs/performance.md); the loop
+    runs each model's convolutions with the kernel a run alone uses, so its runs are bit-for-bit the
+    runs trained alone (tests/training/test_batched.py).
+    """
+    return "vmap" if device.type == "cuda" else "loop"
+
+
+class StackedModels:
+    """N models of one architecture as one: their weights stacked on a leading axis, one forward call.
+
+    ``forward="vmap"``: one ``vmap(functional_call)`` (grouped convolutions); ``"loop"``: each model in
+    turn through ``functional_call`` on its slice of the stacked weights (the single-model kernels).
+    Either way the weights are one set of stacked leaves, stepped by one optimizer.
+    """
+
+    def __init__(self, models: list[torch.nn.Module], forward: str = "vmap") -> None:
+        if forward not in FORWARD_MODES:
+            raise ValueError(f"forward must be one of {FORWARD_MODES}, got {forward!r}")
         # The template holds no data ("meta"): functional_call only needs its structure.
         self.template = copy.deepcopy(models[0]).to("meta")
         self.params, self.buffers = stack_module_state(models)
         self.n = len(models)
+        self.forward = forward
 
     def _one(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, (params, buffers), (x,))
 
     def __call__(self, xs: torch.Tensor) -> torch.Tensor:
         """(N, B, 1, S, S, S) inputs, one batch per model -> (N, B, C, S, S, S) logits."""
-        return vmap(self._one)(self.params, self.buffers, xs)
+        if self.forward == "vmap":
+            return vmap(self._one)(self.params, self.buffers, xs)
+        # Slicing a stacked leaf gives model i's contiguous weights; the backward of the slice writes
+        # model i's gradient into its row of the stacked gradient and zeros elsewhere (x + 0 is exact).
+        return torch.stack([
+            self._one({k: v[i] for k, v in self.params.items()}, {k: v[i] for k, v in self.buffers.items()}, xs[i])
+            for i in range(self.n)
+        ])
 
     def parameters(self) -> list[torch.Tensor]:
         """The stacked parameters (leaves with gradients), in each model's ``named_parameters`` order."""
@@ -118,8 +151,12 @@ def _run_optimizer_state(cfg: Config, model: torch.nn.Module, stack: StackedMode
 
 def train_batched(
     cfgs: list[Config], run_dirs: list[Path], device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
+    forward: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train the runs ``cfgs`` (all with one :func:`batch_key`) together into new folders ``run_dirs``; their last records."""
+    """Train the runs ``cfgs`` (all with one :func:`batch_key`) together into new folders ``run_dirs``; their last records.
+
+    ``forward``: ``"vmap"`` or ``"loop"`` (:class:`StackedModels`); None takes :func:`default_forward` of the device.
+    """
     from ..nets.autoencoder import build_model, loss_function
     from .trainer import _layer_norm_sq, _torch_settings, make_optimizer
 
@@ -135,12 +172,13 @@ def train_batched(
         with _torch_settings(cfg0, dev):
             data = load_training_data(cfg0.data, cfg0.model.size, dev)
             models = [build_model(c.model, seed=c.seed).to(dev).train() for c in cfgs]
-            stack = StackedModels(models)
+            mode = forward or default_forward(dev)
+            stack = StackedModels(models, forward=mode)
             optimizer = make_optimizer(cfg0, stack)  # the trainer's optimizer, over the stacked tensors
             loss_fn = loss_function(cfg0.model.loss)
             n_train, bs = len(data.train), cfg0.train.batch_size
             steps = math.ceil(n_train / bs)
-            log(f"training {len(cfgs)} runs together ({', '.join(c.name for c in cfgs)}) on {dev}")
+            log(f"training {len(cfgs)} runs together ({', '.join(c.name for c in cfgs)}) on {dev}, forward {mode}")
             records: list[list[dict[str, Any]]] = [[] for _ in cfgs]
             best: list[tuple[float | None, int | None]] = [(None, None)] * len(cfgs)
             for epoch in range(1, cfg0.train.epochs + 1):
@@ -156,7 +194,7 @@ def train_batched(
                     m.load_state_dict(stack.state_dict(i))
                     rec = {"epoch": epoch, "method": c.train.method, "dice_loss": float(sums[i]) / n_train, "reg_steps": 0,
                            "regularizer": None, "trace": None, "norm_sq": float(_layer_norm_sq(m, c.fam.layers)), "sam": False,
-                           "seconds": seconds, "batched_runs": len(cfgs)}
+                           "seconds": seconds, "batched_runs": len(cfgs), "batched_forward": mode}
                     _save_epoch(c, Path(d), m, rec, records[i], best, i, epoch, _run_optimizer_state(c, m, stack, optimizer, i), data)
                 log(f"epoch {epoch}/{cfg0.train.epochs}  loss " + " ".join(f"{r[-1]['dice_loss']:.4f}" for r in records) + f"  {seconds:.1f} s")
         return [r[-1] for r in records]

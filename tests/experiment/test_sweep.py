@@ -268,8 +268,11 @@ def test_experiment_jobs_mode_batched_trains_seed_variants_together(tmp_path):
         base = read_metrics(out / "runs" / f"base_seed{seed}" / "metrics.jsonl")
         fam = read_metrics(out / "runs" / f"fam_seed{seed}" / "metrics.jsonl")
         assert [r.get("batched_runs") for r in base] == [2, 2] and all("batched_runs" not in r for r in fam)
+        assert [r.get("batched_forward") for r in base] == ["loop", "loop"]  # "auto" on a CPU
         assert run_finished(out / "runs" / f"base_seed{seed}")
     assert sum("2 runs batched" in m for m in messages) == 2
     assert (out / "table2.csv").stat().st_size > 0
     with pytest.raises(Exception, match="jobs_mode"):
         run_experiment(cfg, out=tmp_path / "bad", device="cpu", overrides=["jobs_mode=threads"])
+    with pytest.raises(Exception, match="batched_forward"):
+        run_experiment(cfg, out=tmp_path / "bad2", device="cpu", overrides=["batched_forward=grouped"])
