@@ -520,6 +520,12 @@ class Stage2TrainConfig:
     # cosine: lr * (1 + cos(pi * step / total_steps)) / 2 per step (a function of the step alone, so
     # resume is exact); a short CPU run ends on small steps instead of lr's noise.
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Training-time left-right mirroring: each sample is mirrored (all channels and the target, array
+    # axis 0 of the box: left-right in skullrec's canonical voxel order) with probability 0.5, drawn per
+    # epoch from a (seed, epoch) generator, so resume stays exact. A skull is close to mirror-symmetric,
+    # so a mirrored sample is another plausible skull with its defect on the other side: twice the
+    # defect positions for the same 80 training skulls. Off by default (configs stored before it trained without).
+    flip: bool = False
 
 
 @dataclass

@@ -58,6 +58,15 @@ def init_output_bias(model: torch.nn.Module, fraction: float) -> float:
     return bias
 
 
+def mirror_samples(x: torch.Tensor, y: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (B, C, G, G, G) and ``y`` (B, 1, G, G, G) with the samples where ``flip`` (B,) is true mirrored along box axis 0."""
+    if not bool(flip.any()):
+        return x, y
+    f = flip.view(-1, 1, 1, 1, 1)
+    # dims 2 of (batch, channel, axis 0, 1, 2): the box's axis 0 (left-right), as predict --mirror
+    return torch.where(f, x.flip(2), x), torch.where(f, y.flip(2), y)
+
+
 def _loss(logits: torch.Tensor, y: torch.Tensor, bce_weight: float, dice_fn: Any) -> tuple[torch.Tensor, torch.Tensor]:
     dice = dice_fn(logits, y)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
@@ -111,6 +120,8 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "implant-epoch", epoch))
         order = torch.randperm(n, generator=gen)
+        # Drawn after the order from the same generator, and only with flip on: a run without it keeps its shuffles.
+        flips = torch.rand(n, generator=gen) < 0.5 if cfg.train.flip else None
         model.train()
         tot, tot_dice, steps = 0.0, 0.0, 0
         for s in range(0, n, cfg.train.batch_size):
@@ -118,14 +129,19 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
             if cfg.train.lr_schedule == "cosine":
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(cfg.train.lr, (epoch - 1) * steps_per_epoch + s // cfg.train.batch_size, total_steps)
+            xb, yb = xt[idx].float(), yt[idx].float()
+            if flips is not None:
+                xb, yb = mirror_samples(xb, yb, flips[idx])
             with amp_context(cfg.train.amp, xt.device):
-                logits = model(xt[idx].float())
-            loss, dice = _loss(logits.float(), yt[idx].float(), cfg.train.bce_weight, dice_fn)
+                logits = model(xb)
+            loss, dice = _loss(logits.float(), yb, cfg.train.bce_weight, dice_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             tot, tot_dice, steps = tot + float(loss.detach()), tot_dice + float(dice.detach()), steps + 1
         record = {"epoch": epoch, "loss": tot / steps, "dice_loss": tot_dice / steps, "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3), "samples": n}
+        if flips is not None:
+            record["mirrored"] = int(flips.sum())
         records.append(record)
         write_metrics(run_dir / METRICS_FILE, records)
         save_implant_checkpoint(run_dir / LAST, model, cfg, epoch=epoch, loss=record["loss"])

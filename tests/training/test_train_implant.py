@@ -266,3 +266,36 @@ def test_output_bias_starts_at_the_implant_fraction():
     # every logit moves by the same amount (the bias of the last convolution, added to an identity residual)
     shift = (after - before).numpy()
     assert np.ptp(shift) < 1e-4 and abs(float(torch.sigmoid(after).median()) - 0.03) < 0.02
+
+
+def test_mirror_samples_flips_exactly_the_chosen_samples_along_box_axis_0():
+    from skullrec.training.stage2 import mirror_samples
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 2, 4, 5, 6, generator=gen), (torch.rand(3, 1, 4, 5, 6, generator=gen) > 0.5).float()
+    flip = torch.tensor([True, False, True])
+    mx, my = mirror_samples(x, y, flip)
+    for i, f in enumerate(flip.tolist()):
+        want_x = x[i].numpy()[:, ::-1] if f else x[i].numpy()  # (channel, axis 0, 1, 2): axis 0 reversed
+        want_y = y[i].numpy()[:, ::-1] if f else y[i].numpy()
+        np.testing.assert_array_equal(mx[i].numpy(), want_x)
+        np.testing.assert_array_equal(my[i].numpy(), want_y)
+    same = mirror_samples(x, y, torch.zeros(3, dtype=torch.bool))
+    assert same[0] is x and same[1] is y
+
+
+def test_training_with_mirroring_resumes_exactly_and_differs_from_training_without(tiny):
+    root, _ = tiny
+    full = train_implant(_cfg(root, flip=True), root / "flip_full")
+    part = train_implant(_cfg(root, flip=True), root / "flip_part", stop_after_epoch=1)
+    resumed = train_implant(_cfg(root, flip=True), root / "flip_part", resume=True)
+    assert resumed["loss"] == full["loss"]
+    a, b = load_file(root / "flip_full" / "last.safetensors"), load_file(root / "flip_part" / "last.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    records = [json.loads(l) for l in (root / "flip_full" / "metrics.jsonl").read_text().splitlines()]
+    mirrored = [r["mirrored"] for r in records]
+    assert all(0 <= m <= 2 for m in mirrored) and sum(mirrored) > 0, mirrored  # seeded draws: 2 samples x 3 epochs
+    plain = train_implant(_cfg(root), root / "noflip")
+    assert "mirrored" not in json.loads((root / "noflip" / "metrics.jsonl").read_text().splitlines()[0])
+    c = load_file(root / "noflip" / "last.safetensors")
+    assert any(not bool((a[k] == c[k]).all()) for k in a)
