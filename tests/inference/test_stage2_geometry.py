@@ -11,9 +11,10 @@ import torch
 from scipy import ndimage as ndi
 
 from skullrec.inference.stage2 import (
-    box_around, crop, defect_centre, from_grid, largest_piece, paste, restrict_implant, stage2_implant, stage2_input, to_grid,
+    box_around, crop, defect_centre, from_grid, largest_piece, paste, restrict_implant, restrict_in_box, stage2_implant, stage2_input, to_grid,
 )
 from skullrec.io import Volume
+from skullrec.data.resample import Box
 from skullrec.nets.implant_net import ImplantNetConfig, build_implant_net
 
 
@@ -109,6 +110,37 @@ def test_defect_centre_and_restriction():
     # nothing touching stage 1: the largest piece
     far = restrict_implant(mask, defective, np.zeros(shape, bool))
     np.testing.assert_array_equal(far, largest_piece(mask & ~defective))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_restrict_in_box_equals_restricting_the_pasted_mask_on_the_whole_volume(order):
+    """predict's box-local restriction gives exactly what the whole-volume computation gave, also for
+    boxes reaching past the volume (the outside is not pasted, so it must not join pieces), ties of the
+    largest piece, no piece touching stage 1, and empty masks; in the files' Fortran order too."""
+    rng = np.random.default_rng(5)
+    shape = (30, 26, 22)
+    boxes = [Box(lo=(4, 3, 2), hi=(20, 19, 15)), Box(lo=(-6, 15, -3), hi=(12, 33, 10)), Box(lo=(22, -5, 12), hi=(40, 9, 30))]
+    seen_outside = 0
+    for trial in range(24):
+        box = boxes[trial % 3]
+        defective = np.asfortranarray(rng.random(shape) < 0.25) if order == "F" else rng.random(shape) < 0.25
+        stage1 = np.zeros(shape, bool)
+        if trial % 4:  # every fourth trial: stage 1 touches nothing, the largest piece is kept
+            stage1[tuple(slice(int(a), int(a) + 4) for a in rng.integers(0, 18, 3))] = True
+        mask_box = rng.random(box.shape) < (0.0 if trial == 5 else 0.35)
+        want = restrict_implant(paste(mask_box, box, shape), defective, stage1)
+        got, raw = restrict_in_box(mask_box, box, defective, stage1)
+        np.testing.assert_array_equal(got, want)
+        assert raw == int(paste(mask_box, box, shape).sum())
+        seen_outside += int(mask_box.sum() > paste(mask_box, box, shape).sum())
+    assert seen_outside >= 8  # the boxes past the volume really had mask voxels outside it
+    # two equal largest pieces, none touching stage 1: the first (in label order) wins, as before
+    mask_box = np.zeros((10, 10, 10), bool)
+    mask_box[1:3, 1:3, 1:3] = mask_box[6:8, 6:8, 6:8] = True
+    box, none = Box(lo=(5, 5, 5), hi=(15, 15, 15)), np.zeros(shape, bool)
+    np.testing.assert_array_equal(restrict_in_box(mask_box, box, none, none)[0],
+                                  restrict_implant(paste(mask_box, box, shape), none, none))
+    assert restrict_in_box(mask_box, Box(lo=(40, 0, 0), hi=(50, 10, 10)), none, none)[1] == 0  # box wholly outside
 
 
 def test_stage2_implant_on_a_volume_is_one_piece_outside_the_skull():
