@@ -3,8 +3,9 @@
 Stage 1 (the 64^3 autoencoder, :mod:`skullrec.inference.predict`) localises the defect and gives a
 shape prior. Stage 2:
 
-1. **Locate** the defect: the bounding-box centre of the largest 26-connected piece of stage 1's
-   implant (where stage 1 added bone, mapped to the input grid; :func:`defect_centre`).
+1. **Locate** the defect: the deepest part of the bone stage 1 added, far from the remaining skull
+   (:func:`deep_defect_centre`, what predict uses; :func:`defect_centre`, the bounding-box centre of
+   stage 1's largest implant piece, is the fallback of :func:`stage2_input` without a centre).
 2. **Box**: a cube of ``box_mm`` on each side centred there, as a whole number of *input voxels*
    per axis (``round(box_mm / spacing)``), so cutting and pasting are plain index slices
    (:func:`crop`, :func:`paste`): a pasted crop lands exactly where it was cut, at any spacing and
@@ -16,7 +17,8 @@ shape prior. Stage 2:
    Its probability is resampled back to the crop's shape (trilinear) and pasted.
 4. **Restrict**: the implant is ``probability > 0.5 AND NOT defective`` (it never overlaps the
    defective skull) and only its largest 26-connected piece that touches stage 1's implant is kept
-   (the largest piece if none does), so it is one piece.
+   (the largest piece if none does), so it is one piece; computed inside the mask's bounding box
+   (:func:`restrict_in_box`).
 
 Box size (SkullFix, ``benchmarks/results/skullfix_defects.json``): the 100 implants' axis-aligned
 extents are at most 106.1 x 89.3 x 65.6 mm (median 88.9 x 65.5 x 44.4 mm); a 128 mm cube holds the
