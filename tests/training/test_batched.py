@@ -62,12 +62,31 @@ def test_stacked_adam_is_bit_for_bit_the_separate_optimizers(data_root: Path) ->
             assert torch.equal(mine[k], v), (i, k)
 
 
-def test_vmapped_forward_and_step_match_each_model_alone(data_root: Path) -> None:
-    cfgs = [_cfg(data_root, s) for s in (0, 1)]
+def _seed_models_and_batches(data_root: Path, n: int) -> tuple[list, list[torch.nn.Module], torch.Tensor, torch.Tensor]:
+    """Configs and models of seeds 0..n-1, one random (4, 1, 16, 16, 16) batch and target per model."""
+    cfgs = [_cfg(data_root, s) for s in range(n)]
     models = [build_model(c.model, seed=c.seed) for c in cfgs]
     gen = torch.Generator().manual_seed(1)
-    xs = (torch.rand(2, 4, 1, 16, 16, 16, generator=gen) > 0.6).float()
+    xs = (torch.rand(n, 4, 1, 16, 16, 16, generator=gen) > 0.6).float()
     ys = torch.clamp(xs + (torch.rand(xs.shape, generator=gen) > 0.9).float(), 0, 1)
+    return cfgs, models, xs, ys
+
+
+def _step_stacked_and_alone(cfgs: list, models: list[torch.nn.Module], stack: B.StackedModels, xs: torch.Tensor,
+                            ys: torch.Tensor, steps: int = 5) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """``steps`` steps of the stack (one optimizer) and of each model alone (its own); per step (stacked losses, losses alone)."""
+    loss_fn = loss_function(cfgs[0].model.loss)
+    sopt = make_optimizer(cfgs[0], stack)
+    opts = [make_optimizer(c, m) for c, m in zip(cfgs, models)]
+    out = []
+    for _ in range(steps):
+        losses = B.batched_step(stack, xs, ys, loss_fn, sopt)
+        out.append((losses, [train_step(m, xs[i], ys[i], loss_fn, o).loss for i, (m, o) in enumerate(zip(models, opts))]))
+    return out
+
+
+def test_vmapped_forward_and_step_match_each_model_alone(data_root: Path) -> None:
+    cfgs, models, xs, ys = _seed_models_and_batches(data_root, 2)
     stack = B.StackedModels([copy.deepcopy(m) for m in models], forward="vmap")
     with torch.no_grad():
         out = stack(xs)
@@ -76,14 +95,8 @@ def test_vmapped_forward_and_step_match_each_model_alone(data_root: Path) -> Non
             # the grouped convolution's rounding, nothing more (outputs ~0.5: 1.1e-6 .. 2.1e-6 seen, by CPU)
             assert (out[i] - ref).abs().max() < 5e-6
             assert (out[0] - models[1](xs[0])).abs().max() > 1e-2  # the two models really differ
-    loss_fn = loss_function(cfgs[0].model.loss)
-    sopt = make_optimizer(cfgs[0], stack)
-    opts = [make_optimizer(c, m) for c, m in zip(cfgs, models)]
-    for _ in range(5):
-        losses = B.batched_step(stack, xs, ys, loss_fn, sopt)
-        for i, (m, o) in enumerate(zip(models, opts)):
-            alone = train_step(m, xs[i], ys[i], loss_fn, o).loss
-            assert abs(float(losses[i]) - float(alone)) < 1e-4
+    for losses, alone in _step_stacked_and_alone(cfgs, models, stack, xs, ys):
+        assert all(abs(float(losses[i]) - float(a)) < 1e-4 for i, a in enumerate(alone))
     for i, m in enumerate(models):
         mine = stack.state_dict(i)
         worst = max(float((mine[k] - v).abs().max()) for k, v in m.state_dict().items())
@@ -92,19 +105,10 @@ def test_vmapped_forward_and_step_match_each_model_alone(data_root: Path) -> Non
 
 def test_looped_step_is_bit_for_bit_each_model_alone(data_root: Path) -> None:
     """The CPU forward (a loop over the stacked weights' slices) reproduces training alone exactly."""
-    cfgs = [_cfg(data_root, s) for s in (0, 1, 2)]
-    models = [build_model(c.model, seed=c.seed) for c in cfgs]
-    gen = torch.Generator().manual_seed(1)
-    xs = (torch.rand(3, 4, 1, 16, 16, 16, generator=gen) > 0.6).float()
-    ys = torch.clamp(xs + (torch.rand(xs.shape, generator=gen) > 0.9).float(), 0, 1)
+    cfgs, models, xs, ys = _seed_models_and_batches(data_root, 3)
     stack = B.StackedModels([copy.deepcopy(m) for m in models], forward="loop")
-    loss_fn = loss_function(cfgs[0].model.loss)
-    sopt = make_optimizer(cfgs[0], stack)
-    opts = [make_optimizer(c, m) for c, m in zip(cfgs, models)]
-    for _ in range(5):
-        losses = B.batched_step(stack, xs, ys, loss_fn, sopt)
-        for i, (m, o) in enumerate(zip(models, opts)):
-            assert torch.equal(losses[i], train_step(m, xs[i], ys[i], loss_fn, o).loss)
+    for losses, alone in _step_stacked_and_alone(cfgs, models, stack, xs, ys):
+        assert all(torch.equal(losses[i], a) for i, a in enumerate(alone))
     for i, m in enumerate(models):
         mine = stack.state_dict(i)
         for k, v in m.state_dict().items():
