@@ -4,7 +4,7 @@ All distances come from MONAI's surface-distance utilities (``monai.metrics.util
 and ``get_surface_distance``), the same primitives behind ``monai.metrics.compute_hausdorff_distance``;
 DSC is ``monai.metrics.compute_dice``'s value (computed from counts, see :func:`dice`). What is added here is only what MONAI does not do:
 
-* **Two HD95 definitions** (see docs/metrics.md):
+* **Two HD95 definitions** (see docs/reference/metrics.md):
   ``"max"``    - MONAI's ``compute_hausdorff_distance(percentile=95)``: the larger of the two directed
                  95th percentiles (pred->truth and truth->pred surface distances);
   ``"pooled"`` - AutoImplant's / MedPy's ``hd95``: the 95th percentile of both directed distance sets
