@@ -356,7 +356,7 @@ def batch_metrics(
     A plain loop: MONAI's Hausdorff code loops over the batch in Python too and its distances run
     on the CPU (KD-tree), so batching buys nothing; a 64^3 case is fast enough that 100 cases stay
     well inside the 20 s target without worker processes (whose start-up alone costs seconds; the
-    measurement, benchmarks/evaluate_speed.py, is in README "Prediction and evaluation").
+    measurement, benchmarks/evaluate_speed.py, is in docs/results/performance.md).
     """
     _check_hd95(hd95)
     p = _as_bool(pred, "pred")
