@@ -12,7 +12,7 @@ positive, training loss falling).
     .venv/bin/python benchmarks/trace_sign_losses.py --data data/prepared-skullfix --n-train 16 --epochs 50 \
         --threads 2 --out benchmarks/results/trace_sign_losses.json
 
-Data: ``skullrec prepare`` of real SkullFix skulls (README, docs/data_real.md). Modest CPU cost: a few
+Data: ``skullrec prepare`` of real SkullFix skulls (docs/how-to/real-data.md). Modest CPU cost: a few
 minutes on 2 threads for the defaults.
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scores of the shipped stage 1 + stage 2 at the ORIGINAL resolution (issue 13), for the README table.
+# Scores of the shipped stage 1 + stage 2 at the ORIGINAL resolution (issue 13), for the table in docs/results/stage2.md.
 #   bash scripts/score_stage2.sh EVAL_DIR OUT_DIR [KIND ...]
 # EVAL_DIR: from `skullrec prepare-eval --prepared data/prepared-skullfix --out EVAL_DIR` (the 20 held-out
 # SkullFix skulls); KINDs default to skullfix set1 set2 (those present in EVAL_DIR). Per kind:

@@ -62,7 +62,7 @@ class FamConfig:
     norm: Literal["squared", "frobenius"] = "squared"
     # signed: the paper's formula. Tr(H) of decodeL is slightly negative at initialisation and positive
     # on every measured sample from 10 % of training on, for both losses (benchmarks/trace_sign_losses.py,
-    # docs/flatness.md); abs / relu need a whole-batch estimator (check_unbiased).
+    # docs/explanation/fam.md); abs / relu need a whole-batch estimator (check_unbiased).
     trace: Literal["signed", "abs", "relu"] = "signed"
     # How v^T H v and its full gradient are computed: "autograd" (third-order backward, ~3.9x a plain
     # step on CPU), or the output-space estimators of skullrec.flatness.fast: "fd" (whole batch, ~2.3x),
@@ -95,7 +95,7 @@ class LookbehindConfig:
 class TrainConfig:
     """Optimisation, logging and checkpoints."""
 
-    # fam_authors: the FAM authors' public objective (see AUTHORS_FIXED below and docs/flatness.md).
+    # fam_authors: the FAM authors' public objective (see AUTHORS_FIXED below and docs/explanation/fam.md).
     method: Literal["baseline", "fam", "fam_authors", "sam", "asam", "lookbehind"] = "baseline"
     epochs: int = 200
     batch_size: int = 4
@@ -105,7 +105,7 @@ class TrainConfig:
     checkpoint_epochs: list[int] = field(default_factory=lambda: [100, 200])
     deterministic: bool = True
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
-    # Speed switches (skullrec.training.speed; docs/performance.md). amp "auto": bf16 autocast where the
+    # Speed switches (skullrec.training.speed; docs/explanation/performance.md). amp "auto": bf16 autocast where the
     # hardware has native bf16 (AVX-512 BF16 / AMX CPUs, bf16 GPUs), else float32. compile "auto":
     # torch.compile for single-process runs of >= speed.COMPILE_MIN_STEPS steps; eager if compiling fails.
     amp: Literal["auto", "none", "bf16"] = "auto"

@@ -279,7 +279,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         # No orientation stored: the voxel order is taken as the canonical (SkullFix's) one rather
         # than nibabel's fallback (axes L, A, S), which would reverse axis 1. The shipped SkullBreak
         # sample is such a file, and of its 48 orders the stored one overlaps SkullFix heads best
-        # (benchmarks/skullbreak_orientation.py; numbers in the README).
+        # (benchmarks/skullbreak_orientation.py; numbers in docs/explanation/data.md).
         # Outputs keep codes 0 (write_nifti), so they overlay the input wherever it is shown.
         zooms = [float(z) for z in hdr.get_zooms()[:3]]
         affine = np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])

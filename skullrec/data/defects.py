@@ -5,7 +5,7 @@ Two families (sizes in mm, so any grid spacing works; pass the spacing):
 * **set 1** (training-like, :func:`set1_defect`): a SkullFix-like defect, a cuboid with rounded
   edges cut through the vault at the top-back of the skull. Its size, position and removed
   fraction follow the 100 real SkullFix training defects (measured by
-  ``benchmarks/measure_skullfix_defects.py``; numbers in docs/data_synth.md).
+  ``benchmarks/measure_skullfix_defects.py``; numbers in docs/explanation/synthetic-data.md).
 * **set 2** (different shape, size and position, :func:`set2_defect`): spheres, ellipsoids,
   unions of balls and noise-perturbed ellipsoids on the frontal, fronto-orbital, temporal,
   parietal, parieto-temporal or occipital bone, on both sides at once ("bilateral") or anywhere
@@ -41,7 +41,7 @@ from ..utils import bounding_box
 SET1_FRACTION = (0.055, 0.125)
 SET2_FRACTION = (0.03, 0.15)
 
-# Set-1 placement and size, from the SkullFix measurements (see docs/data_synth.md).
+# Set-1 placement and size, from the SkullFix measurements (see docs/explanation/synthetic-data.md).
 SET1_ELEVATION_DEG = (40.0, 54.0)  # real centroid elevation: 35-56, p5-p95 41.6-51.4
 SET1_AZIMUTH_DEG = (76.0, 99.0)  # real: 76-99, median 87 (posterior = 90)
 SET1_WIDTH_MM = (66.0, 88.0)  # left-right side; real principal extent 67-96, median 80.5

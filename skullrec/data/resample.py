@@ -5,7 +5,7 @@ Preparation = crop to the bone's bounding box plus a margin (mm), resample the b
 voxels), binarise with a connectivity-preserving rule, and keep a voxel-to-world affine so that
 the prepared voxel centres sit at the right place in RAS millimetres.
 
-Downsampling rule (see docs/data_real.md for the measurements on all 100 SkullFix skulls):
+Downsampling rule (see docs/how-to/real-data.md for the measurements on all 100 SkullFix skulls):
 each prepared voxel gets the exact *partial-volume fraction* of bone inside its footprint
 (the source voxels it covers, fractional overlaps weighted), and is bone when that fraction is
 ``> BONE_FRACTION``. Nearest-neighbour sampling and "fraction >= 0.5" tear SkullFix's thin

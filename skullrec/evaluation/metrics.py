@@ -4,7 +4,7 @@ All distances come from MONAI's surface-distance utilities (``monai.metrics.util
 and ``get_surface_distance``), the same primitives behind ``monai.metrics.compute_hausdorff_distance``;
 DSC is ``monai.metrics.compute_dice``'s value (computed from counts, see :func:`dice`). What is added here is only what MONAI does not do:
 
-* **Two HD95 definitions** (see docs/metrics.md):
+* **Two HD95 definitions** (see docs/reference/metrics.md):
   ``"max"``    - MONAI's ``compute_hausdorff_distance(percentile=95)``: the larger of the two directed
                  95th percentiles (pred->truth and truth->pred surface distances);
   ``"pooled"`` - AutoImplant's / MedPy's ``hd95``: the 95th percentile of both directed distance sets
@@ -356,7 +356,7 @@ def batch_metrics(
     A plain loop: MONAI's Hausdorff code loops over the batch in Python too and its distances run
     on the CPU (KD-tree), so batching buys nothing; a 64^3 case is fast enough that 100 cases stay
     well inside the 20 s target without worker processes (whose start-up alone costs seconds; the
-    measurement, benchmarks/evaluate_speed.py, is in README "Prediction and evaluation").
+    measurement, benchmarks/evaluate_speed.py, is in docs/results/performance.md).
     """
     _check_hd95(hd95)
     p = _as_bool(pred, "pred")

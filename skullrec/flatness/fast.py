@@ -18,7 +18,7 @@ estimators here compute the same quantity with less work, using two facts about 
 block). Autograd's Hessian treats those as locally linear (second derivative 0), but a plain finite
 difference across a kink sees a delta-like term whose expectation does *not* vanish as eps -> 0 (tens
 of thousands of units sit within eps of their kink): on the real 64^3 model in float64 the plain
-second difference did not converge to autograd's v^T H v even at eps = 1e-5 (docs/performance.md).
+second difference did not converge to autograd's v^T H v even at eps = 1e-5 (docs/explanation/performance.md).
 So the perturbed passes run with the activation pattern *frozen* to the unperturbed one (each ReLU /
 PReLU / LeakyReLU applies the slope it had in the training forward pass). Along that path the loss is
 smooth (transposed convolutions, GroupNorm, sigmoid, Dice) and its second derivative at 0 is exactly
@@ -43,7 +43,7 @@ per-sample losses, or a decoder with BatchNorm) the
 regulariser falls back to plain autograd with a one-time warning, so every configuration still trains.
 
 Cost: the measured step cost of every estimator relative to a plain Dice+Adam step is in
-docs/performance.md (benchmarks/step_cost.py). The decoder after decodeL is a large part of a plain
+docs/explanation/performance.md (benchmarks/step_cost.py). The decoder after decodeL is a large part of a plain
 step, so the two extra decoder passes of any whole-batch estimator (exact or finite-difference) cost
 about a plain step by themselves; the subset estimators pass fewer samples.
 """
@@ -68,7 +68,7 @@ from .hessian import FamTerm, fam_term, rademacher, shape_trace
 # Step of the second difference in decodeL's output space, relative to the RMS of each sample's z (so that it
 # follows the scale of the features as training changes them). Bias O(eps^2), rounding O(u/eps^2)
 # with u ~ 1e-7 in float32: 3e-2 balances the two (gradient within ~0.6 % of autograd on the 64^3
-# model in float32; docs/performance.md).
+# model in float32; docs/explanation/performance.md).
 FD_EPS = 3e-2
 # Activations that are piecewise linear and therefore get frozen in the perturbed passes.
 _KINKED = (nn.ReLU, nn.PReLU, nn.LeakyReLU)

@@ -11,7 +11,7 @@ Hessian of the training loss with respect to w:
 All functions take a scalar ``loss`` that still has its graph and the weight tensor(s) it depends on,
 and are differentiable (``create_graph=True``): the gradient of the regulariser then includes the
 third-derivative term of the paper's Lemma 1. Options of :func:`fam_term` / :func:`kappa_simplified`
-(see docs/flatness.md for what each changes and why the default was chosen):
+(see docs/explanation/fam.md for what each changes and why the default was chosen):
 
 * ``gradient="full"`` differentiates ||w||^2 * Tr(H) as written; ``"detached"`` treats Tr(H) as a
   constant (like the authors' public code), so the penalty acts on w only, via its norm, and costs no
@@ -22,7 +22,7 @@ third-derivative term of the paper's Lemma 1. Options of :func:`fam_term` / :fun
 
 Hessian-vector products use reverse-over-reverse autograd, one backward per probe (the first
 gradient is shared by all probes); :data:`BATCHED_PROBES` can push all probes through one batched
-backward instead (measured in benchmarks/flatness_batching.py, numbers in docs/flatness.md).
+backward instead (measured in benchmarks/flatness_batching.py, numbers in docs/explanation/fam.md).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ MAX_EXACT_WEIGHTS = 4096
 #   True    one batched backward (``is_grads_batched``, i.e. vmap over the backward);
 #   "auto"  batched, falling back to the loop (for the rest of the process) when torch has no batching
 #           rule for some op in the graph.
-# Measured (benchmarks/flatness_batching.py, torch 2.13 CPU, numbers in docs/flatness.md): batching fails
+# Measured (benchmarks/flatness_batching.py, torch 2.13 CPU, numbers in docs/explanation/fam.md): batching fails
 # on SkullAutoEncoder (GroupNorm's double backward has no vmap rule), and where it runs (an MLP) it is
 # slower than the loop once the trace's own gradient is needed; it only wins for many probes without
 # a graph. Hence the loop by default.

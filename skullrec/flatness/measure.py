@@ -112,7 +112,7 @@ def measure_layer(
 
 @dataclass
 class LambdaScale:
-    """What lambda means for one checkpoint and batch (see docs/flatness.md, "lambda on a scale").
+    """What lambda means for one checkpoint and batch (see docs/explanation/fam.md, "lambda on a scale").
 
     Attributes:
         fam: the FAM options the ratios refer to (method fam).

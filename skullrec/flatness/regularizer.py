@@ -103,7 +103,7 @@ def check_unbiased(cfg: FamConfig, world_size: int = 1) -> None:
 
     fam.trace abs / relu shape a *subset's* estimate when the estimator draws a random part of the batch,
     or when DDP ranks each shape their own shard's estimate before averaging: both are biased against
-    the shaped whole-batch value (measured in docs/performance.md). Monitoring (lam = 0) only reads the
+    the shaped whole-batch value (measured in docs/explanation/performance.md). Monitoring (lam = 0) only reads the
     signed trace and is always allowed. Whole-batch estimators with abs / relu keep a bias bounded by
     the probe spread (tests/test_estimator_bias.py).
     """

@@ -17,7 +17,7 @@ Differences from ``VarAutoEncoder`` and why:
   Both compute the same forward pass, but in torch 2.13 the third-order backward through
   ``InstanceNorm3d`` (needed for the gradient of the FAM term) is silently wrong while GroupNorm's is
   right; tests/nets/test_autoencoder.py and tests/flatness/test_hessian.py check this against finite differences
-  (numbers in docs/flatness.md).
+  (numbers in docs/explanation/fam.md).
 """
 
 from __future__ import annotations

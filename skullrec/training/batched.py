@@ -80,7 +80,7 @@ def default_forward(device: torch.device) -> str:
     On a GPU a single 64^3 run is launch-bound and one grouped kernel for all runs fills the device.
     On a CPU a step is compute-bound already, and vmap's grouped 3D convolution was 1.3x (idle) to 3.2x
     (loaded machine) *slower* than the runs one after another at 64^3 (benchmarks/sweep_batched.py,
-    docs/performance.md); the loop
+    docs/explanation/performance.md); the loop
     runs each model's convolutions with the kernel a run alone uses, so its runs are bit-for-bit the
     runs trained alone (tests/training/test_batched.py).
     """

@@ -5,7 +5,7 @@ environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). :func:`set
 WORLD_SIZE > 1 it joins the process group (NCCL on CUDA, one GPU per process = LOCAL_RANK; gloo on
 CPU), otherwise it returns a single-process :class:`DistInfo` and nothing changes.
 
-Semantics (docs/performance.md):
+Semantics (docs/explanation/performance.md):
 
 * ``train.batch_size`` stays the *global* batch: every rank takes its own contiguous 1/N of each
   global batch (:func:`shard`), so a config means the same optimisation for any N. It must be a

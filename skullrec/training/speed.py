@@ -8,7 +8,7 @@ Two switches of the training config, each with an ``"auto"`` default resolved he
   passes in float32 (skullrec.flatness.fast: the difference is below bf16's resolution).
 * ``train.compile`` (true | false | "auto"): ``torch.compile`` of the model's forward pass (and so of
   its backward), inductor, static shapes. Compiling costs tens of seconds once per process
-  (docs/performance.md), so "auto" compiles only a run of at least :data:`COMPILE_MIN_STEPS` steps, in one
+  (docs/explanation/performance.md), so "auto" compiles only a run of at least :data:`COMPILE_MIN_STEPS` steps, in one
   process (not under DDP, where it is untested), and only where a compiler backend is present (a C++
   compiler on CPU, triton on CUDA). The validation passes stay eager (model.eval() would recompile) and float32 (trainer._validate).
   A step that differentiates twice (:func:`needs_double_backward`) is never compiled.
@@ -33,7 +33,7 @@ from torch import nn
 
 from ..utils import unwrap
 
-# Steps from which "auto" compiles. Measured (docs/performance.md, 64^3, batch 4, CPU): compiling saves
+# Steps from which "auto" compiles. Measured (docs/explanation/performance.md, 64^3, batch 4, CPU): compiling saves
 # ~0.1 of a float32 eager step on top of bf16 (bf16 0.68-0.71x -> bf16 + compile 0.59-0.61x), i.e. ~14 ms
 # per step on a quiet 2-thread machine, and the first compile took ~30 s there (53-99 s under heavy load):
 # break-even near 2,000 steps. The paper protocol (4,000-5,000 steps) compiles; short runs and tests do not.

@@ -21,7 +21,7 @@ SMALL = synth.source_grid(32)  # (56, 72, 56) voxels of 3 mm: fast CLI runs
 SIX = ndimage.generate_binary_structure(3, 1)
 
 # Bone fraction of a skull prepared to 64^3 (partial-volume rule of skullrec.data.resample): the range
-# the generator is held to. Real SkullFix complete skulls prepared the same way: see docs/data_synth.md.
+# the generator is held to. Real SkullFix complete skulls prepared the same way: see docs/explanation/synthetic-data.md.
 BONE_FRACTION_64 = (0.10, 0.17)
 
 

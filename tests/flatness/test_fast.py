@@ -1,6 +1,6 @@
 """Fast FAM estimators (skullrec.flatness.fast) against plain autograd, in float64 on fresh random inputs.
 
-Stated bounds (docs/performance.md):
+Stated bounds (docs/explanation/performance.md):
 * "outspace" is exact: value and full gradient equal autograd's for the same probes to 1e-9 (relative).
 * "fd" (frozen-kink second difference, step eps = FD_EPS * rms(z)): bias O(eps^2). At FD_EPS = 0.03 the
   per-probe value is within 1 % and the full gradient (all parameters) within 3 % of autograd's for

@@ -24,7 +24,7 @@ from skullrec.inference.shipped import models_dir, shipped_checkpoints
 from skullrec.io import read_volume
 
 CASE = "002"
-DSC_FLOOR = 0.79  # measured 0.847 with the shipped 50-epoch stage 2 (results/stage2-native-bf16/skullfix_implant.csv, README "Stage 2") minus 0.05
+DSC_FLOOR = 0.79  # measured 0.847 with the shipped 50-epoch stage 2 (results/stage2-native-bf16/skullfix_implant.csv, docs/results/stage2.md) minus 0.05
 
 
 @pytest.mark.real

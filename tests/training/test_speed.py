@@ -2,7 +2,7 @@
 float32 eager step, the FAM estimator under bf16, the compile fallback, and a tiny training with the new
 defaults against the old float32 eager one.
 
-Stated tolerances (measured values in docs/performance.md):
+Stated tolerances (measured values in docs/explanation/performance.md):
 * compiled vs eager, float32: the Dice loss within 1e-5 (relative), its gradient within 1e-4; with the
   default FAM term (fd, same probes) the trace within 1e-2 and the gradient of loss + penalty within 1e-2
   (the second difference divides rounding differences by eps^2).
