@@ -96,3 +96,19 @@ def test_min_detectable_effect_by_simulation() -> None:
     assert float((p < 0.05).mean()) == pytest.approx(0.80, abs=0.012)
     # and for a large n the normal approximation holds
     assert min_detectable_effect(1.0, 2000) == pytest.approx(2.8016 / math.sqrt(2000), rel=2e-3)
+
+
+def test_paired_differences_pairs_by_seed_and_case_and_leaves_cases_out() -> None:
+    from skullrec.experiment.report import paired_differences
+
+    rows = []
+    for method, bump in (("baseline", 0.0), ("fam", 0.01)):
+        for seed in (0, 1):
+            for k, case in enumerate(("002", "052", "010")):
+                rows.append({"method": method, "seed": str(seed), "epoch": "200", "set": "eval_set1", "case": case,
+                             "target": "implant", "dsc": str(0.5 + 0.1 * k + 0.02 * seed + bump)})
+    rows.append({"method": "fam", "seed": "2", "epoch": "200", "set": "eval_set1", "case": "002", "target": "implant", "dsc": "0.9"})
+    d, seeds, cases = paired_differences(rows, "fam", "baseline", target="implant", split="eval_set1", epoch=200, exclude={"052"})
+    assert seeds == [0, 1]  # seed 2 has no baseline partner
+    assert cases == ["002", "010"]
+    np.testing.assert_allclose(d, 0.01)
