@@ -180,6 +180,7 @@ def prepare_command(
         built = build_dataset(
             complete=complete, out=out, defective=defective, size=size, margin_mm=margin_mm, eval_fraction=eval_fraction,
             seed=seed, threshold=threshold, max_cases=max_cases, overwrite=overwrite, workers=workers, progress=progress,
+            warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
         )
     counts = Counter(r["split"] for r in built.records)
     console.print(f"prepared {len(built.ids)} skulls in {time.perf_counter() - t0:.0f} s -> {built.out} ("

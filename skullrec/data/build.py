@@ -8,18 +8,19 @@ not on the order in which workers finish.
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import InputError
 from ..io import Volume, list_volumes
 from ..utils import Progress, seed_key, seed_sequence
-from .layout import check_output_dir, implant_of, staged_output, write_manifest
+from .layout import case_path, check_output_dir, implant_of, staged_output, write_manifest
 from .resample import BONE_FRACTION, DEFAULT_MARGIN_MM, DEFAULT_SIZE, bone_box, prepare_pair
 
 SKULLFIX_SPLIT = "eval_skullfix"  # SkullFix's own defective skulls of the evaluation cases
@@ -59,6 +60,7 @@ def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
         if not given.data.any():
             raise InputError(f"{job['defective']}: no bone voxels (empty mask)")
 
+    digest = mask_digest(complete.data)
     # (split, defective source volume, defect description) for every output of this case
     outputs: list[tuple[str, Volume, dict[str, Any]]] = []
     if job["eval"]:
@@ -95,6 +97,7 @@ def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
             "source": str(job["complete"]),
             "seed": int(job["seed"]),
             **extra,
+            "complete_sha256": digest,
             "source_shape": list(complete.shape),
             "source_spacing": [round(s, 6) for s in complete.spacing],
             "box": box.to_dict(),
@@ -105,6 +108,27 @@ def _prepare_case_unchecked(job: dict[str, Any]) -> list[dict[str, Any]]:
             **counts,
         })
     return records
+
+
+def mask_digest(mask: np.ndarray) -> str:
+    """SHA-256 of a mask's shape and bits in canonical order: equal for voxel-identical skulls whatever their headers say."""
+    m = np.ascontiguousarray(np.asarray(mask).astype(bool))
+    h = hashlib.sha256(repr(m.shape).encode())
+    h.update(np.packbits(m, axis=None).tobytes())
+    return h.hexdigest()
+
+
+def duplicate_skulls(records: list[dict[str, Any]], train_ids: list[str], eval_ids: list[str]) -> dict[str, str]:
+    """Evaluation cases whose complete skull is voxel-identical to another case's: {duplicate: the case it copies}.
+
+    An evaluation skull that copies a training skull was seen in training, so it cannot be held out
+    (SkullFix's 052 is 000 again); of two identical evaluation skulls the first id stays.
+    """
+    digest = {r["case_id"]: r["complete_sha256"] for r in records}
+    first: dict[str, str] = {}
+    for cid in sorted(train_ids) + sorted(eval_ids):  # training copies win, then the lowest id
+        first.setdefault(digest[cid], cid)
+    return {cid: first[digest[cid]] for cid in sorted(eval_ids) if first[digest[cid]] != cid}
 
 
 def split_cases(ids: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -148,13 +172,16 @@ def build_dataset(
     overwrite: bool = False,
     workers: int = 2,
     progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Built:
     """Prepare a folder of complete skulls (+ optional defective partners) as a ``size^3`` data set at ``out``.
 
     Splits (seeded): train = complete + the given defective skull (or a set-1 defect when none is
     given); eval_set1 / eval_set2 = set-1 / set-2 defects cut at full resolution on the held-out
     skulls; eval_skullfix = the given defective skulls of the held-out cases. ``progress(done, total)``
-    is called after each case.
+    is called after each case. An evaluation skull voxel-identical to a training skull (or to an earlier
+    evaluation skull) is left out of every evaluation split, with a ``warn`` line and the pair recorded in
+    the manifest (``meta.duplicates_left_out``); identical training skulls are only warned about.
     """
     inputs = (complete, defective)  # replacing the output must never delete an input
     check_output_dir(out, overwrite, inputs)  # fail before the slow part
@@ -199,6 +226,20 @@ def build_dataset(
                     for f in futures:
                         f.cancel()
                     raise
+        say = warn or (lambda msg: None)
+        duplicates = duplicate_skulls(records, train_ids, eval_ids)
+        for cid, same in duplicates.items():
+            say(f"{cfiles[cid]}: the same skull as {cfiles[same]} (voxel-identical); left out of the evaluation splits")
+            for r in records:
+                if r["case_id"] == cid:
+                    for kind in ("complete", "defective", "implant"):
+                        case_path(staging, r["split"], kind, cid).unlink()
+        records = [r for r in records if r["case_id"] not in duplicates]
+        eval_ids = [c for c in eval_ids if c not in duplicates]
+        seen: dict[str, str] = {}
+        for r in records:
+            if r["split"] == "train" and seen.setdefault(r["complete_sha256"], r["case_id"]) != r["case_id"]:
+                say(f"{cfiles[r['case_id']]}: the same skull as {cfiles[seen[r['complete_sha256']]]} (voxel-identical); both train")
         order = {s: i for i, s in enumerate(SPLIT_ORDER)}
         records.sort(key=lambda r: (order.get(r["split"], 9), r["case_id"]))
         meta = {
@@ -214,6 +255,7 @@ def build_dataset(
             "threshold": threshold,
             "train_ids": train_ids,
             "eval_ids": eval_ids,
+            "duplicates_left_out": duplicates,
         }
         write_manifest(staging, records, meta)
-    return Built(Path(out), ids, records)
+    return Built(Path(out), [c for c in ids if c not in duplicates], records)

@@ -224,3 +224,26 @@ def figures(exp: ExperimentConfig, runs: dict[tuple[str, int], Path], rows: list
     _save_fig(fig, paths[-1])
     plt.close(fig)
     return paths
+
+
+def paired_differences(rows: list[dict], arm: str, baseline: str, *, target: str, split: str, epoch: int, metric: str = "dsc",
+                       exclude: frozenset[str] | set[str] = frozenset()) -> tuple[np.ndarray, list[int], list[str]]:
+    """``arm - baseline`` per (seed, case), paired by seed and case: (diffs (seeds, cases), seeds, cases).
+
+    Only seeds both methods trained and cases scored for every such seed enter; ``exclude`` drops cases
+    (e.g. a held-out skull that duplicates a training skull). Values are read as floats from per-case rows.
+    """
+    def table(method: str) -> dict[tuple[int, str], float]:
+        return {
+            (int(r["seed"]), str(r["case"])): float(r[metric])
+            for r in rows
+            if r["method"] == method and r.get("target", "skull") == target and r["set"] == split and int(r["epoch"]) == int(epoch)
+            and str(r["case"]) not in exclude and r[metric] not in ("", None)
+        }
+
+    a, b = table(arm), table(baseline)
+    seeds = sorted({s for s, _ in a} & {s for s, _ in b})
+    cases = sorted({c for _, c in a} & {c for _, c in b})
+    cases = [c for c in cases if all((s, c) in a and (s, c) in b and math.isfinite(a[s, c] - b[s, c]) for s in seeds)]
+    diffs = np.array([[a[s, c] - b[s, c] for c in cases] for s in seeds], dtype=np.float64)
+    return diffs, seeds, cases
