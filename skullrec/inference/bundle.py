@@ -66,6 +66,14 @@ def _flag(name: str, value: Any) -> bool:
     raise InputError(f"{name}: expected true or false, got {value!r}")
 
 
+def _number(name: str, value: Any, kind: type) -> Any:
+    """``kind(value)`` for a numeric bundle variable; InputError naming the variable when it is not a number."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: expected a number, got {value!r}") from None
+
+
 class BundlePredictor:
     """The bundle's predictor: ``BundlePredictor(stage1, stage2, ...)(dataset_dir, output_dir)``.
 
@@ -79,8 +87,8 @@ class BundlePredictor:
         self.stage1 = Path(str(stage1))
         self.stage2 = None if stage2 in (None, "", "None", "none") else Path(str(stage2))
         self.device = str(device)
-        self.batch_size = int(batch_size)
-        self.threshold = None if threshold in (None, "None", "none") else float(threshold)
+        self.batch_size = _number("batch_size", batch_size, int)
+        self.threshold = None if threshold in (None, "None", "none") else _number("threshold", threshold, float)
         self.stl, self.mirror, self.overwrite = _flag("stl", stl), _flag("mirror", mirror), _flag("overwrite", overwrite)
         if self.mirror and self.stage2 is None:
             raise InputError("mirror: mirrors stage 2's box, and this bundle has no stage 2")
@@ -94,10 +102,14 @@ class BundlePredictor:
 
         inp, out = Path(str(dataset_dir)), Path(str(output_dir))
         log.info(f"skullrec bundle: {inp} -> {out} (stage 1 {self.stage1}, stage 2 {self.stage2})")
+
+        def progress(done: int, total: int) -> None:
+            if done:  # predict_folder also reports (0, total) before the first case
+                log.info(f"case {done}/{total}")
+
         rows = predict_folder(
             self.stage1, inp, out, stl=self.stl, batch_size=self.batch_size, threshold=self.threshold, device=self.device,
-            overwrite=self.overwrite, progress=lambda done, total: log.info(f"case {done}/{total}") if done else None,
-            warn=log.warning, stage2=self.stage2, mirror=self.mirror,
+            overwrite=self.overwrite, progress=progress, warn=log.warning, stage2=self.stage2, mirror=self.mirror,
         )
         log.info(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if self.stl else ''}; predict.json)")
         return rows
@@ -274,6 +286,8 @@ def bundle_readme(meta: dict[str, Any], shipped: bool) -> str:
 {meta['task']}. {meta['description']}
 
 {meta['intended_use']}
+
+Training data: {meta['data_source']}.
 
 ## Contents
 

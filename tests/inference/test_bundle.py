@@ -281,3 +281,19 @@ def test_export_bad_weights_are_one_line_and_write_nothing(world: Path, tmp_path
     assert res.exit_code == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     assert message in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"overwrite": "maybe"}, "overwrite: expected true or false, got 'maybe'"),
+    ({"batch_size": "eight"}, "batch_size: expected a number, got 'eight'"),
+    ({"stage2": None, "mirror": "true"}, "mirror: mirrors stage 2's box, and this bundle has no stage 2"),
+    ({"stage2": "elsewhere/stage2.safetensors"}, "elsewhere/stage2.safetensors: no such weights file (run from the bundle folder"),
+])
+def test_bundle_variables_are_checked_with_one_line_messages(world: Path, kwargs: dict, message: str) -> None:
+    from skullrec.errors import InputError
+    from skullrec.inference.bundle import BundlePredictor
+
+    models = world / "bundle" / "models"
+    with pytest.raises(InputError) as err:
+        BundlePredictor(**{"stage1": models / "stage1.safetensors", "stage2": models / "stage2.safetensors", **kwargs})
+    assert message in str(err.value) and "\n" not in str(err.value)
