@@ -328,6 +328,23 @@ def predict_command(
     return Path(out)
 
 
+def export_bundle_command(
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to write (configs/, models/, docs/, LICENSE).")],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Stage-1 checkpoint from 'skullrec train' (default: the shipped models/, stage 1 + stage 2).")] = None,
+    stage2: Annotated[Optional[Path], typer.Option("--stage2", help="Stage-2 checkpoint from 'skullrec train-implant' (needs --checkpoint).")] = None,
+    licence: Annotated[Optional[Path], typer.Option("--license", help="Text file shipped as the bundle's LICENSE (default: the shipped weights' licence).")] = None,
+    overwrite: OVERWRITE = False,
+) -> Path:
+    """Export the stage-1 + stage-2 predictor as a MONAI bundle (safetensors weights, run with 'python -m monai.bundle run')."""
+    from .inference.bundle import export_bundle
+
+    result = export_bundle(out, stage1=checkpoint, stage2=stage2, licence=licence, overwrite=overwrite)
+    print(f"wrote the MONAI bundle {result.out} ({', '.join(result.files)})")
+    print(f"run it: cd {result.out} && python -m monai.bundle run --config_file configs/inference.json "
+          "--meta_file configs/metadata.json --dataset_dir IN --output_dir OUT")
+    return result.out
+
+
 def print_summary(summary: dict[str, Any], console: Any = None) -> None:
     """Print an evaluation summary as a rich table (mean ± std, median, IQR) with the failed/skipped counts."""
     from rich.table import Table
@@ -572,6 +589,7 @@ for _name, _command in (
     ("prepare-eval", prepare_eval_command),
     ("train-implant", train_implant_command),
     ("predict", predict_command),
+    ("export-bundle", export_bundle_command),
     ("evaluate", evaluate_command),
     ("experiment", experiment_command),
     ("sites", sites_command),

@@ -116,6 +116,15 @@ CASES = [
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/busy", "output folder is not empty"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --batch-size 0", "--batch-size"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --mirror", "--mirror: mirrors stage 2's box"),
+    # export-bundle (MONAI bundle)
+    ("export-bundle --out {w}/o --checkpoint {w}/nope.safetensors", "no such checkpoint file"),
+    ("export-bundle --out {w}/o --checkpoint {w}/junk.safetensors", "junk.safetensors: "),
+    ("export-bundle --out {w}/o --checkpoint {w}/nan.safetensors", "checkpoint weights are not finite"),
+    ("export-bundle --out {w}/o --stage2 {w}/m.safetensors", "--stage2: needs --checkpoint"),
+    ("export-bundle --out {w}/o --checkpoint {w}/m.safetensors --stage2 {w}/m.safetensors", "not a stage-2 (implant) checkpoint"),
+    ("export-bundle --out {w}/busy --checkpoint {w}/m.safetensors", "output folder is not empty"),
+    ("export-bundle --out {w} --checkpoint {w}/m.safetensors --overwrite", "contains the input folder"),
+    ("export-bundle --out {w}/good/skull.nii.gz --checkpoint {w}/m.safetensors", "exists and is not a folder"),
     # evaluate
     ("evaluate --pred {w}/nope --truth {w}/good --out {w}/e.csv", "no such folder"),
     ("evaluate --pred {w}/corrupt --truth {w}/good --out {w}/e.csv", "skull.nii.gz: "),
