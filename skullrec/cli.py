@@ -291,7 +291,7 @@ def flatness_command(
 def predict_command(
     inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped models/, stage 1 + stage 2).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped skullrec/weights/, stage 1 + stage 2).")] = None,
     stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
     threshold: THRESHOLD = None,
