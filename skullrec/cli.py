@@ -454,7 +454,10 @@ def federate_command(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Federated training on Flower: FedAvg or FedAvg + SWA over site folders, each site training locally."""
+    from .extras import require_extra
     from .federated.run import FederationFailed, federate
+
+    require_extra("skullrec federate", "federated")
 
     overrides = (overrides or []) + ([f"superlink={superlink}"] if superlink else [])
     try:
@@ -474,7 +477,10 @@ def view_command(
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
 ) -> None:
     """Open the Streamlit viewer for reconstructed skulls."""
+    from .extras import require_extra
     from .viewer.launch import DEFAULT_DATA, DEFAULT_RUN_ROOTS, ViewerSettings, launch
+
+    require_extra("skullrec view", "viewer", ["streamlit", "plotly"])  # the page's imports (matplotlib is the experiment's)
 
     if not 1 <= int(port) <= 65535:
         raise InputError(f"--port: must be between 1 and 65535, got {port}")
