@@ -30,7 +30,7 @@ setup() {
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         echo "setup: installing skullrec and its dependencies into $VENV"
-        "$vpy" -m pip install -q --disable-pip-version-check -e ".[test]"
+        "$vpy" -m pip install -q --disable-pip-version-check -e ".[dev]"  # every extra + the test tools
         echo "$want" >"$stamp"
     fi
 }
@@ -48,6 +48,8 @@ case "${1:-}" in
         ;;
     setup)
         setup
+        # The command lives in the virtualenv, not on PATH: say how to reach it.
+        echo "setup: done; run $VENV/bin/skullrec, or 'source $VENV/bin/activate' to put skullrec on PATH"
         ;;
     *)
         echo "usage: bash scripts/run.sh demo|test|setup [extra args]" >&2

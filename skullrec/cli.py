@@ -292,7 +292,7 @@ def flatness_command(
 def predict_command(
     inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped models/, stage 1 + stage 2).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped skullrec/weights/, stage 1 + stage 2).")] = None,
     stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
     threshold: THRESHOLD = None,
@@ -330,7 +330,7 @@ def predict_command(
 
 def export_bundle_command(
     out: Annotated[Path, typer.Option("--out", help="Bundle folder to write (configs/, models/, docs/, LICENSE).")],
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Stage-1 checkpoint from 'skullrec train' (default: the shipped models/, stage 1 + stage 2).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Stage-1 checkpoint from 'skullrec train' (default: the shipped weights, stage 1 + stage 2).")] = None,
     stage2: Annotated[Optional[Path], typer.Option("--stage2", help="Stage-2 checkpoint from 'skullrec train-implant' (needs --checkpoint).")] = None,
     licence: Annotated[Optional[Path], typer.Option("--license", help="Text file shipped as the bundle's LICENSE (default: the shipped weights' licence).")] = None,
     overwrite: OVERWRITE = False,
@@ -472,7 +472,10 @@ def federate_command(
     overwrite: OVERWRITE = False,
 ) -> None:
     """Federated training on Flower: FedAvg or FedAvg + SWA over site folders, each site training locally."""
+    from .extras import require_extra
     from .federated.run import FederationFailed, federate
+
+    require_extra("skullrec federate", "federated")
 
     overrides = (overrides or []) + ([f"superlink={superlink}"] if superlink else [])
     try:
@@ -492,7 +495,10 @@ def view_command(
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
 ) -> None:
     """Open the Streamlit viewer for reconstructed skulls."""
+    from .extras import require_extra
     from .viewer.launch import DEFAULT_DATA, DEFAULT_RUN_ROOTS, ViewerSettings, launch
+
+    require_extra("skullrec view", "viewer", ["streamlit", "plotly"])  # the page's imports (matplotlib is the experiment's)
 
     if not 1 <= int(port) <= 65535:
         raise InputError(f"--port: must be between 1 and 65535, got {port}")

@@ -38,6 +38,7 @@ import yaml
 
 from ..config import ExperimentConfig, MethodSpec, dump_config, load_config, load_experiment
 from ..errors import InputError
+from ..extras import require_extra
 from ..io import atomic_write_text, json_default
 from ..training.run_dir import CONFIG_FILE, SWEEP_CONFIGS, SWEEP_RUNS, checkpoint_path, run_finished, sweep_config, sweep_log, sweep_run_dir
 from ..utils import Progress, resolve_device
@@ -314,6 +315,8 @@ def run_experiment(
 
     log = log or (lambda msg: None)
     exp = load_experiment(config, overrides or [], scale)
+    # The figures at the very end need matplotlib: say so now, not after the whole sweep has trained.
+    require_extra("skullrec experiment (its figures)", "viewer", ["matplotlib"])
     out = Path(out or exp.out)
     if not Path(exp.data_root).is_dir():
         if exp.synth_if_missing is None:

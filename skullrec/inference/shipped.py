@@ -1,6 +1,7 @@
-"""The weights that ship with skullrec (``models/``): stage 1 + stage 2 for ``predict`` and the viewer.
+"""The weights that ship with skullrec (``skullrec/weights/``): stage 1 + stage 2 for ``predict`` and the viewer.
 
-``models/`` at the top of the checkout holds ``stage1.safetensors`` (the 64^3 autoencoder, a
+``skullrec/weights/`` is package data, so an installed wheel carries it as well as a checkout. It holds
+``stage1.safetensors`` (the 64^3 autoencoder, a
 ``skullrec train`` checkpoint) and ``stage2.safetensors`` (the implant UNet, a
 ``skullrec train-implant`` checkpoint), their training configs, and README.md / LICENSE.md
 (trained on SkullFix: CC BY-NC-SA 4.0, see there). Both files are read with the safe loaders of
@@ -18,14 +19,16 @@ from ..errors import InputError
 MODELS_ENV = "SKULLREC_MODELS"
 STAGE1_FILE = "stage1.safetensors"
 STAGE2_FILE = "stage2.safetensors"
+WEIGHTS_DIR = "weights"
 
 
 def models_dir() -> Path:
-    """The shipped-weights folder: ``$SKULLREC_MODELS`` when set, else ``models/`` beside the package."""
+    """The shipped-weights folder: ``$SKULLREC_MODELS`` when set, else ``weights/`` inside the package."""
     env = os.environ.get(MODELS_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
+    # Inside the package (not the checkout's top level) so that a wheel installs the weights with the code.
+    return Path(__file__).resolve().parents[1] / WEIGHTS_DIR
 
 
 def shipped_checkpoints() -> tuple[Path, Path]:

@@ -142,12 +142,12 @@ def discover_checkpoints(roots: str | Path | tuple[Path, ...] | list[Path], max_
     return dict(sorted(found.items()))
 
 
-SHIPPED_LABEL = "shipped: stage 1 + stage 2 (models/)"
+SHIPPED_LABEL = "shipped: stage 1 + stage 2 (skullrec/weights/)"
 
 
 def checkpoint_choices(roots: str | Path | tuple[Path, ...] | list[Path]) -> dict[str, tuple[Path, Path | None]]:
     """Label -> (stage-1 checkpoint, stage-2 checkpoint or None): the shipped pair first (when
-    ``models/`` holds it, :mod:`skullrec.inference.shipped`), then every checkpoint under ``roots``
+    ``skullrec/weights/`` holds it, :mod:`skullrec.inference.shipped`), then every checkpoint under ``roots``
     (:func:`discover_checkpoints`) as stage 1 alone."""
     from ..inference.shipped import shipped_checkpoints
 

@@ -1,5 +1,5 @@
-"""The shipped weights (models/) on a real held-out SkullFix skull: `skullrec predict` without
---checkpoint gives a stage-2 implant that fits (skips when ../shared or models/ is absent).
+"""The shipped weights (skullrec/weights/) on a real held-out SkullFix skull: `skullrec predict` without
+--checkpoint gives a stage-2 implant that fits (skips when ../shared or skullrec/weights/ is absent).
 
 Case 002 is one of the 20 evaluation skulls of `skullrec prepare --eval-fraction 0.2 --seed 0`:
 neither stage was trained on it. The floor below is the measured value minus a margin, so a

@@ -55,7 +55,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_viewer_renders_webgl_uploads_and_scores_in_chromium(tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("playwright", reason="pip install playwright (test extra)")
+    pytest.importorskip("playwright", reason="pip install playwright (dev extra)")
     monkeypatch.setenv("SKULLREC_MODELS", str(tmp_path / "no-shipped-models"))  # the tiny run below is the default
     shot_mod = screenshot_module()
 
