@@ -246,3 +246,28 @@ def test_torn_temporaries_in_a_run_folder_are_removed_on_resume(tmp_path: Path, 
     (fresh / "best.safetensors").write_bytes(b"a result")
     with pytest.raises(InputError, match="already holds results"):
         check_new_run_dir(fresh, overwrite=False)
+
+
+def test_a_set_whose_last_rename_fails_is_put_back_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skullrec import io as sio
+
+    a, b, c = tmp_path / "r.csv", tmp_path / "r.summary.json", tmp_path / "new.txt"
+    a.write_text("old csv")
+    b.write_text("old json")
+    real_replace, calls = os.replace, []
+
+    def last_fails(src, dst):  # the rename of the last file fails, after the first two are in place
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error", str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(sio.os, "replace", last_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        sio.atomic_write_files({c: b"new", a: b"new csv", b: b"new json"})
+    monkeypatch.setattr(sio.os, "replace", real_replace)
+    # the first (new, no old one) is gone again, the second has its old bytes back (from its hard link),
+    # the third never changed; no temporary or backup is left
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"r.csv": "old csv", "r.summary.json": "old json"}
+    sio.atomic_write_files({a: b"new csv", b: b"new json"})
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"r.csv": "new csv", "r.summary.json": "new json"}
