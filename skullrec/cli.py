@@ -398,7 +398,8 @@ def evaluate_command(
     check_choice("--target", target, TARGETS)
     check_choice("--hd95", hd95, HD95_DEFINITIONS)
     out = Path(out)
-    check_outputs(out, overwrite)  # refuse before spending time on the evaluation
+    inputs = (pred, truth, defective)  # the CSV and its summary must never replace a scored file
+    check_outputs(out, overwrite, inputs)  # refuse before spending time on the evaluation
     console = _console()
     scored = itertools.count(1)
     with _bar("evaluate", _console(stderr=True)) as progress:  # stderr: stdout carries only the summary
@@ -406,7 +407,7 @@ def evaluate_command(
             pred, truth, defective=defective, target=target, hd95=hd95, skip_missing=skip_missing,
             threshold=threshold, progress=lambda cid: progress(next(scored), None), workers=workers,
         )
-    csv_path, json_path = write_results(out, rows, summary, overwrite=overwrite)
+    csv_path, json_path = write_results(out, rows, summary, overwrite=overwrite, inputs=inputs)
     print_summary(summary, console)
     console.print(f"wrote {csv_path} and {json_path}")
     return rows, summary
@@ -581,7 +582,7 @@ def train_implant_command(
         train_implant(load_stage2_config(None), resume, resume=True, log=lambda s: print(s, flush=True))
         return
     cfg = load_stage2_config(config, overrides or [])
-    train_implant(cfg, cfg.out, overwrite=overwrite, log=lambda s: print(s, flush=True))
+    train_implant(cfg, cfg.out, overwrite=overwrite, log=lambda s: print(s, flush=True), inputs=(config,))
 
 
 # The commands, in the order `skullrec --help` lists them; user_errors turns InputError into one line + exit 2.
@@ -607,6 +608,13 @@ for _name, _command in (
 
 def main() -> None:
     """Console entry point."""
+    import signal
+
+    # Past the file-size limit (ulimit -f) the kernel sends SIGXFSZ, which kills the process by default
+    # (Python's own start-up ignores it, an embedding program may not): ignored, the write fails with
+    # EFBIG, which the writer names and user_errors prints as one line, and the output stays as it was.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app()
 
 

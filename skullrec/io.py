@@ -479,15 +479,45 @@ def _atomic_target(path: Path) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
-def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = _atomic_target(path)
+def _named(exc: OSError, path: Path) -> OSError:
+    """``exc`` naming ``path`` when it names no file (a write past ``ulimit -f``: EFBIG) or only a temporary file of it.
+
+    The user knows the file they asked for, not ``.NAME.x7f3.csv``; the message must say which write failed.
+    """
+    if exc.filename is not None:
+        named_file = Path(exc.filename)
+        if named_file.parent != path.parent or not named_file.name.startswith(f".{path.name}."):
+            return exc
+    return OSError(exc.errno, exc.strerror or " ".join(str(exc).split()) or type(exc).__name__, str(path))
+
+
+def _write_temporary(path: Path, payload: bytes) -> Path:
+    """``payload`` in a temporary file beside ``path``, flushed to disk; returns it (removed again on failure)."""
+    try:
+        fd, tmp = _atomic_target(path)
+    except OSError as exc:
+        raise _named(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _named(exc, path) from None
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename.
+
+    An OS error names ``path`` (also a write past the file-size limit, which names no file itself).
+    """
+    path = Path(path)
+    tmp = _write_temporary(path, payload)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -497,6 +527,60 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text atomically (temporary file, then rename)."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files as one set: afterwards all of them are new, or (on any failure) all are as before.
+
+    Every new file is written to a temporary file first (a full disk or ``ulimit -f`` fails here,
+    naming the file, with nothing replaced); then each is renamed into place. The old files stay
+    reachable through hard links until the last rename, so a rename that still fails puts the
+    earlier ones back (where the file system has no hard links, an old file cannot be put back).
+    """
+    temps: dict[Path, Path] = {}
+    try:
+        for path, payload in files.items():
+            temps[Path(path)] = _write_temporary(Path(path), payload)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    backups: dict[Path, Path | None] = {}
+    placed: list[Path] = []
+    try:
+        for path in temps:
+            if path.exists():
+                backups[path] = _hard_link_backup(path)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+            placed.append(path)
+    except BaseException:
+        for path in placed:  # undo: the old file back, or no file where there was none
+            if backups.get(path) is not None:
+                os.replace(backups.pop(path), path)
+            elif path not in backups:
+                path.unlink(missing_ok=True)
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for backup in backups.values():
+            if backup is not None:
+                backup.unlink(missing_ok=True)
+
+
+def _hard_link_backup(path: Path) -> Path | None:
+    """A second name ``.NAME.old-XXXX`` for the existing ``path`` (no copy); None where hard links fail."""
+    for _ in range(10):
+        backup = path.with_name(f".{path.name}.old-{os.urandom(4).hex()}")
+        try:
+            os.link(path, backup)
+            return backup
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (some network and FAT file systems)
+            return None
+    return None
 
 
 def write_nifti(
@@ -539,8 +623,10 @@ def write_nifti(
     try:
         nib.save(img, str(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _named(exc, path) from None
         raise
     return path
 

@@ -58,6 +58,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "broken.yaml").write_text("train: [unclosed\n")
     (w / "busy").mkdir()
     (w / "busy" / "old.txt").write_text("results of an earlier run")
+    # output-path guards: inputs that an --out (with --overwrite) would delete or replace
+    (w / "o2").mkdir()
+    (w / "o2" / "stage2.safetensors").write_bytes(b"a stage-2 checkpoint inside an output folder")
+    (w / "o3").mkdir()
+    write_nifti(w / "o3" / "real.nii.gz", shell, aff)
+    (w / "linked").mkdir()
+    (w / "linked" / "skull.nii.gz").symlink_to(w / "o3" / "real.nii.gz")  # an input file that lives in --out
+    (w / "rc").mkdir()
+    (w / "rc" / "ok.yaml").write_text("seed: 0\n")  # a valid config (stage 1 and stage 2) in a would-be run folder
     return w
 
 
@@ -131,6 +140,21 @@ CASES = [
     ("evaluate --pred {w}/good --truth {w}/huge --out {w}/e.csv", "header claims"),
     ("evaluate --pred {w}/good --truth {w}/good --out {w}/e.csv --hd95 bogus", "--hd95"),
     ("evaluate --pred {w}/good --truth {w}/good/skull.nii.gz --out {w}/e.csv", "is a file; give the folder"),
+    # output-path guards (i-guards): every input named on the command line, symlinks resolved, is protected
+    ("predict --checkpoint {w}/m.safetensors --stage2 {w}/o2/stage2.safetensors --in {w}/good --out {w}/o2 --overwrite",
+     "contains the input file"),
+    ("predict --checkpoint {w}/o2/stage2.safetensors --in {w}/good --out {w}/o2/stage2.safetensors --overwrite", "is the input file"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/linked --out {w}/o3 --overwrite", "(linked from"),
+    ("defects --in {w}/linked --out {w}/o3 --overwrite", "contains the input file"),
+    ("sites --in {w}/D --out {w}/D --overwrite", "is the input folder"),
+    ("sites --in {w}/D --out {w} --overwrite", "contains the input folder"),
+    ("evaluate --pred {w}/good --truth {w}/D/complete --out {w}/D/complete/skull.nii.gz --overwrite", "lies inside the input folder"),
+    ("evaluate --pred {w}/linked --truth {w}/good --out {w}/o3/real.nii.gz --overwrite", "output file is the input file"),
+    ("evaluate --pred {w}/good --truth {w}/D/complete --out {w}/D/complete --overwrite", "output file is the input folder"),
+    ("train --config {w}/rc/ok.yaml --run-dir {w}/rc --overwrite", "contains the input file"),
+    ("train --config {w}/rc/ok.yaml --set data.root={w}/D --run-dir {w}/D/run", "lies inside the input folder"),
+    ("train-implant --config {w}/rc/ok.yaml --set data={w}/D --set out={w}/D --overwrite", "is the input folder"),
+    ("train-implant --config {w}/rc/ok.yaml --set data={w}/D --set out={w}/rc --overwrite", "contains the input file"),
     # experiment
     ("experiment --config {w}/nope.yaml", "nope.yaml"),
     ("experiment --config {w}/broken.yaml", "broken.yaml"),

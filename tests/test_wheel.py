@@ -79,7 +79,8 @@ def test_core_dependencies_leave_the_extras_out() -> None:
     extras = project["optional-dependencies"]
     assert names(extras["viewer"]) == {"streamlit", "plotly", "matplotlib"}
     assert names(extras["federated"]) == {"flwr"}
-    assert "skullrec[viewer,federated]" in extras["dev"] and {"pytest", "playwright", "ruff", "build"} <= names(extras["dev"])
+    assert names(extras["bundle"]) == {"fire"}
+    assert "skullrec[viewer,federated,bundle]" in extras["dev"] and {"pytest", "playwright", "ruff", "build"} <= names(extras["dev"])
 
 
 def test_every_shipped_weights_file_is_package_data() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..guards import check_outside_inputs  # the one output-path rule (re-exported: callers import it from here too)
 from ..io import (
     Volume, affine_spacing, atomic_write_text, case_id, exclusive_lock, json_default, list_volumes, make_public_dir,
     read_volume, release_lock, write_nifti,
@@ -163,32 +165,12 @@ def load_split(root: str | Path, split: str, max_cases: int | None = None) -> Sp
     return Split(ids=ids, defective=np.stack(defective), complete=np.stack(complete), affines=np.stack(affines))
 
 
-def _overlap(out: Path, inp: Path) -> str | None:
-    """How output folder ``out`` overlaps input ``inp`` (None when apart); paths resolved, symlinks followed."""
-    o, i = out.resolve(), inp.resolve()
-    if o == i:
-        return f"is the input folder {inp}"
-    if o.is_relative_to(i):
-        return f"lies inside the input folder {inp}"
-    if i.is_relative_to(o):
-        return f"contains the input folder {inp}"
-    return None
-
-
-def check_outside_inputs(root: str | Path, inputs: Sequence[str | Path | None]) -> None:
-    """Refuse (InputError) an output folder that is, contains or lies inside one of ``inputs``."""
-    for inp in inputs:
-        if inp is not None:
-            how = _overlap(Path(root), Path(inp))
-            if how is not None:
-                raise InputError(f"{root}: output folder {how}; choose an output folder outside the inputs")
-
-
 def check_output_dir(root: str | Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> Path:
-    """Refuse an output folder that overlaps an input folder (whatever ``overwrite``) or already holds files.
+    """Refuse an output folder that overlaps an input (whatever ``overwrite``) or already holds files.
 
     Replacing an output removes the old folder, so an output that is, contains or lies inside
-    one of ``inputs`` would delete (or hide) the inputs; that is refused even with --overwrite.
+    one of ``inputs`` (files or folders, symlinks resolved, :mod:`skullrec.guards`) would delete
+    (or hide) the inputs; that is refused even with --overwrite.
     """
     root = Path(root)
     check_outside_inputs(root, inputs)
@@ -204,12 +186,40 @@ def _lock_path(root: Path) -> Path:
 
 
 def stale_staging(root: str | Path) -> list[Path]:
-    """Leftovers of runs into ``root`` that died (kill -9, power loss): ``.NAME.staging-*`` and ``.NAME.old-*`` beside it."""
+    """Leftovers of runs into ``root`` that died (kill -9, power loss): ``.NAME.staging-*`` and ``.NAME.old-*`` beside it.
+
+    Symlinks of those names are listed too (an older skullrec renamed a symlinked ``--out`` itself away).
+    """
     root = Path(root)
     if not root.parent.is_dir():
         return []
     return sorted(p for p in root.parent.iterdir()
-                  if p.is_dir() and p.name.startswith((f".{root.name}.staging-", f".{root.name}.old-")))
+                  if p.name.startswith((f".{root.name}.staging-", f".{root.name}.old-")) and (p.is_symlink() or p.is_dir()))
+
+
+def _remove_stale(old: Path) -> None:
+    """Remove one leftover of :func:`stale_staging` and say what was removed (only what was)."""
+    if old.is_symlink():
+        target = os.readlink(old)
+        old.unlink(missing_ok=True)
+        log.warning(f"warning: {old}: removed a leftover link of an earlier run (its target {target} is untouched)")
+        return
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        log.warning(f"warning: {old}: partial output of an earlier run that did not finish; could not remove it")
+    else:
+        log.warning(f"warning: {old}: removed the partial output of an earlier run that did not finish")
+
+
+def real_output(root: str | Path) -> Path:
+    """Where an output folder's results go: ``root`` itself, or the target of a symlinked ``root``.
+
+    A symlinked ``--out`` (e.g. to a larger disk) keeps its link: the results replace the contents
+    of the link's target. Renaming the link itself away would make ``root`` a real folder here and
+    leave the target as it was.
+    """
+    root = Path(root)
+    return root.resolve() if root.is_symlink() else root
 
 
 @contextlib.contextmanager
@@ -221,17 +231,19 @@ def staged_output(root: str | Path, overwrite: bool = False, inputs: Sequence[st
     Holding the lock, staging folders left by dead runs are removed (and reported: they are
     only partial outputs). On error (or Ctrl-C) the staging folder is deleted and an existing
     ``root`` is untouched. The output gets the user's umask (mkdtemp alone would make it 0700).
+    A symlinked ``root`` stays a link: staging, lock and rename happen beside its target
+    (:func:`real_output`), whose contents the results replace.
     """
-    root = check_output_dir(root, overwrite, inputs)
+    given = check_output_dir(root, overwrite, inputs)
+    root = real_output(given)
     root.parent.mkdir(parents=True, exist_ok=True)
     lock_path = _lock_path(root)
-    lock = exclusive_lock(lock_path, f"{root}: another skullrec command is writing this output folder; wait for it or stop it first")
+    lock = exclusive_lock(lock_path, f"{given}: another skullrec command is writing this output folder; wait for it or stop it first")
     try:
         # Checked again under the lock: another writer may have finished into it meanwhile.
-        check_output_dir(root, overwrite, inputs)
-        for old in stale_staging(root):
-            log.warning(f"warning: {old}: removed the partial output of an earlier run that did not finish")
-            shutil.rmtree(old, ignore_errors=True)
+        check_output_dir(given, overwrite, inputs)
+        for old in stale_staging(root) + (stale_staging(given) if given != root else []):
+            _remove_stale(old)
         staging = make_public_dir(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
         try:
             yield staging
@@ -263,6 +275,8 @@ __all__ = [
     "splits_in",
     "load_split",
     "check_output_dir",
+    "check_outside_inputs",
+    "real_output",
     "stale_staging",
     "staged_output",
 ]

@@ -4,12 +4,13 @@
 pairs volumes by case id (``012.nii.gz`` and ``012.nrrd`` are the same case), checks that each pair
 lies on the same grid, scores it with :func:`skullrec.evaluation.metrics.case_metrics` and writes
 
-* ``results.csv``: one row per case (columns :data:`CSV_COLUMNS`), written atomically;
+* ``results.csv``: one row per case (columns :data:`CSV_COLUMNS`);
 * ``results.summary.json``: per metric mean, std, median, quartiles, IQR, min, max over *all* cases
   (failed ones included with their worst values), the number and ids of failed and skipped cases,
   the target and the HD95 definition.
 
-No model is needed. Python users call :func:`evaluate_folders` (files) or :func:`evaluate_arrays`
+The two are replaced as a set (both new or both old, :func:`write_results`), and never where an
+input lies (:func:`check_outputs`). No model is needed. Python users call :func:`evaluate_folders` (files) or :func:`evaluate_arrays`
 (stacked arrays, e.g. reconstructions in memory) and :func:`summarise`.
 """
 
@@ -26,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, check_choice
-from ..io import Volume, atomic_write_text, list_volumes, read_volume
+from ..guards import check_outside_inputs
+from ..io import Volume, atomic_write_files, list_volumes, read_volume
 from ..utils import ordered_process_map
 from .metrics import DEFAULT_HD95, HD95_DEFINITIONS, METRIC_KEYS, TARGETS, batch_metrics, case_metrics
 
@@ -246,18 +248,37 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = CSV_COL
     return buf.getvalue()
 
 
-def write_results(out: str | Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any], overwrite: bool = False) -> tuple[Path, Path]:
-    """Write the CSV and its summary JSON atomically; refuses existing files unless ``overwrite``."""
+def write_results(
+    out: str | Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any], overwrite: bool = False,
+    inputs: Sequence[str | Path | None] = (),
+) -> tuple[Path, Path]:
+    """Write the CSV and its summary JSON as one set; refuses existing files unless ``overwrite``.
+
+    Either both new files are in place or (a full disk, ``ulimit -f``) both old ones remain
+    (:func:`skullrec.io.atomic_write_files`). ``inputs`` (the scored folders) are never written
+    (:func:`check_outputs`). A symlinked ``out`` keeps its link: its target gets the new results.
+    """
     out = Path(out)
     js = summary_path(out)
-    check_outputs(out, overwrite)
-    atomic_write_text(out, rows_to_csv(rows))
-    atomic_write_text(js, json.dumps(summary, indent=1) + "\n")
+    check_outputs(out, overwrite, inputs)
+    atomic_write_files({_real_file(out): rows_to_csv(rows).encode("utf-8"),
+                        _real_file(js): (json.dumps(summary, indent=1) + "\n").encode("utf-8")})
     return out, js
 
 
-def check_outputs(out: Path, overwrite: bool) -> None:
-    """InputError when ``out`` or its summary JSON is a folder, or exists and ``overwrite`` is not set."""
+def _real_file(path: Path) -> Path:
+    """Where a write to ``path`` goes: the target of a symlink (replacing the link would leave the target stale)."""
+    return path.resolve() if path.is_symlink() else path
+
+
+def check_outputs(out: Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> None:
+    """InputError when ``out`` or its summary JSON touches an input, is a folder, or exists and ``overwrite`` is not set.
+
+    The rule of :func:`skullrec.guards.check_outside_inputs`: neither file may be an input file or
+    lie inside an input folder (``--out TRUTH/001.nii.gz`` would replace a ground truth), whatever ``overwrite``.
+    """
+    for p in (out, summary_path(out)):
+        check_outside_inputs(p, inputs, folder=False)
     for p in (out, summary_path(out)):
         if p.exists() and p.is_dir():
             raise InputError(f"{p}: is a folder; --out must be a CSV file path")

@@ -240,8 +240,11 @@ def local_federation(out: Path, sites: dict[str, Path]) -> Iterator[LocalFederat
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool, sites: Sequence[str | Path] = ()) -> None:
-    """Check the federation folder: resumable, or new (empty, or a federation folder to replace with --overwrite)."""
-    from ..data.layout import check_outside_inputs
+    """Check the federation folder: resumable, or new (empty, or a federation folder to replace with --overwrite).
+
+    ``sites`` (and the training config) are inputs: the folder may not overlap them (:mod:`skullrec.guards`).
+    """
+    from ..guards import check_outside_inputs
     from ..training.run_dir import check_new_run_dir
 
     check_outside_inputs(out, sites)  # replacing out must never delete a site's data
@@ -252,7 +255,12 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, sites: Sequence[str |
     if check_new_run_dir(out, overwrite):  # the trainer's rule: non-empty needs --overwrite
         if not (out / "federate.yaml").is_file():
             raise InputError(f"{out}: --overwrite only replaces a federation folder (no federate.yaml here)")
-        shutil.rmtree(out)
+        # Its contents, not the folder: a symlinked --out stays a link to the same place.
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
 
 
 RESUME_KEYS = ("rounds", "round_timeout")  # what --set may change on --resume (the rest defines the run)
@@ -293,7 +301,7 @@ def setup_federation(fed: FederateConfig, out: Path, resume: bool = False, overw
         folders = [{"name": i["name"], "root": str(Path(s).resolve()), "train": i["train"]} for i, s in zip(infos, fed.sites)]
     else:  # remote sites: their folders live on their own machines, their ClientApps check them
         folders = [{"name": n, "root": None} for n in fed.sites]
-    _prepare_out(out, False, overwrite, fed.sites if fed.superlink is None else ())
+    _prepare_out(out, False, overwrite, [fed.train_config, *(fed.sites if fed.superlink is None else ())])
     out.mkdir(parents=True, exist_ok=True)
     stored = dataclasses.asdict(fed)
     stored["out"] = str(out.resolve())

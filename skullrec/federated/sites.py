@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..data.defects import set1_defect, set2_defect
-from ..data.layout import load_split, splits_in, staged_output, write_case, write_manifest
+from ..data.layout import check_output_dir, load_split, splits_in, staged_output, write_case, write_manifest
 from ..errors import InputError
 
 SITE_EVAL = "eval_site"
@@ -104,13 +104,15 @@ def make_sites(
     """Write ``OUT/site1 .. OUT/siteN`` (see the module docstring); returns the site folders."""
     if not 0 < eval_fraction < 1:
         raise InputError(f"--eval-fraction: must lie in (0, 1), got {eval_fraction}")
+    inputs = (source,)  # replacing the output must never delete the source data set
+    check_output_dir(out, overwrite, inputs)  # before the slow part
     data = load_split(source, split, max_cases)
     counts, fractions = site_plan(len(data), n_sites, weights, set2_fraction)
     rng = np.random.default_rng([seed, 0])
     order = rng.permutation(len(data))
     bounds = np.cumsum([0] + counts)
     folders = []
-    with staged_output(out, overwrite) as stage:
+    with staged_output(out, overwrite, inputs) as stage:
         for k in range(n_sites):
             name = f"site{k + 1}"
             members = order[bounds[k] : bounds[k + 1]]

@@ -319,7 +319,7 @@ def predict_folder(
     from ..io import list_volumes, read_volume
     from ..nets.checkpoint import load_checkpoint
 
-    inputs = (inp, checkpoint)  # replacing the output must never delete an input
+    inputs = (inp, checkpoint, stage2)  # replacing the output must never delete an input
     check_output_dir(out, overwrite, inputs)
     files = list_volumes(inp)
     dev = resolve_device(device)

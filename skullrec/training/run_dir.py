@@ -17,6 +17,8 @@ An experiment's results folder holds ``configs/NAME_seedS.yaml`` (each run's con
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,14 @@ BEST = "best.safetensors"
 LOCK_FILE = ".skullrec-train.lock"
 SWEEP_RUNS = "runs"  # an experiment's run folders and trainer logs
 SWEEP_CONFIGS = "configs"  # an experiment's per-run configs
+
+# Temporary files of the run's atomic writes (skullrec.io: ``.NAME.XXXXXXXX.SUFFIX`` beside NAME, or
+# ``.tmp`` for a name without suffix). A process killed mid-write (kill -9, ulimit -f, power loss) leaves
+# one behind; nothing else in a run folder has these names.
+_TEMPORARY = re.compile(r"^\.(?:(?:config\.yaml|metrics\.jsonl|state\.pt|last\.safetensors|best\.safetensors"
+                        r"|ckpt_epoch\d+\.safetensors)\..+|.+\.tmp)$")
+
+log = logging.getLogger("skullrec")
 
 
 def checkpoint_path(run_dir: str | Path, epoch: int | str) -> Path:
@@ -91,11 +101,33 @@ def lock_run_dir(run_dir: Path) -> Any:
     return exclusive_lock(run_dir / LOCK_FILE, f"{run_dir}: another skullrec train is writing this run folder; wait for it or stop it first")
 
 
+def stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Temporary files a killed write left in a run folder (``.state.pt.x7f3a.pt``, ``.metrics.jsonl.*``, ``.*.tmp``, ...)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if _TEMPORARY.match(p.name) and p.is_file())
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> None:
+    """Remove :func:`stale_temporaries` with one warning each; call it holding the run folder's lock.
+
+    Only under the lock: a live trainer's temporary file is about to become a checkpoint.
+    """
+    for p in stale_temporaries(run_dir):
+        p.unlink(missing_ok=True)
+        log.warning(f"warning: {p}: removed a partly written file of an earlier run that was interrupted")
+
+
 def check_new_run_dir(run_dir: Path, overwrite: bool) -> bool:
-    """Refuse a non-empty folder for a new run unless ``overwrite``; True when it needs clearing."""
+    """Refuse a non-empty folder for a new run unless ``overwrite``; True when it needs clearing.
+
+    Torn temporary files alone (:func:`stale_temporaries`) are not results: such a folder is new.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a folder")
-    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+    torn = set(stale_temporaries(run_dir))
+    if run_dir.is_dir() and any(p.name != LOCK_FILE and p not in torn for p in run_dir.iterdir()):
         if not overwrite:
             raise InputError(f"{run_dir}: run folder already holds results; pass --resume {run_dir} to continue it or --overwrite to start again")
         return True
@@ -113,14 +145,19 @@ def clear_run_dir(run_dir: Path) -> None:
     # Leftover temporary files of interrupted atomic writes.
     for p in run_dir.glob(".*.safetensors"):
         p.unlink(missing_ok=True)
-    for p in run_dir.glob(".*.tmp"):
+    for p in stale_temporaries(run_dir):
         p.unlink(missing_ok=True)
     shutil.rmtree(run_dir / "__pycache__", ignore_errors=True)
 
 
 def settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overwrite: bool) -> Config:
-    """Create / check the run folder; for a resume compare configs. Returns the config to use."""
+    """Create / check the run folder; for a resume compare configs. Returns the config to use.
+
+    Call it holding the folder's lock (:func:`lock_run_dir`): temporary files torn by an interrupted
+    earlier run are removed here, with a warning.
+    """
     cfg_file = run_dir / CONFIG_FILE
+    remove_stale_temporaries(run_dir)
     if resume:
         if not cfg_file.is_file():
             raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")

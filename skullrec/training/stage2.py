@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from ..errors import InputError
+from ..guards import check_outside_inputs
 from ..io import atomic_write_text
 from ..config import Stage2Config, load_stage2_config
 from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state
@@ -31,7 +32,10 @@ from ..nets.autoencoder import loss_function
 from ..nets.implant_net import build_implant_net
 from ..utils import derive_seed
 from .trainer import amp_context
-from .run_dir import CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, lock_run_dir, read_metrics, write_metrics
+from .run_dir import (
+    CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, lock_run_dir, read_metrics,
+    remove_stale_temporaries, write_metrics,
+)
 
 # ---------------------------------------------------------------------------------------------- training
 
@@ -74,10 +78,13 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, bce_weight: float, dice_fn: Any
 
 
 def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-                  log: Callable[[str], None] | None = None, stop_after_epoch: int | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] | None = None, stop_after_epoch: int | None = None,
+                  inputs: Sequence[str | Path | None] = ()) -> dict[str, Any]:
     """Train stage 2 into ``run_dir`` (or continue it with ``resume``); returns the last epoch record.
 
     ``stop_after_epoch`` ends the run early after that epoch as an interruption would (tests of resume).
+    The run folder may not overlap the samples folder or ``inputs`` (e.g. the config file; :mod:`skullrec.guards`).
+    Temporary files torn by an interrupted earlier run are removed (with a warning) once the folder is locked.
     """
     from ..data.stage2 import load_stage2_samples
 
@@ -87,14 +94,16 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
         if not cfg_file.is_file():
             raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")
         cfg = load_stage2_config(cfg_file)
-    else:
-        if check_new_run_dir(run_dir, overwrite):
-            clear_run_dir(run_dir)
+    check_outside_inputs(run_dir, [cfg.data, *inputs])
+    clear = not resume and check_new_run_dir(run_dir, overwrite)
     meta, x, y = load_stage2_samples(cfg.data)  # a data error leaves no run folder behind
     if meta.get("grid") != cfg.net.grid or float(meta.get("box_mm", -1)) != cfg.net.box_mm:
         raise InputError(f"{cfg.data}: samples were cut with box {meta.get('box_mm')} mm / grid {meta.get('grid')}, "
                          f"the config asks for {cfg.net.box_mm} mm / {cfg.net.grid}")
     _lock = lock_run_dir(run_dir)
+    if clear:  # holding the lock: a second trainer of this folder was refused above, not cleared under
+        clear_run_dir(run_dir)
+    remove_stale_temporaries(run_dir)
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     model = build_implant_net(cfg.net, seed=derive_seed(cfg.seed, "implant-init"))

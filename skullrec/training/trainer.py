@@ -34,6 +34,7 @@ import torch
 from ..config import FAM_METHODS, Config, load_config, load_stored_config
 from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
 from ..errors import InputError
+from ..guards import check_outside_inputs
 from ..nets.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ..utils import resolve_device
 from . import distributed, speed
@@ -612,6 +613,9 @@ def run_training(
     folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
     try:
         distributed.check_batch_size(cfg.train.batch_size, dinfo)
+        # The data set and a new run's config file are inputs: the run folder may not overlap them
+        # (on --resume the config is the run's own, inside the folder).
+        check_outside_inputs(folder, [cfg.data.root] + ([config] if resume is None else []))
         if resume is None and dinfo.is_main:
             check_new_run_dir(folder, overwrite)
         # Data problems (missing split, wrong size) are reported before the run folder is touched.
