@@ -499,10 +499,26 @@ def view_command(
     results: Annotated[Optional[Path], typer.Option("--results", help="A results CSV from evaluate/experiment.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
+    inp: Annotated[Optional[Path], typer.Option("--in", help="Open this defective skull: a volume file or a DICOM series folder (with --ct: a CT in HU).")] = None,
+    ct: CT = False,
+    bone_hu: BONE_HU = None,
+    series: SERIES = None,
 ) -> None:
     """Open the Streamlit viewer for reconstructed skulls."""
     from .viewer.launch import DEFAULT_DATA, DEFAULT_RUN_ROOTS, ViewerSettings, launch
 
+    bone_hu = _ct_options(ct, bone_hu, None)
+    if (ct or series) and inp is None:
+        raise InputError(f"{'--ct' if ct else '--series'}: applies to --in (give the CT or DICOM series with --in)")
+    if inp is not None:
+        from .io import choose_dicom_series, is_dicom_folder, is_volume_file
+
+        if not Path(inp).exists():
+            raise InputError(f"{inp}: no such file or folder (given as --in)")
+        if is_dicom_folder(inp):
+            choose_dicom_series(inp, series)  # several series and no --series: listed now, not in the browser
+        elif not (Path(inp).is_file() and is_volume_file(inp)):
+            raise InputError(f"{inp}: neither a volume file (.nii, .nii.gz, .nrrd, .nhdr) nor a DICOM series folder (given as --in)")
     if not 1 <= int(port) <= 65535:
         raise InputError(f"--port: must be between 1 and 65535, got {port}")
     if results is not None and not Path(results).is_file():
@@ -515,6 +531,9 @@ def view_command(
         data=Path(data or DEFAULT_DATA).resolve(),
         runs=(Path(runs).resolve(),) if runs is not None else tuple(r.resolve() for r in DEFAULT_RUN_ROOTS),
         results=Path(results).resolve() if results is not None else None,
+        input=Path(inp).resolve() if inp is not None else None,
+        ct_bone_hu=bone_hu if ct else None,
+        series=tuple(series or ()),
     )
     where = ", ".join(str(r) for r in settings.runs)
     print(f"skullrec view: http://{host}:{port}  (data {settings.data}; checkpoints under {where}; Ctrl-C stops)", flush=True)

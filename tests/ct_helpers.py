@@ -5,6 +5,7 @@ Imported by the CT/DICOM tests (``from ct_helpers import ...``; tests/ is on sys
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,16 @@ def write_dicom_series(
     (HU + 1024) / 2 and RescaleSlope/RescaleIntercept say how to get HU back; ``hu`` must be such that
     this is a whole number.
     """
+    # GDCM's writer sets the C locale for the whole process (LC_ALL=C), which turns Python's default
+    # text encoding into ASCII for every later test; put the caller's locale back.
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_slices(folder, hu, spacing, direction, origin, slope, intercept, uid, description, positions)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(folder, hu, spacing, direction, origin, slope, intercept, uid, description, positions) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     d = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
     written = []

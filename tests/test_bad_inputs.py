@@ -155,6 +155,12 @@ CASES = [
     ("view --data {w}/nope", "no such folder"),
     ("view --port 0", "--port"),
     ("view --results {w}/nope.csv", "no such results CSV"),
+    # view: CT and DICOM input (i-ct)
+    ("view --in {w}/dcm_two --ct", "2 DICOM series in this folder; choose one with --series UID"),
+    ("view --in {w}/nope --ct", "no such file or folder (given as --in)"),
+    ("view --in {w}/good --ct", "neither a volume file"),
+    ("view --ct", "--ct: applies to --in"),
+    ("view --in {w}/dcm_ct --bone-hu 300", "--bone-hu: only with --ct"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,9 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
     files = write_dicom_series(tmp_path / "s", hu, (0.8, 0.9, 1.5), slope=2, intercept=-1024)
     for k in (0, 5):  # the pixels on disk are the stored values, not HU ...
         np.testing.assert_array_equal(stored_pixels(files[k], (20, 24)), stored[:, :, k])
+    encoding = locale.getpreferredencoding(False)
     vol = read_volume(tmp_path / "s", mask=False)
+    assert locale.getpreferredencoding(False) == encoding  # reading leaves the process locale alone (GDCM's writer does not)
     # ... and reading gives HU (identity LPS direction is already the canonical L, P, S order).
     np.testing.assert_array_equal(vol.data, hu)
     np.testing.assert_allclose(vol.affine, _affine((0.8, 0.9, 1.5), np.eye(3), (0, 0, 0)), atol=1e-6)
