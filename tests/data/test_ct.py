@@ -228,3 +228,19 @@ def test_a_dicom_ct_read_as_a_mask_points_to_ct(tmp_path: Path) -> None:
     folder = _series(tmp_path, "ct")
     with pytest.raises(InputError, match="pass --threshold T to binarise, or --ct for a CT in HU"):
         read_volume(folder)
+
+
+def test_a_multi_frame_file_is_read_as_one_volume(tmp_path: Path) -> None:
+    stored = np.random.default_rng(6).integers(0, 1500, (6, 8, 10)).astype(np.uint16)  # (z, y, x)
+    img = sitk.GetImageFromArray(stored)
+    img.SetSpacing((1.0, 1.5, 2.0))
+    img.SetOrigin((5.0, 6.0, 7.0))
+    (tmp_path / "mf").mkdir()
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        sitk.WriteImage(img, str(tmp_path / "mf" / "volume.dcm"))  # one file, 6 frames
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)  # GDCM's writer sets the C locale
+    vol = read_volume(tmp_path / "mf", mask=False)
+    np.testing.assert_array_equal(vol.data, stored.transpose(2, 1, 0))
+    np.testing.assert_allclose(vol.affine, _affine((1.0, 1.5, 2.0), np.eye(3), (5.0, 6.0, 7.0)))
