@@ -347,9 +347,11 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
 _DICOM_MAGIC_OFFSET = 128
 # How many files of a folder are probed for the DICOM magic before it is taken for a non-DICOM folder.
 _DICOM_PROBE_FILES = 32
-# Slice gaps may differ by this fraction of the median gap (rounding in ImagePositionPatient) and
-# slices may shift sideways by this fraction of the in-plane spacing; beyond that the series is not a regular grid.
-_SLICE_GAP_TOLERANCE = 0.01
+# A regular stack of slices: neighbouring slices' gaps within this fraction of the median gap
+# (ImagePositionPatient is often written with 2-3 decimals, ~1-2% of a 0.5 mm gap), the whole stack
+# within half a gap of its length, and no slice shifted sideways by half a pixel from the first
+# (a gantry tilt drifts steadily; rounding does not add up). Beyond that ITK would misplace voxels.
+_SLICE_GAP_TOLERANCE = 0.1
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -515,12 +517,14 @@ def _check_slice_grid(folder: Path, files: list[str], infos: list[tuple]) -> Non
     if np.any(np.abs(along) < 1e-6):
         raise InputError(f"{folder}: two slices at the same position (duplicate slices, or several acquisitions in one series)")
     gap = float(np.median(np.abs(along)))
-    if np.abs(np.abs(along) - gap).max() > _SLICE_GAP_TOLERANCE * gap:
+    if (np.abs(np.abs(along) - gap).max() > _SLICE_GAP_TOLERANCE * gap
+            or abs(abs(float(along.sum())) - gap * len(along)) > 0.5 * gap):
         raise InputError(f"{folder}: slices are not evenly spaced ({np.abs(along).min():.3g} to {np.abs(along).max():.3g} mm apart; "
                          "missing slices?)")
-    sideways = np.linalg.norm(steps - along[:, None] * normal, axis=1)
-    if sideways.max() > _SLICE_GAP_TOLERANCE * float(min(infos[0][5][:2])) + 1e-3:
-        raise InputError(f"{folder}: the slices shift sideways by {sideways.max():.3g} mm each (gantry tilt); "
+    offsets = origins - origins[0]
+    sideways = np.linalg.norm(offsets - (offsets @ normal)[:, None] * normal, axis=1)
+    if sideways.max() > 0.5 * float(min(infos[0][5][:2])):
+        raise InputError(f"{folder}: the slices drift sideways by up to {sideways.max():.3g} mm along the stack (gantry tilt); "
                          "resample the series to a regular grid first")
 
 

@@ -14,7 +14,7 @@ from ct_helpers import UID_ROOT, ct_from_skull, rotation, stored_pixels, write_d
 from skullrec import io
 from skullrec.data.ct import mask_warnings, read_ct_skull, skull_mask_from_ct
 from skullrec.errors import InputError
-from skullrec.io import LPS_TO_RAS, list_volumes, read_volume, to_canonical, write_nifti
+from skullrec.io import LPS_TO_RAS, affine_spacing, list_volumes, read_volume, to_canonical, write_nifti
 
 
 def _affine(spacing, direction, origin) -> np.ndarray:
@@ -201,7 +201,7 @@ def test_irregular_series_are_one_line_errors_naming_the_folder(tmp_path: Path) 
     tilt = np.array([[0, 0.0, 2.0 * k] for k in range(6)]) + np.array([[0, 0.5 * k, 0] for k in range(6)])
     cases = {
         gap: "slices are not evenly spaced (2 to 4 mm apart; missing slices?)",
-        _series(tmp_path, "tilt", positions=tilt): "shift sideways by 0.5 mm each (gantry tilt)",
+        _series(tmp_path, "tilt", positions=tilt): "drift sideways by up to 2.5 mm along the stack (gantry tilt)",
         _series(tmp_path, "dup", positions=np.array([[0, 0, 2.0 * (k // 2)] for k in range(6)])): "two slices at the same position",
     }
     mixed = _series(tmp_path, "mixed")
@@ -212,6 +212,19 @@ def test_irregular_series_are_one_line_errors_naming_the_folder(tmp_path: Path) 
         with pytest.raises(InputError) as err:
             read_volume(folder, mask=False)
         assert str(err.value).startswith(f"{folder}: ") and message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_positions_rounded_to_two_decimals_still_form_a_regular_stack(tmp_path: Path) -> None:
+    # An oblique series with 0.6 mm slices whose ImagePositionPatient was written with 2 decimals (as some
+    # scanners do): each position is off by up to 0.005 mm per coordinate, which is no gap or tilt.
+    direction = rotation("x", 23) @ rotation("z", 11)
+    exact = np.array([[1.234, -5.678, 9.1011]]) + np.arange(40)[:, None] * 0.6 * direction[:, 2]
+    hu = np.random.default_rng(7).integers(-1000, 1000, (8, 9, 40)).astype(np.int16)
+    write_dicom_series(tmp_path / "rounded", hu, (0.5, 0.5, 0.6), direction, positions=np.round(exact, 2))
+    vol = read_volume(tmp_path / "rounded", mask=False)
+    assert vol.source.is_canonical  # tilts under 45 degrees keep the L, P, S axis order
+    np.testing.assert_array_equal(vol.data, hu)
+    np.testing.assert_allclose(affine_spacing(vol.affine), (0.5, 0.5, 0.6), atol=0.01)
 
 
 def test_size_limit_is_checked_from_the_headers_before_the_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
