@@ -325,8 +325,7 @@ def predict_command(
 ) -> Path:
     """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid.
 
-    Inputs are skull masks, or CT scans in HU with --ct (DICOM series or NIfTI/NRRD; the skull mask made
-    from the CT goes to OUT/ct_mask/). Outputs are NIfTI on each input's own grid. See docs/ct_dicom.md.
+    Inputs are skull masks, or CT scans in HU with --ct (DICOM series or NIfTI/NRRD; the skull mask made from the CT goes to OUT/ct_mask/). Outputs are NIfTI on each input's own grid. See docs/ct_dicom.md.
     """
     from .inference.predict import predict_folder
 
