@@ -40,6 +40,11 @@ OVERWRITE = Annotated[bool, typer.Option("--overwrite", help="Replace an output 
 SEED = Annotated[int, typer.Option(help="Seed for everything random (same seed, same bytes).")]
 DEVICE = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 THRESHOLD = Annotated[Optional[float], typer.Option(help="Binarise non-binary inputs as value > T.")]
+CT = Annotated[bool, typer.Option("--ct", help="Inputs are CT scans in HU (DICOM series, NIfTI or NRRD): the skull mask is bone >= --bone-hu, "
+                                  "largest connected piece, the defect left open.")]
+BONE_HU = Annotated[Optional[float], typer.Option("--bone-hu", help="With --ct: bone threshold in HU (default 300).")]
+SERIES = Annotated[Optional[list[str]], typer.Option("--series", help="DICOM: the series instance UID to read from a folder holding several "
+                                                     "(repeatable: one per such folder).")]
 
 
 def user_errors(fn):
@@ -75,6 +80,19 @@ def _at_least(flag: str, value: float | None, low: float) -> None:
     """InputError ``FLAG: must be >= LOW, got VALUE`` (None passes: the flag was not given)."""
     if value is not None and value < low:
         raise InputError(f"{flag}: must be >= {low}, got {value}")
+
+
+def _ct_options(ct: bool, bone_hu: float | None, threshold: float | None) -> float:
+    """Check --ct / --bone-hu / --threshold together; returns the bone threshold in HU to use."""
+    from .data.ct import DEFAULT_BONE_HU
+
+    if bone_hu is not None and not ct:
+        raise InputError("--bone-hu: only with --ct (a CT in HU)")
+    if ct and threshold is not None:
+        raise InputError("--threshold: binarises masks; with --ct the bone threshold is --bone-hu (in HU)")
+    if bone_hu is not None and not -1024.0 <= bone_hu <= 3071.0:  # the range of a 12-bit CT in HU
+        raise InputError(f"--bone-hu: must be between -1024 and 3071 HU, got {bone_hu:g}")
+    return DEFAULT_BONE_HU if bone_hu is None else float(bone_hu)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -290,7 +308,8 @@ def flatness_command(
 
 
 def predict_command(
-    inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
+    inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size), or one DICOM series folder "
+                                      "(one case), or a folder of DICOM series folders (one case each, named after the folder).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped skullrec/weights/, stage 1 + stage 2).")] = None,
     stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
@@ -301,11 +320,18 @@ def predict_command(
     stage2: Annotated[Optional[Path], typer.Option("--stage2", help="A stage-2 checkpoint from 'skullrec train-implant': the implant is designed in a box around the defect.")] = None,
     keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With stage 2: also write stage 1's own implant to OUT/stage1_implant/.")] = False,
     mirror: Annotated[bool, typer.Option("--mirror", help="With stage 2: also run it on the left-right mirror image of the box and average (test-time augmentation, twice stage 2's network time).")] = False,
+    ct: CT = False,
+    bone_hu: BONE_HU = None,
+    series: SERIES = None,
 ) -> Path:
-    """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
+    """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid.
+
+    Inputs are skull masks, or CT scans in HU with --ct (DICOM series or NIfTI/NRRD; the skull mask made from the CT goes to OUT/ct_mask/). Outputs are NIfTI on each input's own grid. See docs/how-to/ct-dicom.md.
+    """
     from .inference.predict import predict_folder
 
     _at_least("--batch-size", batch_size, 1)
+    bone_hu = _ct_options(ct, bone_hu, threshold)
     console = _console(stderr=True)
     if checkpoint is None:
         from .inference.shipped import shipped_checkpoints
@@ -321,7 +347,7 @@ def predict_command(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
-            stage2=stage2, keep_stage1=keep_stage1, mirror=mirror,
+            stage2=stage2, keep_stage1=keep_stage1, mirror=mirror, ct=ct, bone_hu=bone_hu, series=series,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")
@@ -494,6 +520,10 @@ def view_command(
     results: Annotated[Optional[Path], typer.Option("--results", help="A results CSV from evaluate/experiment.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
+    inp: Annotated[Optional[Path], typer.Option("--in", help="Open this defective skull: a volume file or a DICOM series folder (with --ct: a CT in HU).")] = None,
+    ct: CT = False,
+    bone_hu: BONE_HU = None,
+    series: SERIES = None,
 ) -> None:
     """Open the Streamlit viewer for reconstructed skulls."""
     from .extras import require_extra
@@ -501,6 +531,18 @@ def view_command(
 
     require_extra("skullrec view", "viewer", ["streamlit", "plotly"])  # the page's imports (matplotlib is the experiment's)
 
+    bone_hu = _ct_options(ct, bone_hu, None)
+    if (ct or series) and inp is None:
+        raise InputError(f"{'--ct' if ct else '--series'}: applies to --in (give the CT or DICOM series with --in)")
+    if inp is not None:
+        from .io import choose_dicom_series, is_dicom_folder, is_volume_file
+
+        if not Path(inp).exists():
+            raise InputError(f"{inp}: no such file or folder (given as --in)")
+        if is_dicom_folder(inp):
+            choose_dicom_series(inp, series)  # several series and no --series: listed now, not in the browser
+        elif not (Path(inp).is_file() and is_volume_file(inp)):
+            raise InputError(f"{inp}: neither a volume file (.nii, .nii.gz, .nrrd, .nhdr) nor a DICOM series folder (given as --in)")
     if not 1 <= int(port) <= 65535:
         raise InputError(f"--port: must be between 1 and 65535, got {port}")
     if results is not None and not Path(results).is_file():
@@ -513,6 +555,9 @@ def view_command(
         data=Path(data or DEFAULT_DATA).resolve(),
         runs=(Path(runs).resolve(),) if runs is not None else tuple(r.resolve() for r in DEFAULT_RUN_ROOTS),
         results=Path(results).resolve() if results is not None else None,
+        input=Path(inp).resolve() if inp is not None else None,
+        ct_bone_hu=bone_hu if ct else None,
+        series=tuple(series or ()),
     )
     where = ", ".join(str(r) for r in settings.runs)
     print(f"skullrec view: http://{host}:{port}  (data {settings.data}; checkpoints under {where}; Ctrl-C stops)", flush=True)

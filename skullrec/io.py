@@ -1,4 +1,4 @@
-"""Reading and writing binary skull volumes (NIfTI via nibabel, NRRD via SimpleITK).
+"""Reading and writing binary skull volumes (NIfTI via nibabel, NRRD and DICOM series via SimpleITK).
 
 Every volume in skullrec is a :class:`Volume`: a 3D array indexed (i, j, k) like nibabel's
 ``get_fdata()`` plus a 4x4 voxel-to-world affine in **RAS+ millimetres** (NIfTI's convention).
@@ -14,12 +14,17 @@ grid gets the closest axis order and keeps its tilt in the affine. The volume re
 :class:`SourceGrid`, and :func:`write_volume` / :func:`to_source_grid` put results back onto the
 input's own voxel order, affine and header exactly.
 
+A DICOM series is a folder of slice files (:func:`is_dicom_folder`); :func:`read_volume` reads it
+with SimpleITK's ``ImageSeriesReader`` (rescale slope/intercept applied, so a CT comes back in HU)
+through the same canonical-orientation path, so an oblique series keeps its tilt in the affine.
+
 User mistakes (missing file, corrupt gzip, 4D data, NaN, non-binary values, ...) raise
 :class:`InputError` with a one-line message that names the file; the CLI prints it and exits 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
@@ -28,7 +33,7 @@ import zlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import nibabel as nib
 import numpy as np
@@ -177,6 +182,9 @@ def is_volume_file(path: str | Path) -> bool:
 def list_volumes(folder: str | Path) -> dict[str, Path]:
     """Map case id -> file for every volume file in ``folder`` (not recursive), sorted by id.
 
+    DICOM: a ``folder`` that is itself a DICOM series folder is one case (its name is the case id);
+    otherwise each subfolder holding DICOM files is one case named after the subfolder.
+
     Raises InputError for a missing folder, a file given instead of a folder, an unreadable or
     empty folder, or two files with the same case id. Other files are skipped with one warning
     that lists them (hidden files and detached NRRD data, ``.raw[.gz]``, silently).
@@ -186,6 +194,8 @@ def list_volumes(folder: str | Path) -> dict[str, Path]:
         raise InputError(f"{folder}: is a file; give the folder that holds the volume files")
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder")
+    if is_dicom_folder(folder):
+        return {folder.name: folder}
     cases: dict[str, Path] = {}
     skipped: list[str] = []
     try:
@@ -193,7 +203,11 @@ def list_volumes(folder: str | Path) -> dict[str, Path]:
     except OSError as exc:
         raise InputError(f"{folder}: cannot read this folder ({exc.strerror or exc})") from None
     for p in entries:
-        if p.is_file() and is_volume_file(p):
+        if p.is_dir() and not p.name.startswith(".") and is_dicom_folder(p):
+            if p.name in cases:
+                raise InputError(f"{p}: case id '{p.name}' also used by {cases[p.name].name}")
+            cases[p.name] = p
+        elif p.is_file() and is_volume_file(p):
             cid = case_id(p)
             if cid in cases:
                 raise InputError(f"{p}: case id '{cid}' also used by {cases[cid].name}")
@@ -205,7 +219,7 @@ def list_volumes(folder: str | Path) -> dict[str, Path]:
         _log.warning(f"warning: {folder}: skipped {len(skipped)} file(s) of unsupported type: {shown} "
                      f"(reading {', '.join(VOLUME_SUFFIXES)})")
     if not cases:
-        raise InputError(f"{folder}: no volume files (.nii, .nii.gz, .nrrd) in this folder")
+        raise InputError(f"{folder}: no volume files (.nii, .nii.gz, .nrrd) or DICOM series folders in this folder")
     return dict(sorted(cases.items()))
 
 
@@ -326,14 +340,212 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
     return data, affine, img
 
 
-def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None = None) -> Volume:
-    """Read a NIfTI or NRRD file as a :class:`Volume`.
+# ----------------------------------------------------------------------------------------------
+# DICOM series (a folder of slice files), read with SimpleITK / GDCM
+
+# Bytes 128-131 of a DICOM Part 10 file ("DICM" after the 128-byte preamble).
+_DICOM_MAGIC_OFFSET = 128
+# How many files of a folder are probed for the DICOM magic before it is taken for a non-DICOM folder.
+_DICOM_PROBE_FILES = 32
+# A regular stack of slices: neighbouring slices' gaps within this fraction of the median gap
+# (ImagePositionPatient is often written with 2-3 decimals, ~1-2% of a 0.5 mm gap), the whole stack
+# within half a gap of its length, and no slice shifted sideways by half a pixel from the first
+# (a gantry tilt drifts steadily; rounding does not add up). Beyond that ITK would misplace voxels.
+_SLICE_GAP_TOLERANCE = 0.1
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return False
+    return head[_DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def is_dicom_folder(folder: str | Path) -> bool:
+    """True when ``folder`` holds DICOM files (Part 10 "DICM" magic in one of its first files, volume files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    probed = 0
+    try:
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith(".") or not p.is_file() or is_volume_file(p):
+                continue
+            if _is_dicom_file(p):
+                return True
+            probed += 1
+            if probed >= _DICOM_PROBE_FILES:
+                break
+    except OSError:
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """ITK prints its warnings (e.g. on slice spacing) straight to stderr; the checks here report them as InputError."""
+    was = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(was)
+
+
+def dicom_series(folder: str | Path) -> dict[str, list[str]]:
+    """Map series instance UID -> its slice files (sorted by GDCM along the slice normal) for a DICOM folder."""
+    folder = Path(folder)
+    try:
+        with _quiet_itk():
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+            return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: cannot list the DICOM series ({_itk_error(exc)})") from None
+
+
+def _itk_error(exc: BaseException) -> str:
+    """The last line of an ITK exception (its first lines are source locations)."""
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[-1].split()) if text else "unknown error"
+
+
+def _describe_series(folder: Path, uid: str, files: list[str]) -> str:
+    """``UID (N slices, description)`` for error messages listing a folder's series."""
+    desc = ""
+    try:
+        r = sitk.ImageFileReader()
+        r.SetFileName(files[0])
+        with _quiet_itk():
+            r.ReadImageInformation()
+        if r.HasMetaDataKey("0008|103e"):
+            desc = " ".join(r.GetMetaData("0008|103e").split())
+    except RuntimeError:
+        pass
+    return f"{uid} ({len(files)} slices{', ' + desc if desc else ''})"
+
+
+def choose_dicom_series(folder: str | Path, series: Collection[str] | str | None = None) -> tuple[str, list[str]]:
+    """(UID, files) of the series to read from a DICOM folder.
+
+    A folder with one series gives that one; with several, exactly one of the UIDs in ``series``
+    (``--series``) must be among them, else InputError lists the folder's series.
+    """
+    folder = Path(folder)
+    wanted = {series} if isinstance(series, str) else set(series or ())
+    found = dicom_series(folder)
+    if not found:
+        raise InputError(f"{folder}: no readable DICOM series in this folder")
+    if len(found) == 1:
+        uid = next(iter(found))
+        if wanted and uid not in wanted:
+            raise InputError(f"{folder}: --series {', '.join(sorted(wanted))} not found; this folder holds {_describe_series(folder, uid, found[uid])}")
+        return uid, found[uid]
+    picked = [uid for uid in found if uid in wanted]
+    if len(picked) == 1:
+        return picked[0], found[picked[0]]
+    listed = "; ".join(_describe_series(folder, uid, files) for uid, files in found.items())
+    if picked:
+        raise InputError(f"{folder}: --series names {len(picked)} of this folder's series; give one of: {listed}")
+    raise InputError(f"{folder}: {len(found)} DICOM series in this folder; choose one with --series UID: {listed}")
+
+
+def _read_dicom(folder: Path, series: Collection[str] | str | None = None) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
+    """(voxels (x, y, z) as a view of the image's buffer, RAS affine, the image) of one DICOM series.
+
+    Every slice's header is read first: the slices must share size, pixel type and orientation and
+    lie on a regular grid (evenly spaced along the slice normal, no sideways shift as from a gantry
+    tilt), and slice count x rows x cols must pass :func:`check_size`, all before any pixel is read.
+    """
+    uid, files = choose_dicom_series(folder, series)
+    infos = []
+    try:
+        with _quiet_itk():
+            for name in files:
+                r = sitk.ImageFileReader()
+                r.SetFileName(name)
+                r.ReadImageInformation()
+                infos.append((tuple(r.GetSize()), r.GetPixelID(), r.GetNumberOfComponents(),
+                              np.asarray(r.GetOrigin(), dtype=np.float64), np.asarray(r.GetDirection(), dtype=np.float64),
+                              np.asarray(r.GetSpacing(), dtype=np.float64)))
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: unreadable DICOM file {Path(name).name} ({_itk_error(exc)})") from None
+    size, pixel_id, comps = infos[0][:3]
+    for (s, pid, c, *_), name in zip(infos, files):
+        if (s, pid, c) != (size, pixel_id, comps):
+            raise InputError(f"{folder}: mixed series: {Path(name).name} is {'x'.join(map(str, s))} "
+                             f"(pixel type {pid}), {Path(files[0]).name} is {'x'.join(map(str, size))} (pixel type {pixel_id})")
+    if comps != 1:
+        raise InputError(f"{folder}: expected a scalar (grey-value) series, got {comps} components per pixel")
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), pixel_id)).dtype.itemsize
+    in_plane = size[:2]
+    depth = len(files) if len(files) > 1 else (size[2] if len(size) > 2 else 1)  # one file: maybe multi-frame
+    check_size(folder, (*in_plane, depth), itemsize)
+    if len(files) > 1:
+        _check_slice_grid(folder, files, infos)
+    try:
+        with _quiet_itk():
+            if len(files) > 1:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(files)
+            else:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(files[0])
+            img = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: unreadable DICOM series {uid} ({_itk_error(exc)})") from None
+    if img.GetDimension() != 3:
+        raise InputError(f"{folder}: series {uid} is a single {img.GetDimension()}D image, not a 3D volume")
+    data = sitk.GetArrayViewFromImage(img).transpose(2, 1, 0)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ direction @ np.diag(np.asarray(img.GetSpacing(), dtype=np.float64))
+    affine[:3, 3] = LPS_TO_RAS @ np.asarray(img.GetOrigin(), dtype=np.float64)
+    return data, affine, img
+
+
+def _check_slice_grid(folder: Path, files: list[str], infos: list[tuple]) -> None:
+    """Refuse slices that do not form a regular 3D grid: ITK would read them as one and misplace voxels."""
+    directions = np.stack([i[4][:9].reshape(3, 3) if i[4].size == 9 else _plane_direction(i[4]) for i in infos])
+    if np.abs(directions - directions[0]).max() > 1e-4:
+        raise InputError(f"{folder}: mixed series: the slices have different orientations (ImageOrientationPatient)")
+    normal = directions[0][:, 2]
+    origins = np.stack([i[3][:3] for i in infos])
+    steps = np.diff(origins, axis=0)
+    along = steps @ normal
+    if np.any(np.abs(along) < 1e-6):
+        raise InputError(f"{folder}: two slices at the same position (duplicate slices, or several acquisitions in one series)")
+    gap = float(np.median(np.abs(along)))
+    if (np.abs(np.abs(along) - gap).max() > _SLICE_GAP_TOLERANCE * gap
+            or abs(abs(float(along.sum())) - gap * len(along)) > 0.5 * gap):
+        raise InputError(f"{folder}: slices are not evenly spaced ({np.abs(along).min():.3g} to {np.abs(along).max():.3g} mm apart; "
+                         "missing slices?)")
+    offsets = origins - origins[0]
+    sideways = np.linalg.norm(offsets - (offsets @ normal)[:, None] * normal, axis=1)
+    if sideways.max() > 0.5 * float(min(infos[0][5][:2])):
+        raise InputError(f"{folder}: the slices drift sideways by up to {sideways.max():.3g} mm along the stack (gantry tilt); "
+                         "resample the series to a regular grid first")
+
+
+def _plane_direction(direction: np.ndarray) -> np.ndarray:
+    """A 2D image's 2x2 direction as the 3x3 of an axial slice (2D DICOM files are read as 3D by GDCM; kept for safety)."""
+    out = np.eye(3)
+    out[:2, :2] = np.asarray(direction, dtype=np.float64).reshape(2, 2)
+    return out
+
+
+def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None = None,
+                series: Collection[str] | str | None = None) -> Volume:
+    """Read a NIfTI or NRRD file, or a DICOM series folder, as a :class:`Volume`.
 
     Args:
-        path: ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.nhdr`` file.
+        path: ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.nhdr`` file, or a folder of DICOM slices.
         mask: if True the data must be binary and are returned as uint8 {0, 1}; values other than
             0/1 are an error unless ``threshold`` is given.
         threshold: binarise as ``data > threshold`` (e.g. 0.5 for a probability map).
+        series: DICOM only: the series UID(s) to choose from when the folder holds several
+            (:func:`choose_dicom_series`).
 
     Raises:
         InputError: missing/empty/corrupt file, unknown suffix, not 3D, NaN values, non-binary mask.
@@ -341,14 +553,17 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
-    if path.stat().st_size == 0:
+    dicom = path.is_dir() and is_dicom_folder(path)
+    if not dicom and not path.is_file():
+        raise InputError(f"{path}: not a file" + (" (and no DICOM files in this folder)" if path.is_dir() else ""))
+    if not dicom and path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes)")
     name = path.name.lower()
     header = None
-    owner = None  # what owns a NRRD's voxel buffer: held until the voxels are copied below
-    if name.endswith(NIFTI_SUFFIXES):
+    owner = None  # what owns a NRRD's (or DICOM series') voxel buffer: held until the voxels are copied below
+    if dicom:
+        data, affine, owner = _read_dicom(path, series)
+    elif name.endswith(NIFTI_SUFFIXES):
         data, affine, header = _read_nifti(path)
     elif name.endswith(NRRD_SUFFIXES):
         data, affine, owner = _read_nrrd(path)
@@ -365,7 +580,12 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: invalid (singular or non-finite) voxel-to-world affine")
 
-    if mask:
+    if mask and dicom and threshold is None:
+        try:
+            data = to_mask(data, source=path)
+        except InputError as exc:  # a DICOM series is most often a CT: say how to read one
+            raise InputError(f"{exc}, or --ct for a CT in HU") from None
+    elif mask:
         data = to_mask(data, threshold=threshold, source=path)
     else:
         if np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():

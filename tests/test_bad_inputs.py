@@ -67,7 +67,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "linked" / "skull.nii.gz").symlink_to(w / "o3" / "real.nii.gz")  # an input file that lives in --out
     (w / "rc").mkdir()
     (w / "rc" / "ok.yaml").write_text("seed: 0\n")  # a valid config (stage 1 and stage 2) in a would-be run folder
+    _ct_inputs(w)
     return w
+
+
+def _ct_inputs(w: Path) -> None:
+    """CT/DICOM (i-ct): a CT series, a folder with two series, a series with a missing slice."""
+    from ct_helpers import UID_ROOT, write_dicom_series
+
+    hu = np.full((10, 12, 6), -1000, np.int16)
+    write_dicom_series(w / "dcm_ct", hu, uid=UID_ROOT + ".1")
+    write_dicom_series(w / "dcm_two", hu, uid=UID_ROOT + ".1")
+    for p in write_dicom_series(w / "dcm_b", hu[:, :, :4], uid=UID_ROOT + ".2"):
+        p.rename(w / "dcm_two" / f"b_{p.name}")
+    (w / "dcm_b").rmdir()
+    write_dicom_series(w / "dcm_gap", hu, uid=UID_ROOT + ".3")
+    (w / "dcm_gap" / "slice0002.dcm").unlink()
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -134,6 +149,17 @@ CASES = [
     ("export-bundle --out {w}/busy --checkpoint {w}/m.safetensors", "output folder is not empty"),
     ("export-bundle --out {w} --checkpoint {w}/m.safetensors --overwrite", "contains the input folder"),
     ("export-bundle --out {w}/good/skull.nii.gz --checkpoint {w}/m.safetensors", "exists and is not a folder"),
+    # predict: CT and DICOM input (i-ct)
+    ("predict --checkpoint {w}/m.safetensors --in {w}/dcm_two --out {w}/o --ct", "2 DICOM series in this folder; choose one with --series UID"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/dcm_two --out {w}/o --ct --series 9.9.9", "--series 9.9.9: no such series"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --series 9.9.9", "--series: "),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/dcm_gap --out {w}/o --ct", "dcm_gap: slices are not evenly spaced"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/dcm_ct --out {w}/o", "or --ct for a CT in HU"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/dcm_ct --out {w}/o --ct", "no voxel reaches the bone threshold of 300 HU"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --ct", "look like a binary mask, not a CT in HU"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --bone-hu 400", "--bone-hu: only with --ct"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --ct --bone-hu 5000", "--bone-hu: must be between"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --ct --threshold 0.5", "--threshold: binarises masks"),
     # evaluate
     ("evaluate --pred {w}/nope --truth {w}/good --out {w}/e.csv", "no such folder"),
     ("evaluate --pred {w}/corrupt --truth {w}/good --out {w}/e.csv", "skull.nii.gz: "),
@@ -162,6 +188,12 @@ CASES = [
     ("view --data {w}/nope", "no such folder"),
     ("view --port 0", "--port"),
     ("view --results {w}/nope.csv", "no such results CSV"),
+    # view: CT and DICOM input (i-ct)
+    ("view --in {w}/dcm_two --ct", "2 DICOM series in this folder; choose one with --series UID"),
+    ("view --in {w}/nope --ct", "no such file or folder (given as --in)"),
+    ("view --in {w}/good --ct", "neither a volume file"),
+    ("view --ct", "--ct: applies to --in"),
+    ("view --in {w}/dcm_ct --bone-hu 300", "--bone-hu: only with --ct"),
 ]
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..data.ct import DEFAULT_BONE_HU, mask_warnings, read_ct_skull
 from ..data.layout import implant_of
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_mask, restore_to_grid
 from ..errors import InputError
@@ -301,6 +302,9 @@ def predict_folder(
     stage2: Path | None = None,
     keep_stage1: bool = False,
     mirror: bool = False,
+    ct: bool = False,
+    bone_hu: float = DEFAULT_BONE_HU,
+    series: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
 
@@ -314,6 +318,11 @@ def predict_folder(
     complete skull is the defective skull plus that implant; ``keep_stage1`` also writes stage 1's
     implant to out/stage1_implant/CASE.nii.gz; ``mirror`` averages stage 2 over the box and its
     left-right mirror image (test-time augmentation).
+
+    ``inp`` may also hold DICOM series (one series folder, or a folder of series folders: one case
+    each, see :func:`skullrec.io.list_volumes`); ``series`` picks the series of folders holding
+    several. With ``ct`` every input is a CT in HU, made into a skull mask by
+    :func:`skullrec.data.ct.read_ct_skull` (bone >= ``bone_hu``), written to out/ct_mask/CASE.nii.gz.
     """
     from ..data.layout import check_output_dir, staged_output
     from ..io import list_volumes, read_volume
@@ -322,6 +331,8 @@ def predict_folder(
     inputs = (inp, checkpoint, stage2)  # replacing the output must never delete an input
     check_output_dir(out, overwrite, inputs)
     files = list_volumes(inp)
+    if series:
+        check_series_choice(files, series, inp)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
     model2 = cfg2 = meta2 = None
@@ -340,13 +351,19 @@ def predict_folder(
         # Read only one batch at a time: a 512^3 input is ~130 MB as uint8 plus float work arrays.
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
-            vols = [read_volume(files[cid], threshold=threshold) for cid in chunk]
+            if ct:
+                read = [read_ct_skull(files[cid], bone_hu, series) for cid in chunk]
+                vols, ct_infos = [v for v, _ in read], [i for _, i in read]
+            else:
+                vols, ct_infos = [read_volume(files[cid], threshold=threshold, series=series) for cid in chunk], [None] * len(chunk)
             for cid, vol in zip(chunk, vols):
                 if not vol.data.any():
                     raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
             recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
-            for cid, vol, rec in zip(chunk, vols, recs):
+            for cid, vol, rec, ct_info in zip(chunk, vols, recs, ct_infos):
                 done += 1
+                if ct_info is not None:
+                    rec.warnings = mask_warnings(ct_info) + rec.warnings
                 for w in rec.warnings:
                     say(f"warning: {files[cid]}: {w}")
                 if not rec.usable:
@@ -365,6 +382,9 @@ def predict_folder(
                 write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
                 row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty,
                        "warnings": rec.warnings}
+                if ct_info is not None:  # the skull mask made from the CT, to check what the model was given
+                    write_volume(staging / "ct_mask" / f"{cid}.nii.gz", vol)
+                    row["ct"] = ct_info
                 if stl:
                     for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):
                         verts, faces = mesh_from_mask(mask, vol.affine)
@@ -383,11 +403,27 @@ def predict_folder(
             raise InputError(f"{first['input']}: no usable result: {'; '.join(first['problems'])}{more}")
         report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta,
                   "stage2": None if stage2 is None else str(stage2), "stage2_meta": meta2, "stage2_mirror": mirror, "input": str(inp), "device": str(dev),
-                  "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary, "failed": failed}
+                  "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary, "failed": failed,
+                  "ct": {"bone_hu": bone_hu} if ct else None, "series": sorted(series) if series else None}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
     return summary
 
 
+
+
+def check_series_choice(files: dict[str, Path], series: Collection[str], inp: Path) -> None:
+    """Refuse ``--series`` UIDs that no DICOM case of ``files`` holds (before any volume is read)."""
+    from ..io import dicom_series, is_dicom_folder
+
+    folders = [p for p in files.values() if is_dicom_folder(p)]
+    if not folders:
+        raise InputError(f"--series: {inp} holds no DICOM series (--series picks one of a DICOM folder's series)")
+    known = set()
+    for folder in folders:
+        known.update(dicom_series(folder))
+    missing = sorted(set(series) - known)
+    if missing:
+        raise InputError(f"--series {missing[0]}: no such series in {inp}")
 
 
 def apply_stage2(rec: Reconstruction, vol: Volume, model2: torch.nn.Module, cfg2: Any, device: torch.device,

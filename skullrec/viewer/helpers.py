@@ -236,6 +236,16 @@ def read_upload(name: str, payload: bytes, *, threshold: float | None = None, ma
 # --------------------------------------------------------------------------------------------
 
 
+def read_input(path: str | Path, ct_bone_hu: float | None = None, series: tuple[str, ...] = ()) -> Volume:
+    """The defective skull of ``skullrec view --in``: a mask file or DICOM series, or with ``ct_bone_hu``
+    the skull mask of a CT in HU (:func:`skullrec.data.ct.read_ct_skull`), on the input's own grid."""
+    if ct_bone_hu is None:
+        return read_volume(path, series=series)
+    from ..data.ct import read_ct_skull
+
+    return read_ct_skull(path, ct_bone_hu, series)[0]
+
+
 def downsample_for_mesh(mask: np.ndarray, affine: np.ndarray, max_edge: int = 96) -> tuple[np.ndarray, np.ndarray]:
     """Shrink a mask by block-max pooling until its longest edge is <= ``max_edge``; fix the affine.
 

@@ -22,6 +22,10 @@ ENV_DATA = "SKULLREC_VIEW_DATA"
 ENV_RUNS = "SKULLREC_VIEW_RUNS"
 ENV_RESULTS = "SKULLREC_VIEW_RESULTS"
 ENV_MAX_UPLOAD_MB = "SKULLREC_VIEW_MAX_UPLOAD_MB"
+# One input given on the command line (``skullrec view --in``): a volume file or a DICOM series folder.
+ENV_INPUT = "SKULLREC_VIEW_INPUT"
+ENV_CT = "SKULLREC_VIEW_CT"  # bone threshold in HU: the input is a CT (--ct --bone-hu)
+ENV_SERIES = "SKULLREC_VIEW_SERIES"  # comma-separated DICOM series UIDs (--series)
 DEFAULT_DATA = Path("data/synthetic")
 DEFAULT_RUNS = Path("runs")
 # `bash scripts/run.sh demo` (skullrec experiment) writes its runs under results/NAME/runs/, so the
@@ -42,6 +46,9 @@ class ViewerSettings:
     runs: tuple[Path, ...] = DEFAULT_RUN_ROOTS
     results: Path | None = None
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    input: Path | None = None  # a volume file or DICOM series folder to open (--in)
+    ct_bone_hu: float | None = None  # set: the input is a CT in HU, bone >= this (--ct, --bone-hu)
+    series: tuple[str, ...] = ()  # DICOM series UIDs to choose from (--series)
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that carry these settings to the page."""
@@ -49,6 +56,12 @@ class ViewerSettings:
         env = {ENV_DATA: str(self.data), ENV_RUNS: runs, ENV_MAX_UPLOAD_MB: str(self.max_upload_mb)}
         if self.results is not None:
             env[ENV_RESULTS] = str(self.results)
+        if self.input is not None:
+            env[ENV_INPUT] = str(self.input)
+        if self.ct_bone_hu is not None:
+            env[ENV_CT] = repr(float(self.ct_bone_hu))
+        if self.series:
+            env[ENV_SERIES] = ",".join(self.series)
         return env
 
 
@@ -61,11 +74,19 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> ViewerSetting
     except ValueError:
         raise InputError(f"{ENV_MAX_UPLOAD_MB}: expected a whole number of MB, got {raw_mb!r}") from None
     results = environ.get(ENV_RESULTS) or None
+    raw_ct = environ.get(ENV_CT, "")
+    try:
+        ct_bone_hu = float(raw_ct) if raw_ct else None
+    except ValueError:
+        raise InputError(f"{ENV_CT}: expected a bone threshold in HU, got {raw_ct!r}") from None
     return ViewerSettings(
         data=Path(environ.get(ENV_DATA) or DEFAULT_DATA),
         runs=tuple(Path(r) for r in environ[ENV_RUNS].split(os.pathsep) if r) if environ.get(ENV_RUNS) else DEFAULT_RUN_ROOTS,
         results=Path(results) if results else None,
         max_upload_mb=max_mb,
+        input=Path(environ[ENV_INPUT]) if environ.get(ENV_INPUT) else None,
+        ct_bone_hu=ct_bone_hu,
+        series=tuple(u for u in environ.get(ENV_SERIES, "").split(",") if u),
     )
 
 

@@ -32,7 +32,7 @@ except InputError as exc:
 PAGES = ["Case", "Compare runs", "Results"]
 RUNS_TEXT = " or ".join(f"{r}/" for r in SETTINGS.runs)
 FILTER_COLUMNS = V.BOOKKEEPING_COLUMNS
-DATA_SOURCE, UPLOAD_SOURCE = "Data set", "Upload"
+DATA_SOURCE, UPLOAD_SOURCE, INPUT_SOURCE = "Data set", "Upload", "File (--in)"
 
 
 # ------------------------------------------------------------------------------------------
@@ -53,6 +53,11 @@ def load_model(path: str, mtime_ns: int):
 @st.cache_data(show_spinner="Reading case ...", max_entries=8)
 def load_case(root: str, split: str, cid: str, _stamp: str) -> V.CaseVolumes:
     return V.load_case(root, split, cid)
+
+
+@st.cache_data(show_spinner="Reading input ...", max_entries=2)
+def read_input(path: str, _stamp: str, ct_bone_hu: float | None, series: tuple[str, ...]) -> Volume:
+    return V.read_input(path, ct_bone_hu, series)
 
 
 @st.cache_data(show_spinner="Reading upload ...", max_entries=4)
@@ -134,12 +139,23 @@ def sidebar() -> tuple[str | None, V.CaseVolumes | None, str | None]:
     sb.title("skullrec viewer")
     cases = V.discover_cases(SETTINGS.data)
     n_cases = sum(len(v) for v in cases.values())
+    sources = [DATA_SOURCE, UPLOAD_SOURCE] + ([INPUT_SOURCE] if SETTINGS.input is not None else [])
     if "source" not in st.session_state:
-        st.session_state["source"] = DATA_SOURCE if n_cases else UPLOAD_SOURCE
-    source = sb.radio("Input", [DATA_SOURCE, UPLOAD_SOURCE], key="source", horizontal=True)
+        st.session_state["source"] = INPUT_SOURCE if SETTINGS.input is not None else DATA_SOURCE if n_cases else UPLOAD_SOURCE
+    source = sb.radio("Input", sources, key="source", horizontal=True)
 
     key = case = None
-    if source == DATA_SOURCE:
+    if source == INPUT_SOURCE:  # skullrec view --in (a mask, or a CT with --ct; a file or a DICOM series folder)
+        path = SETTINGS.input
+        stamp = str(mtime_ns(path))
+        sb.caption(f"{path}" + (f" (CT, bone >= {SETTINGS.ct_bone_hu:g} HU)" if SETTINGS.ct_bone_hu is not None else ""))
+        try:
+            vol = read_input(str(path), stamp, SETTINGS.ct_bone_hu, SETTINGS.series)
+            case = V.CaseVolumes(name=path.name, defective=vol)
+            key = f"input|{Path(path).resolve()}|{stamp}|{SETTINGS.ct_bone_hu}|{','.join(SETTINGS.series)}"
+        except InputError as exc:
+            sb.error(str(exc))
+    elif source == DATA_SOURCE:
         if not cases:
             sb.info(f"No data set at {SETTINGS.data}: run `skullrec synth` (or `skullrec view --data DIR`), or upload a file.")
         else:
