@@ -147,7 +147,7 @@ CASES = [
     ("export-bundle --out {w}/o --stage2 {w}/m.safetensors", "--stage2: needs --checkpoint"),
     ("export-bundle --out {w}/o --checkpoint {w}/m.safetensors --stage2 {w}/m.safetensors", "not a stage-2 (implant) checkpoint"),
     ("export-bundle --out {w}/busy --checkpoint {w}/m.safetensors", "output folder is not empty"),
-    ("export-bundle --out {w} --checkpoint {w}/m.safetensors --overwrite", "contains the input folder"),
+    ("export-bundle --out {w} --checkpoint {w}/m.safetensors --overwrite", "contains the input file"),
     ("export-bundle --out {w}/good/skull.nii.gz --checkpoint {w}/m.safetensors", "exists and is not a folder"),
     # predict: CT and DICOM input (i-ct)
     ("predict --checkpoint {w}/m.safetensors --in {w}/dcm_two --out {w}/o --ct", "2 DICOM series in this folder; choose one with --series UID"),
