@@ -83,7 +83,7 @@ class NrrdHeader:
 def shown(text: str) -> str:
     """A header value as it appears in a message: in quotes, control characters escaped, at most 120 characters."""
     text = quote_controls(text)
-    return repr(text if len(text) <= 120 else text[:117] + "...")
+    return "'" + (text if len(text) <= 120 else text[:117] + "...") + "'"
 
 
 def read_nrrd_header(path: Path) -> NrrdHeader:
@@ -264,7 +264,8 @@ def check_data_files(path: Path, header: NrrdHeader, *, allow_detached: bool = T
     folder = os.path.dirname(os.path.abspath(path))
     real_folder = os.path.realpath(folder)
     share = header.data_bytes // len(header.data_files)  # NrrdIO splits the voxels evenly
-    for name in header.data_files:
+    sizes = []
+    for name in header.data_files:  # where and what every file is, before any size is judged
         where = shown(name)
         real = os.path.realpath(name if name.startswith("/") else os.path.join(folder, name))
         if real == real_folder:
@@ -280,18 +281,19 @@ def check_data_files(path: Path, header: NrrdHeader, *, allow_detached: bool = T
             kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
                     else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file")
             raise InputError(f"{path}: data file {where} is {kind}, not a regular file")
-        if header.encoding != "raw":
-            continue  # compressed or text data: the decoder stops at the header's size
-        low = share + max(header.byte_skip, 0)
-        # byte skip -1 means "the last bytes of the file", line skip "after some text lines": both
-        # allow more bytes than the voxels (text lines bounded like a header); otherwise exactly.
-        high = low if header.byte_skip >= 0 and header.line_skip == 0 else low + MAX_HEADER_BYTES
-        if header.byte_skip < 0 and header.line_skip == 0:
-            high = st.st_size
-        if not low <= st.st_size <= high:
+        sizes.append((where, st.st_size))
+    if header.encoding != "raw":
+        return  # compressed or text data: the decoder stops at the header's size
+    low = share + max(header.byte_skip, 0)
+    # byte skip -1 means "the last bytes of the file" (any size from the voxels up); line skip
+    # "after some text lines" (bounded like a header); otherwise exactly the voxels and the skip.
+    high = (None if header.byte_skip < 0 and header.line_skip == 0
+            else low + MAX_HEADER_BYTES if header.line_skip else low)
+    for where, size in sizes:
+        if size < low or (high is not None and size > high):
             pieces = f" in {len(header.data_files)} files" if len(header.data_files) > 1 else ""
-            needed = f"{low:,}" if low == high else f"{low:,} to {high:,}"
-            raise InputError(f"{path}: data file {where} holds {st.st_size:,} bytes; the header's raw "
+            needed = f"{low:,}" if low == high else f"at least {low:,}" if high is None else f"{low:,} to {high:,}"
+            raise InputError(f"{path}: data file {where} holds {size:,} bytes; the header's raw "
                              f"{' x '.join(map(str, header.sizes))} voxels{pieces} need {needed}")
 
 
