@@ -200,8 +200,8 @@ def _data_files(path: Path, value: str, list_names: list[str] | None, dimension:
     # NrrdIO takes a value as a pattern when its first '%' that is not '%%' is followed by digits
     # and 'd'; it then hands the format to C's sprintf. Anything else with a '%' in it (a second
     # conversion, '%s', flags) is refused: what sprintf would make of it is not a file name to trust.
-    parts = value.split()
-    fmt, numbers = (parts[0], parts[1:]) if parts else ("", [])
+    parts = re.split(r"[ \t]+", value.strip(" \t"))  # NrrdIO's separators exactly: the format ends at a space or tab
+    fmt, numbers = parts[0], parts[1:]
     conversions = _PATTERN.findall(fmt.replace("%%", ""))
     leftover = _PATTERN.sub("", fmt.replace("%%", ""))
     if len(conversions) != 1 or "%" in leftover or not 3 <= len(numbers) <= 4:
