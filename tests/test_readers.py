@@ -320,3 +320,12 @@ def test_sheared_grids_are_refused_and_float32_rounding_is_not(tmp_path: Path) -
 def test_quote_controls_keeps_one_line_and_plain_text() -> None:
     assert quote_controls("a\nb\r\x1b[0m\x85\u2028\udcff ok é/ü") == "a\\nb\\r\\x1b[0m\\x85\\u2028\\udcff ok é/ü"
     assert quote_controls("plain/path name.nii.gz") == "plain/path name.nii.gz"
+
+
+def test_skipped_file_names_with_control_characters_stay_on_one_warning_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    io.write_nifti(tmp_path / "001.nii.gz", _volume(), np.eye(4))
+    (tmp_path / "notes\nsecond line.txt").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="skullrec"):
+        assert list(io.list_volumes(tmp_path)) == ["001"]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "notes\\nsecond line.txt" in message and "\n" not in message
