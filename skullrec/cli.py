@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import InputError, check_choice, describe_os_error
+from .errors import InputError, check_choice, describe_os_error, quote_controls
 
 app = typer.Typer(
     name="skullrec",
@@ -55,10 +55,11 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            # Control characters (a newline in a file name, ...) are escaped: one error, one line.
+            typer.echo(f"error: {quote_controls(str(exc))}", err=True)
             raise typer.Exit(2) from None
         except OSError as exc:  # permission denied, read-only file system, disk full, ...
-            typer.echo(f"error: {describe_os_error(exc)}", err=True)
+            typer.echo(f"error: {quote_controls(describe_os_error(exc))}", err=True)
             raise typer.Exit(2) from None
         except MemoryError:
             typer.echo("error: out of memory (the volumes are too large for this machine; try fewer or smaller inputs)", err=True)

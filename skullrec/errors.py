@@ -5,6 +5,7 @@ The command line turns every one of them into ``error: MESSAGE`` on stderr and e
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -27,7 +28,21 @@ def check_choice(label: str, value: str, choices: Sequence[str], error: type[Inp
     return value
 
 
-__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error"]
+__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error", "quote_controls"]
+
+# Characters that would break or disguise a one-line message: C0/C1 controls (newline, carriage
+# return, escape, ...), Unicode line/paragraph separators, and lone surrogates (undecodable bytes of
+# a file name, which stderr cannot even encode).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def quote_controls(text: str) -> str:
+    """``text`` with every control character written as its Python escape (``\\n``, ``\\x1b``, ``\\udcff``).
+
+    A file name may hold a newline or a terminal escape; quoted this way an error naming it stays one
+    line and shows the name unambiguously instead of acting on the terminal.
+    """
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def describe_os_error(exc: OSError) -> str:

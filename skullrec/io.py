@@ -39,7 +39,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, quote_controls
+from .nrrd_header import check_attached_size, check_data_files, read_nrrd_header
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -215,7 +216,7 @@ def list_volumes(folder: str | Path) -> dict[str, Path]:
         elif p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith((".raw", ".raw.gz")):
             skipped.append(p.name)
     if skipped and cases:
-        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        shown = quote_controls(", ".join(skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         _log.warning(f"warning: {folder}: skipped {len(skipped)} file(s) of unsupported type: {shown} "
                      f"(reading {', '.join(VOLUME_SUFFIXES)})")
     if not cases:
@@ -245,45 +246,108 @@ def check_size(path: str | Path, shape: tuple[int, ...], itemsize: int) -> None:
         )
 
 
-def _check_gzip(path: Path) -> int:
-    """Read a gzip file to the end (in 4 MB pieces) so that truncation is reported as such; returns the decoded size."""
+def _check_gzip(path: Path, limit: int | None = None) -> int:
+    """Decode a gzip file (in 4 MB pieces) so that truncation is reported as such; returns the decoded size.
+
+    With ``limit``, decoding stops once that many bytes came out: a header's data size bounds the
+    work, so a small file that inflates far beyond what its header needs is not decoded to the end.
+    """
     total = 0
     try:
         with gzip.open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
+            while (limit is None or total < limit) and (chunk := f.read(1 << 22)):
                 total += len(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: corrupt or truncated gzip data ({exc})") from None
     return total
 
 
-def _nifti_header(path: Path) -> Any:
-    """The image object with only its header read (nibabel reads voxels lazily)."""
+class _Collect(logging.Handler):
+    """A logging handler that keeps the messages it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+def _nifti_header(path: Path) -> tuple[Any, list[str]]:
+    """(the image with only its header read (nibabel reads voxels lazily), nibabel's notes on fixing the header).
+
+    nibabel logs the header fields it repairs while loading (e.g. "pixdim[1,2,3] should be
+    non-zero; setting 0 dims to 1") straight to stderr; they are collected instead, so that a refused
+    file still gives one error line and a read one gives them as warnings naming the file.
+    """
+    logger = nib.imageglobals.logger
+    collect = _Collect()
+    handlers, propagate = list(logger.handlers), logger.propagate
+    for h in handlers:
+        logger.removeHandler(h)
+    logger.addHandler(collect)
+    logger.propagate = False
     try:
-        return nib.load(str(path))
+        return nib.load(str(path)), collect.messages
     except Exception as exc:  # nibabel raises many types for broken files
         # nibabel's messages can span lines ("...from \n - could the file be damaged?"); keep one line.
         detail = " ".join(str(exc).split())
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
+    finally:
+        logger.removeHandler(collect)
+        for h in handlers:
+            logger.addHandler(h)
+        logger.propagate = propagate
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    img = _nifti_header(path)
+# Scaled NIfTI masks are binarised this many voxels at a time (8 MiB of float64 per slab).
+_SCALE_CHUNK = 1 << 20
+
+# The most the voxel axes of an affine may be off perpendicular (|cos| of the angle between two
+# axes, about 0.006 degrees). Float32 rounding of a stored sform is about 1e-7; a sheared grid (e.g.
+# an uncorrected gantry tilt) is far above.
+MAX_SHEAR_COS = 1e-4
+
+
+def _stored_pixdim(path: Path, img: Any) -> np.ndarray:
+    """pixdim[1:4] as stored in the file (nibabel's load quietly replaces a 0 with 1 mm)."""
+    with nib.openers.ImageOpener(path) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+
+
+def _read_nifti(path: Path, *, mask: bool = True) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header, tuple[Any, Any] | None]:
+    """(voxels, RAS affine, header, scaling): ``scaling`` is (slope, inter) when the voxels were left unscaled for a mask.
+
+    A scaled file read as a mask stays in its stored type (a uint8 file is not turned into float64,
+    8 bytes per voxel); :func:`_scaled_to_mask` applies nibabel's scaling a slab at a time.
+    """
+    img, notes = _nifti_header(path)
     hdr = img.header
     stored = np.dtype(hdr.get_data_dtype())
-    slope, inter = hdr.get_slope_inter()
-    scaled = (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
-    # Scaled data come back as float64; check the size of what would be allocated.
-    check_size(path, img.shape, max(stored.itemsize, 8 if scaled else 0))
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    scaled = not (slope == 1.0 and inter == 0.0)
+    # The size of what is actually allocated: the stored type, or float64 for a scaled non-mask read.
+    check_size(path, img.shape, stored.itemsize if mask or not scaled else max(stored.itemsize, 8))
+    if int(hdr["sform_code"]) == 0:
+        # Without an sform the geometry comes from pixdim; nibabel turns a 0 into 1 mm (with a log
+        # line only), which would place and size the volume wrongly. NRRD zero spacing is refused too.
+        pixdim = _stored_pixdim(path, img)
+        bad = [i for i in range(3) if not (np.isfinite(pixdim[i]) and pixdim[i] != 0)]
+        if bad:
+            shown = ", ".join(f"{float(v):g}" for v in pixdim)
+            raise InputError(f"{path}: voxel size (pixdim) {shown} is zero or not finite along axis {bad[0]} "
+                             "and no sform gives the geometry; refusing to assume 1 mm")
     # The image's own header has its offset reset for writing; the array proxy keeps the file's.
-    offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))
+    offset = int(getattr(proxy, "offset", hdr.get_data_offset()))
     needed = offset + int(np.prod(img.shape, dtype=np.int64)) * stored.itemsize
-    have = _check_gzip(path) if path.name.lower().endswith(".gz") else path.stat().st_size
+    have = _check_gzip(path, limit=needed) if path.name.lower().endswith(".gz") else path.stat().st_size
     if have < needed:
         # Refuse before allocating: nibabel would allocate the whole claimed array, then fail.
         raise InputError(f"{path}: truncated: the header needs {needed:,} bytes of data, the file holds {have:,}")
     try:
-        data = np.asanyarray(img.dataobj)
+        data = np.asanyarray(proxy.get_unscaled() if mask and scaled else proxy)
     except Exception as exc:  # nibabel raises many types for broken files
         detail = " ".join(str(exc).split())
         raise InputError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {detail})") from None
@@ -299,21 +363,45 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         affine = np.diag([-zooms[0], -zooms[1], zooms[2], 1.0])
         _log.warning(f"warning: {path}: the header stores no orientation (qform and sform codes 0); "
                      "its voxel order is taken as SkullFix's (axis 0 left, 1 posterior, 2 superior)")
-    return data, affine, header
+    for note in notes:  # the file was read: nibabel's repairs are worth knowing
+        _log.warning(f"warning: {path}: nibabel: {note}")
+    return data, affine, header, ((slope, inter) if mask and scaled else None)
 
 
-def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
-    """(voxels (x, y, z) as a view of the image's buffer, RAS affine, the image that owns the buffer)."""
-    if path.name.lower().endswith(".nrrd"):
-        try:
-            with open(path, "rb") as f:
-                if not f.read(4) == b"NRRD":
-                    raise InputError(f"{path}: not a NRRD file (missing 'NRRD' magic)")
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+def _scaled_to_mask(raw: np.ndarray, slope: Any, inter: Any, *, threshold: float | None, source: Path) -> np.ndarray:
+    """:func:`to_mask` of ``raw * slope + inter`` computed as nibabel scales (same dtype, same values), a slab at a time.
+
+    Only one slab of :data:`_SCALE_CHUNK` voxels is ever held as floats, so a scaled uint8 mask
+    costs its own bytes plus the uint8 result, not a float64 copy of the volume.
+    """
+    slope, inter = np.asanyarray(slope), np.asanyarray(inter)
+    if np.can_cast(inter, slope.dtype):  # as nibabel's ArrayProxy does before scaling
+        inter = inter.astype(slope.dtype)
+    if not (raw.flags.c_contiguous or raw.flags.f_contiguous):
+        raw = np.ascontiguousarray(raw)
+    out = np.empty(raw.shape, np.uint8, order="F" if raw.flags.f_contiguous and not raw.flags.c_contiguous else "C")
+    flat_raw, flat_out = raw.reshape(-1, order="A"), out.reshape(-1, order="A")  # views, same element order
+    for start in range(0, flat_raw.size, _SCALE_CHUNK):
+        part = nib.volumeutils.apply_read_scaling(flat_raw[start:start + _SCALE_CHUNK], slope, inter)
+        flat_out[start:start + _SCALE_CHUNK] = to_mask(part, threshold=threshold, source=source)
+    return out
+
+
+def _read_nrrd(path: Path, *, detached_data: bool = True) -> tuple[np.ndarray, np.ndarray, sitk.Image]:
+    """(voxels (x, y, z) as a view of the image's buffer, RAS affine, the image that owns the buffer).
+
+    The header is parsed and every data file it names is checked (:mod:`skullrec.nrrd_header`)
+    before SimpleITK sees the file: SimpleITK would follow ``data file: ../../etc/passwd``, block on
+    a FIFO and read ``/dev/zero``. ``detached_data=False`` refuses any separate data file.
+    """
+    header = read_nrrd_header(path)
+    check_size(path, header.sizes, header.itemsize)
+    check_data_files(path, header, allow_detached=detached_data)
+    check_attached_size(path, header, path.stat().st_size)
     try:
         reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
+        reader.SetImageIO("NrrdImageIO")  # no other reader may claim the file by its content
+        reader.SetFileName(os.path.abspath(path))  # NrrdIO joins data file names to this folder, as checked
         reader.ReadImageInformation()  # the header only
         pixel = sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype
         check_size(path, tuple(reader.GetSize()), pixel.itemsize * max(reader.GetNumberOfComponents(), 1))
@@ -535,8 +623,23 @@ def _plane_direction(direction: np.ndarray) -> np.ndarray:
     return out
 
 
+def _check_perpendicular(path: Path, affine: np.ndarray) -> None:
+    """Refuse a sheared grid (voxel axes not perpendicular in space).
+
+    Outputs are written on the input's grid, and a NIfTI qform cannot hold a shear: nibabel would
+    store the nearest unsheared qform, placing output voxels up to about a voxel per 10 indices away
+    from the input's (and viewers that prefer the qform would show that).
+    """
+    cols = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    cos = np.abs(cols.T @ cols - np.eye(3)).max()
+    if cos > MAX_SHEAR_COS:
+        off = 90.0 - float(np.degrees(np.arccos(min(cos, 1.0))))
+        raise InputError(f"{path}: sheared voxel grid (axes {off:.3g} degrees off perpendicular); "
+                         "resample it onto a perpendicular grid first (outputs could not keep a shear)")
+
+
 def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None = None,
-                series: Collection[str] | str | None = None) -> Volume:
+                series: Collection[str] | str | None = None, detached_data: bool = True) -> Volume:
     """Read a NIfTI or NRRD file, or a DICOM series folder, as a :class:`Volume`.
 
     Args:
@@ -546,9 +649,13 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
         threshold: binarise as ``data > threshold`` (e.g. 0.5 for a probability map).
         series: DICOM only: the series UID(s) to choose from when the folder holds several
             (:func:`choose_dicom_series`).
+        detached_data: allow a NRRD header's ``data file`` (only regular files inside the header's
+            folder are read); False refuses any (a viewer upload is a lone file).
 
     Raises:
-        InputError: missing/empty/corrupt file, unknown suffix, not 3D, NaN values, non-binary mask.
+        InputError: missing/empty/corrupt file, unknown suffix, not 3D, NaN values, non-binary mask,
+            a NRRD data file outside the header's folder or not a regular file, a zero NIfTI voxel
+            size, a sheared grid.
     """
     path = Path(path)
     if not path.exists():
@@ -561,12 +668,13 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
     name = path.name.lower()
     header = None
     owner = None  # what owns a NRRD's (or DICOM series') voxel buffer: held until the voxels are copied below
+    scaling = None  # a scaled NIfTI mask's (slope, inter), applied while binarising
     if dicom:
         data, affine, owner = _read_dicom(path, series)
     elif name.endswith(NIFTI_SUFFIXES):
-        data, affine, header = _read_nifti(path)
+        data, affine, header, scaling = _read_nifti(path, mask=mask)
     elif name.endswith(NRRD_SUFFIXES):
-        data, affine, owner = _read_nrrd(path)
+        data, affine, owner = _read_nrrd(path, detached_data=detached_data)
     else:
         raise InputError(f"{path}: unknown file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
 
@@ -579,12 +687,15 @@ def read_volume(path: str | Path, *, mask: bool = True, threshold: float | None 
         raise InputError(f"{path}: volume too small, shape {tuple(data.shape)}")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(f"{path}: invalid (singular or non-finite) voxel-to-world affine")
+    _check_perpendicular(path, affine)
 
     if mask and dicom and threshold is None:
         try:
             data = to_mask(data, source=path)
         except InputError as exc:  # a DICOM series is most often a CT: say how to read one
             raise InputError(f"{exc}, or --ct for a CT in HU") from None
+    elif scaling is not None:
+        data = _scaled_to_mask(data, *scaling, threshold=threshold, source=path)
     elif mask:
         data = to_mask(data, threshold=threshold, source=path)
     else:

@@ -4,6 +4,8 @@ traceback, and nothing written (the whole working folder is byte-for-byte as bef
 from __future__ import annotations
 
 import gzip
+import os
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +23,77 @@ def _shell() -> tuple[np.ndarray, np.ndarray]:
     g = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape), indexing="ij")
     r = np.sqrt((g[0] / 28) ** 2 + (g[1] / 30) ** 2 + (g[2] / 24) ** 2)
     return ((r <= 1) & (r >= 0.9)).astype(np.uint8), np.diag([-2.5, -2.5, 2.5, 1.0])
+
+
+# readers: set when anything opens the FIFO that a NRRD header names as its data file (nothing may).
+FIFO_OPENED = threading.Event()
+
+
+def _nrrd_header(data_file: str) -> bytes:
+    """A 4 x 4 x 4 uint8 NRRD header whose voxels are in ``data_file``."""
+    return ("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 4 4 4\nspace: left-posterior-superior\n"
+            f"space directions: (1,0,0) (0,1,0) (0,0,1)\nencoding: raw\ndata file: {data_file}\n\n").encode()
+
+
+def _watch_fifo(fifo: Path, stop: threading.Event) -> None:
+    """Open the FIFO's writing end whenever a reader waits on it: the reader then gets EOF instead of
+    hanging the test run, and FIFO_OPENED records that somebody opened it."""
+    while not stop.wait(0.02):
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails with ENXIO while no reader waits
+        except OSError:
+            continue
+        FIFO_OPENED.set()
+        os.close(fd)
+
+
+def _readers_world(w: Path) -> None:
+    """readers: NRRD headers naming data files outside their folder, a FIFO, /dev/zero; hostile NIfTI headers."""
+    (w / "outside.raw").write_bytes(b"root:x:0:0:SECRET" + b"\1" * 47)
+    for name, data_file in [("nrrd_up", "../outside.raw"), ("nrrd_abs", str(w / "outside.raw")),
+                            ("nrrd_zero", "/dev/zero"), ("nrrd_fifo", "skull.raw"),
+                            ("nrrd_list", "LIST\n../outside.raw\nskull.raw\nskull.raw\nskull.raw"),
+                            ("nrrd_pattern", "../nrrd_up/../s%02d.raw 0 3 1")]:
+        (w / name).mkdir()
+        header = _nrrd_header(data_file)
+        if name == "nrrd_list":  # LIST: the names run to the end of the file (no empty line)
+            header = header[:-1]
+        (w / name / "skull.nrrd").write_bytes(header)
+    os.mkfifo(w / "nrrd_fifo" / "skull.raw")
+    (w / "nhdr_up").mkdir()
+    (w / "nhdr_up" / "skull.nhdr").write_bytes(_nrrd_header("../outside.raw"))
+    (w / "ctl").mkdir()
+    (w / "ctl" / "bad\nname.nii.gz").write_bytes(gzip.compress(b"this is not a NIfTI file" * 20))
+
+    def nifti(folder: str, hdr: nib.Nifti1Header, payload: bytes) -> None:
+        hdr["vox_offset"] = 352
+        (w / folder).mkdir()
+        (w / folder / "skull.nii").write_bytes(hdr.binaryblock + b"\0" * 4 + payload)
+
+    # uint8 with scaling: as float64 it would be 2.3 GiB (over the limit); read as a mask it stays
+    # uint8 (300 MiB), so the 1 KB file is refused as truncated before anything is allocated.
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((1024, 1024, 300))
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_slope_inter(0.5, 0.0)
+    hdr.set_sform(np.eye(4), code=1)
+    nifti("scaled", hdr, b"\0" * 1000)
+    shell, aff = _shell()
+    hdr = nib.Nifti1Header()  # a qform with voxel size 0 along axis 0 (nibabel would make it 1 mm)
+    hdr.set_data_shape(shell.shape)
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_qform(aff, code=1)
+    hdr["sform_code"] = 0
+    hdr["pixdim"][1] = 0.0
+    nifti("pixdim0", hdr, shell.tobytes("F"))
+    hdr = nib.Nifti1Header()  # a sheared sform and qform code 0
+    hdr.set_data_shape(shell.shape)
+    hdr.set_data_dtype(np.uint8)
+    sheared = aff.copy()
+    sheared[0, 1] = 0.8
+    hdr.set_sform(sheared, code=1)
+    hdr["qform_code"] = 0
+    nifti("sheared", hdr, shell.tobytes("F"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +141,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "rc").mkdir()
     (w / "rc" / "ok.yaml").write_text("seed: 0\n")  # a valid config (stage 1 and stage 2) in a would-be run folder
     _ct_inputs(w)
-    return w
+    _readers_world(w)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_fifo, args=(w / "nrrd_fifo" / "skull.raw", stop), daemon=True)
+    watcher.start()
+    yield w
+    stop.set()
+    watcher.join()
 
 
 def _ct_inputs(w: Path) -> None:
@@ -194,6 +273,19 @@ CASES = [
     ("view --in {w}/good --ct", "neither a volume file"),
     ("view --ct", "--ct: applies to --in"),
     ("view --in {w}/dcm_ct --bone-hu 300", "--bone-hu: only with --ct"),
+    # readers: NRRD data files outside the header's folder or not regular files, hostile NIfTI headers
+    ("predict --checkpoint {w}/m.safetensors --in {w}/nrrd_up --out {w}/o", "data file '../outside.raw' lies outside the header's folder"),
+    ("evaluate --pred {w}/nrrd_up --truth {w}/good --out {w}/e.csv --threshold 0.5", "lies outside the header's folder"),
+    ("defects --in {w}/nrrd_abs --out {w}/o", "outside.raw' lies outside the header's folder"),
+    ("defects --in {w}/nrrd_zero --out {w}/o", "data file '/dev/zero' lies outside the header's folder"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/nrrd_fifo --out {w}/o", "data file 'skull.raw' is a FIFO, not a regular file"),
+    ("defects --in {w}/nrrd_list --out {w}/o", "data file '../outside.raw' lies outside the header's folder"),
+    ("defects --in {w}/nrrd_pattern --out {w}/o", "data file '../nrrd_up/../s00.raw' lies outside the header's folder"),
+    ("prepare --in {w}/nhdr_up --out {w}/o", "skull.nhdr: data file '../outside.raw' lies outside"),
+    ("defects --in {w}/ctl --out {w}/o", "bad\\nname.nii.gz: not a readable NIfTI file"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/scaled --out {w}/o", "truncated: the header needs 314,573,152 bytes"),
+    ("defects --in {w}/pixdim0 --out {w}/o", "voxel size (pixdim) 0, 2.5, 2.5 is zero or not finite along axis 0"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/sheared --out {w}/o", "sheared voxel grid"),
 ]
 
 
@@ -209,4 +301,6 @@ def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(world: Path, 
     assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
     assert message in res.stderr, res.stderr
+    assert "SECRET" not in res.output  # no byte of a file outside the input folder is shown
+    assert not FIFO_OPENED.is_set()  # nothing opened the FIFO a header names (it would have hung)
     assert _snapshot(world) == before  # nothing written, moved or removed
