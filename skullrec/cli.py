@@ -289,10 +289,10 @@ def flatness_command(
 
 
 def predict_command(
-    inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
+    inp: Annotated[Path, typer.Option("--in", help="A defective skull (.nii, .nii.gz, .nrrd; any size) or a folder of them.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ in each input's format (NRRD stays NRRD), and stl/.")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped models/, stage 1 + stage 2).")] = None,
-    stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
+    stl: Annotated[bool, typer.Option("--stl", help="Also write the implant as a printable STL mesh (LPS mm, as 3D Slicer reads STL).")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
     threshold: THRESHOLD = None,
     device: DEVICE = "auto",
@@ -300,11 +300,16 @@ def predict_command(
     stage2: Annotated[Optional[Path], typer.Option("--stage2", help="A stage-2 checkpoint from 'skullrec train-implant': the implant is designed in a box around the defect.")] = None,
     keep_stage1: Annotated[bool, typer.Option("--keep-stage1", help="With stage 2: also write stage 1's own implant to OUT/stage1_implant/.")] = False,
     mirror: Annotated[bool, typer.Option("--mirror", help="With stage 2: also run it on the left-right mirror image of the box and average (test-time augmentation, twice stage 2's network time).")] = False,
+    stl_skull: Annotated[bool, typer.Option("--stl-skull", help="With the implant's STL, also the complete skull's (~100-150 MB per case at 512^2 x Z; implies --stl).")] = False,
+    smooth: Annotated[bool, typer.Option("--smooth", help="Smooth the STL meshes (Taubin filter), keeping them within 0.5 mm of the voxel surface.")] = False,
 ) -> Path:
-    """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid."""
+    """Reconstruct complete skulls and implants for a defective skull or a folder of them, on their own grid."""
     from .inference.predict import predict_folder
 
     _at_least("--batch-size", batch_size, 1)
+    stl = bool(stl or stl_skull)
+    if smooth and not stl:
+        raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
     console = _console(stderr=True)
     if checkpoint is None:
         from .inference.shipped import shipped_checkpoints
@@ -320,7 +325,7 @@ def predict_command(
             checkpoint, inp, out, stl=stl, batch_size=batch_size, threshold=threshold, device=device, overwrite=overwrite,
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
-            stage2=stage2, keep_stage1=keep_stage1, mirror=mirror,
+            stage2=stage2, keep_stage1=keep_stage1, mirror=mirror, stl_skull=stl_skull, smooth=smooth,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")
