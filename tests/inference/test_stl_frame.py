@@ -219,3 +219,25 @@ def test_smoothing_is_capped_even_where_taubin_would_move_further() -> None:
     capped = M.smooth_mesh(verts, faces)
     assert np.linalg.norm(free - verts, axis=1).max() > 0.5
     np.testing.assert_allclose(np.linalg.norm(capped - verts, axis=1).max(), 0.5, atol=1e-9)
+
+
+def test_evaluate_and_the_viewer_find_nrrd_predictions_by_case_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skullrec.evaluation.evaluate import evaluate_folders
+    from skullrec.viewer import helpers as V
+
+    complete, defective = _skull_pair()
+    out, src, _ = _run(tmp_path, "007.nrrd", lambda p: _write_nrrd(p, defective.data, defective.affine), complete, defective, monkeypatch)
+    assert (out / "implant" / "007.nrrd").is_file()
+    # Truth as NIfTI, prediction as NRRD: paired by case id, on the same grid.
+    truth = tmp_path / "truth"
+    write_volume(truth / "007.nii.gz", complete)
+    rows, summary = evaluate_folders(out / "complete", truth)
+    assert [r["case"] for r in rows] == ["007"] and 0.5 < rows[0]["dsc"] <= 1.0
+    # The viewer's data-set layout with NRRD files in it: found and read by case id.
+    ds = tmp_path / "ds" / "eval"
+    for kind, path in (("defective", src), ("complete", out / "complete" / "007.nrrd"), ("implant", out / "implant" / "007.nrrd")):
+        (ds / kind).mkdir(parents=True)
+        (ds / kind / "007.nrrd").write_bytes(path.read_bytes())
+    case = V.load_case(tmp_path / "ds", "eval", "007")
+    np.testing.assert_array_equal(case.implant.data, read_volume(out / "implant" / "007.nrrd").data)
+    assert case.implant.data.any() and V.find_case(tmp_path / "ds", "7") == ("eval", "007")
