@@ -469,6 +469,14 @@ def chart_traces(at, key: str) -> list[dict]:
     raise AssertionError(f"no plotly chart with key {key}")
 
 
+def chart_layout(at, key: str) -> dict:
+    """The plotly layout of the chart with widget key ``key``."""
+    for el in at.get("plotly_chart"):
+        if el.proto.id and key in el.proto.id:
+            return json.loads(el.proto.spec)["layout"]
+    raise AssertionError(f"no plotly chart with key {key}")
+
+
 def array_of(value) -> np.ndarray:
     """A plotly JSON array: a plain list or a base64 typed array ``{"dtype": ..., "bdata": ...}``."""
     if isinstance(value, dict):
@@ -487,7 +495,8 @@ def test_page_lists_cases_and_checkpoints(app) -> None:
     no_failures(at)
     assert at.sidebar.radio(key="source").value == "Data set"
     assert at.sidebar.selectbox(key="split").options == ["train", "eval_set1"]
-    at.sidebar.selectbox(key="split").set_value("eval_set1").run()
+    # The page opens on a held-out case, not on one the model was trained on.
+    assert at.sidebar.selectbox(key="split").value == "eval_set1" and at.sidebar.selectbox(key="case").value == "003"
     assert at.sidebar.selectbox(key="case").options == ["003", "007"]
     assert at.sidebar.selectbox(key="ckpt").options == ["runs/a/last.safetensors", "runs/b/last.safetensors"]
     assert not at.sidebar.button(key="reconstruct").disabled
@@ -520,9 +529,16 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     assert {"Defective skull", "Ground truth"} <= set(names)
     bone = next(t for t in traces if t["name"] == "Defective skull")
     assert bone["type"] == "mesh3d" and bone["opacity"] == 0.5
-    # Coordinates are in mm: x spans the bone's extent on the 1.5 mm grid running from -20 mm leftwards (-x).
+    # Coordinates are LPS mm: x spans the bone's extent on the 1.5 mm grid running from +20 mm leftwards (+x).
     x = array_of(bone["x"])
-    assert -20.0 - 31 * 1.5 - 1.5 <= x.min() and x.max() <= -20.0 + 1.5
+    assert 20.0 - 1.5 <= x.min() and x.max() <= 20.0 + 31 * 1.5 + 1.5
+    # The camera targets the implant (its centroid, in plotly's scene units of the fixed mm ranges).
+    implant = next(t for t in traces if t["name"] == "Implant (predicted)")
+    iv = np.stack([array_of(implant[a]) for a in "xyz"], 1).astype(np.float64)
+    scene = chart_layout(at, "view3d")["scene"]
+    lo, hi = np.array([scene[f"{a}axis"]["range"] for a in "xyz"]).T
+    centre = np.array([scene["camera"]["center"][a] for a in "xyz"])
+    np.testing.assert_allclose(centre, (iv.mean(0) - (lo + hi) / 2) / (hi - lo).max(), atol=1e-4)
     labels = [m.label for m in at.metric]
     assert labels == ["DSC (skull)", "HD (skull)", "HD95 (skull)", "DSC (implant)"]
     assert at.metric[1].value.endswith(" mm") and at.metric[2].value.endswith(" mm")
