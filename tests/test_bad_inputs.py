@@ -108,6 +108,7 @@ CASES = [
     ("predict --checkpoint {w}/m.safetensors --in {w}/nope --out {w}/o", "no such folder"),
     # (a single volume file is a valid --in for predict: test_predict_takes_one_file below)
     ("predict --checkpoint {w}/m.safetensors --in {w}/lr.yaml --out {w}/o", "lr.yaml: unknown file type"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --smooth", "--smooth: smooths the STL meshes"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/empty --out {w}/o", "no volume files"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/corrupt --out {w}/o", "skull.nii.gz: "),
     ("predict --checkpoint {w}/m.safetensors --in {w}/huge --out {w}/o", "header claims"),
