@@ -309,11 +309,11 @@ def flatness_command(
 
 
 def predict_command(
-    inp: Annotated[Path, typer.Option("--in", help="Folder of defective skulls (.nii, .nii.gz, .nrrd; any size), or one DICOM series folder "
-                                      "(one case), or a folder of DICOM series folders (one case each, named after the folder).")],
-    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ (and stl/).")],
+    inp: Annotated[Path, typer.Option("--in", help="A defective skull (.nii, .nii.gz, .nrrd; any size) or a folder of them; or one DICOM series "
+                                      "folder (one case), or a folder of DICOM series folders (one case each, named after the folder).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and implant/ in each input's format (NRRD stays NRRD; DICOM gives NIfTI), and stl/.")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A checkpoint file written by 'skullrec train' (default: the shipped skullrec/weights/, stage 1 + stage 2).")] = None,
-    stl: Annotated[bool, typer.Option("--stl", help="Also write STL meshes (mm) of skull and implant.")] = False,
+    stl: Annotated[bool, typer.Option("--stl", help="Also write the implant as a printable STL mesh (LPS mm, as 3D Slicer reads STL).")] = False,
     batch_size: Annotated[int, typer.Option(help="Volumes per forward pass.")] = 8,
     threshold: THRESHOLD = None,
     device: DEVICE = "auto",
@@ -324,15 +324,20 @@ def predict_command(
     ct: CT = False,
     bone_hu: BONE_HU = None,
     series: SERIES = None,
+    stl_skull: Annotated[bool, typer.Option("--stl-skull", help="With the implant's STL, also the complete skull's (~100-150 MB per case at 512^2 x Z; implies --stl).")] = False,
+    smooth: Annotated[bool, typer.Option("--smooth", help="Smooth the STL meshes (Taubin filter), keeping them within 0.5 mm of the voxel surface.")] = False,
 ) -> Path:
-    """Reconstruct complete skulls and implants for a folder of defective skulls, on their own grid.
+    """Reconstruct complete skulls and implants for a defective skull or a folder of them, on their own grid.
 
-    Inputs are skull masks, or CT scans in HU with --ct (DICOM series or NIfTI/NRRD; the skull mask made from the CT goes to OUT/ct_mask/). Outputs are NIfTI on each input's own grid. See docs/how-to/ct-dicom.md.
+    Inputs are skull masks, or CT scans in HU with --ct (DICOM series or NIfTI/NRRD; the skull mask made from the CT goes to OUT/ct_mask/). Outputs are on each input's own grid, NRRD for NRRD inputs and NIfTI otherwise. See docs/how-to/ct-dicom.md.
     """
     from .inference.predict import predict_folder
 
     _at_least("--batch-size", batch_size, 1)
     bone_hu = _ct_options(ct, bone_hu, threshold)
+    stl = bool(stl or stl_skull)
+    if smooth and not stl:
+        raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
     console = _console(stderr=True)
     if checkpoint is None:
         from .inference.shipped import shipped_checkpoints
@@ -349,6 +354,7 @@ def predict_command(
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
             stage2=stage2, keep_stage1=keep_stage1, mirror=mirror, ct=ct, bone_hu=bone_hu, series=series,
+            stl_skull=stl_skull, smooth=smooth,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")

@@ -962,14 +962,55 @@ def write_nifti(
     return path
 
 
+def write_nrrd(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a 3D array as a gzip-compressed uint8 NRRD (SimpleITK) atomically: a temporary file, then a rename.
+
+    ``data`` is indexed (i, j, k) in the file's voxel order and ``affine`` maps it to RAS+ mm; the
+    file gets ITK's LPS space directions and origin, so :func:`read_volume` gives back this affine.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(".nrrd"):
+        raise InputError(f"{path}: output must end in .nrrd")
+    arr = np.asarray(data)
+    if arr.ndim != 3:
+        raise ValueError(f"write_nrrd expects a 3D array, got shape {arr.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+    lps = LPS_TO_RAS @ affine[:3, :3]  # the same flip converts both ways
+    spacing = np.linalg.norm(lps, axis=0)
+    # SimpleITK arrays are (z, y, x): the transpose of a Fortran-ordered (x, y, z) array is C-ordered, no copy.
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.astype(np.uint8, copy=False).transpose(2, 1, 0)))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((lps / spacing).ravel().tolist())
+    img.SetOrigin((LPS_TO_RAS @ affine[:3, 3]).tolist())
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def output_suffix(path: str | Path) -> str:
+    """The suffix a result for input ``path`` gets: ``.nrrd`` for NRRD inputs (.nrrd, .nhdr), else ``.nii.gz``."""
+    return ".nrrd" if Path(path).name.lower().endswith(NRRD_SUFFIXES) else ".nii.gz"
+
+
 def write_volume(path: str | Path, volume: Volume) -> Path:
-    """Write a :class:`Volume` as uint8 NIfTI on its file's own grid (voxel order, affine, header).
+    """Write a :class:`Volume` as uint8 NIfTI or NRRD (by ``path``'s suffix) on its file's own grid.
 
     A volume read by :func:`read_volume` is held in the canonical order; writing it goes back to
-    the grid it came from, so an output overlays its input voxel for voxel in any viewer.
-    Volumes built in memory (``source`` None) are written as they are.
+    the grid it came from (voxel order, affine; a NIfTI also keeps the header), so an output
+    overlays its input voxel for voxel in any viewer. Volumes built in memory (``source`` None)
+    are written as they are.
     """
+    data, affine = volume.data, volume.affine
+    if volume.source is not None:
+        data, affine = to_source_grid(volume.data, volume.source), volume.source.affine
+    if Path(path).name.lower().endswith(".nrrd"):
+        return write_nrrd(path, data, affine)
     if volume.source is None:
-        return write_nifti(path, volume.data, volume.affine, volume.header)
-    return write_nifti(path, to_source_grid(volume.data, volume.source), volume.source.affine, volume.header,
-                       oriented=volume.source.oriented)
+        return write_nifti(path, data, affine, volume.header)
+    return write_nifti(path, data, affine, volume.header, oriented=volume.source.oriented)

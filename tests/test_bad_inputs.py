@@ -209,7 +209,9 @@ CASES = [
     ("predict --checkpoint {w}/junk.safetensors --in {w}/good --out {w}/o", "junk.safetensors: "),
     ("predict --checkpoint {w}/nan.safetensors --in {w}/good --out {w}/o", "checkpoint weights are not finite"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/nope --out {w}/o", "no such folder"),
-    ("predict --checkpoint {w}/m.safetensors --in {w}/good/skull.nii.gz --out {w}/o", "is a file; give the folder"),
+    # (a single volume file is a valid --in for predict: test_predict_takes_one_file below)
+    ("predict --checkpoint {w}/m.safetensors --in {w}/lr.yaml --out {w}/o", "lr.yaml: unknown file type"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --smooth", "--smooth: smooths the STL meshes"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/empty --out {w}/o", "no volume files"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/corrupt --out {w}/o", "skull.nii.gz: "),
     ("predict --checkpoint {w}/m.safetensors --in {w}/huge --out {w}/o", "header claims"),
@@ -304,3 +306,15 @@ def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(world: Path, 
     assert "SECRET" not in res.output  # no byte of a file outside the input folder is shown
     assert not FIFO_OPENED.is_set()  # nothing opened the FIFO a header names (it would have hung)
     assert _snapshot(world) == before  # nothing written, moved or removed
+
+
+# i-stl: predict takes one volume file as --in (defects and evaluate still need folders: rows above).
+def test_predict_takes_one_file(world: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    args = ["predict", "--checkpoint", str(world / "m.safetensors"), "--in", str(world / "good" / "skull.nii.gz"),
+            "--out", str(out), "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
+    report = out / "predict.json"
+    assert res.exit_code == 0, res.output
+    assert (out / "implant" / "skull.nii.gz").is_file() and (out / "complete" / "skull.nii.gz").is_file()
+    assert report.is_file() and '"case_id": "skull"' in report.read_text()

@@ -15,9 +15,11 @@ around the whole skull. Where the model *added* bone (prediction AND NOT prepare
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Collection
+import logging
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +32,10 @@ from ..data.ct import DEFAULT_BONE_HU, mask_warnings, read_ct_skull
 from ..data.layout import implant_of
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_mask, restore_to_grid
 from ..errors import InputError
-from ..io import Volume, atomic_write_bytes, atomic_write_text, write_volume
+from ..io import Volume, atomic_write_bytes, atomic_write_text, output_suffix, write_volume
 from ..nets.autoencoder import bone_logit
 from ..utils import Progress, bounding_box, resolve_device
-from .mesh import mesh_from_mask, stl_bytes
+from .mesh import count_shells, lps_affine, printable_mesh, stl_bytes, stl_name
 
 # Implant components smaller than this are dropped. 100 mm^3 is ~7 voxels of a 64^3 SkullFix grid
 # (about 2.2 x 2.9 x 2.3 mm each) and far below any cranial defect (SkullFix implants are
@@ -288,6 +290,38 @@ def finish_reference(vol: Volume, prepared: Volume, prob: np.ndarray, threshold:
     return complete, implant, removed
 
 
+@contextlib.contextmanager
+def captured_warnings() -> Iterator[list[str]]:
+    """Collect what the ``skullrec`` logger warns (e.g. :func:`skullrec.io.read_volume` about an input
+    without orientation) into a list instead of printing it, so the caller prints it once and also
+    records it (predict.json); other loggers and levels are untouched."""
+    kept: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    logger = logging.getLogger("skullrec")
+    handler = _Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield kept
+    finally:
+        logger.removeHandler(handler)
+
+
+def input_files(inp: Path) -> dict[str, Path]:
+    """Case id -> file of ``predict --in``: every volume file of a folder, or one volume file given alone."""
+    from ..io import case_id, is_volume_file, list_volumes, VOLUME_SUFFIXES
+
+    inp = Path(inp)
+    if inp.is_file():
+        if not is_volume_file(inp):
+            raise InputError(f"{inp}: unknown file type (expected one of {', '.join(VOLUME_SUFFIXES)}, or a folder of them)")
+        return {case_id(inp): inp}
+    return list_volumes(inp)
+
+
 def predict_folder(
     checkpoint: Path,
     inp: Path,
@@ -305,34 +339,58 @@ def predict_folder(
     ct: bool = False,
     bone_hu: float = DEFAULT_BONE_HU,
     series: Collection[str] | None = None,
+    stl_skull: bool = False,
+    smooth: bool = False,
 ) -> list[dict[str, Any]]:
-    """Reconstruct every defective skull in ``inp``: out/complete/CASE.nii.gz, out/implant/CASE.nii.gz (+ out/stl/).
+    """Reconstruct every defective skull in ``inp`` (a folder, or one file): out/complete/CASE.EXT,
+    out/implant/CASE.EXT (+ out/stl/CASE_implant.stl).
 
+    EXT is the input's format: ``.nrrd`` for a NRRD input, ``.nii.gz`` for a NIfTI one, each on the
+    input file's own grid. ``stl``: the implant's surface as a binary STL in LPS mm
+    (:mod:`skullrec.inference.mesh`), ``stl_skull`` the complete skull's too (implies ``stl``),
+    ``smooth`` smooths them (within 0.5 mm of the voxel surface).
     ``threshold`` binarises non-binary *inputs* (value > T); the model output is thresholded at 0.5.
     Returns one row per case (also written to out/predict.json); ``progress(done, total)`` is called
-    after each case and ``warn(message)`` for each empty implant, doubtful input and unusable result.
+    after each case and ``warn(message)`` for each warning (reading an input, an empty implant, a
+    doubtful input, an unusable result); every such message is also in predict.json, under the
+    case's ``warnings`` and in the top-level ``warnings`` list.
     An unusable result (see :attr:`Reconstruction.problems`) is not written; it is listed under
     ``failed`` in predict.json, and when no case is usable the call fails with InputError and
     leaves nothing behind. With ``stage2`` (a ``skullrec train-implant`` checkpoint) the implant is
     stage 2's (:mod:`skullrec.inference.stage2`, in a box around stage 1's implant) and the
     complete skull is the defective skull plus that implant; ``keep_stage1`` also writes stage 1's
-    implant to out/stage1_implant/CASE.nii.gz; ``mirror`` averages stage 2 over the box and its
+    implant to out/stage1_implant/; ``mirror`` averages stage 2 over the box and its
     left-right mirror image (test-time augmentation).
 
     ``inp`` may also hold DICOM series (one series folder, or a folder of series folders: one case
     each, see :func:`skullrec.io.list_volumes`); ``series`` picks the series of folders holding
     several. With ``ct`` every input is a CT in HU, made into a skull mask by
-    :func:`skullrec.data.ct.read_ct_skull` (bone >= ``bone_hu``), written to out/ct_mask/CASE.nii.gz.
+    :func:`skullrec.data.ct.read_ct_skull` (bone >= ``bone_hu``), written to out/ct_mask/CASE.EXT.
     """
     from ..data.layout import check_output_dir, staged_output
-    from ..io import list_volumes, read_volume
+    from ..io import read_volume
     from ..nets.checkpoint import load_checkpoint
 
     inputs = (inp, checkpoint, stage2)  # replacing the output must never delete an input
     check_output_dir(out, overwrite, inputs)
-    files = list_volumes(inp)
+    all_warnings: list[str] = []
+    say_out = warn or logging.getLogger("skullrec").warning
+
+    def say(msg: str, case: list[str] | None = None) -> None:
+        say_out(msg)
+        all_warnings.append(msg)
+        if case is not None:
+            case.append(msg)
+
+    with captured_warnings() as listed:
+        files = input_files(inp)
+    for msg in listed:
+        say(msg)
     if series:
         check_series_choice(files, series, inp)
+    stl = stl or stl_skull
+    if smooth and not stl:
+        raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
     model2 = cfg2 = meta2 = None
@@ -343,7 +401,6 @@ def predict_folder(
     summary: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     done = 0
-    say = warn or (lambda msg: None)
     with staged_output(out, overwrite, inputs) as staging:
         ids = list(files)
         if progress is not None:
@@ -351,48 +408,65 @@ def predict_folder(
         # Read only one batch at a time: a 512^3 input is ~130 MB as uint8 plus float work arrays.
         for start in range(0, len(ids), batch_size):
             chunk = ids[start : start + batch_size]
-            if ct:
-                read = [read_ct_skull(files[cid], bone_hu, series) for cid in chunk]
-                vols, ct_infos = [v for v, _ in read], [i for _, i in read]
-            else:
-                vols, ct_infos = [read_volume(files[cid], threshold=threshold, series=series) for cid in chunk], [None] * len(chunk)
+            vols, ct_infos, read_warnings = [], [], []
+            for cid in chunk:
+                with captured_warnings() as caught:  # printed below and kept with the case
+                    if ct:
+                        vol, ct_info = read_ct_skull(files[cid], bone_hu, series)
+                    else:
+                        vol, ct_info = read_volume(files[cid], threshold=threshold, series=series), None
+                vols.append(vol)
+                ct_infos.append(ct_info)
+                read_warnings.append(caught)
             for cid, vol in zip(chunk, vols):
                 if not vol.data.any():
                     raise InputError(f"{files[cid]}: no bone voxels (empty mask)")
             recs = reconstruct(model, vols, batch_size=batch_size, device=dev, size=cfg.model.size)
-            for cid, vol, rec, ct_info in zip(chunk, vols, recs, ct_infos):
+            for cid, vol, rec, ct_info, caught in zip(chunk, vols, recs, ct_infos, read_warnings):
                 done += 1
+                case_warnings: list[str] = []
+                for msg in caught:
+                    say(msg, case_warnings)
                 if ct_info is not None:
                     rec.warnings = mask_warnings(ct_info) + rec.warnings
                 for w in rec.warnings:
-                    say(f"warning: {files[cid]}: {w}")
+                    say(f"warning: {files[cid]}: {w}", case_warnings)
                 if not rec.usable:
                     # Garbage is never written as a result: report it, write nothing for this case.
-                    say(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}")
-                    failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems})
+                    say(f"warning: {files[cid]}: no result written: {'; '.join(rec.problems)}", case_warnings)
+                    failed.append({"case_id": cid, "input": str(files[cid]), "problems": rec.problems,
+                                   "warnings": case_warnings})
                     if progress is not None:
                         progress(done, len(ids))
                     continue
+                ext = output_suffix(files[cid])  # NRRD in, NRRD out; NIfTI in, NIfTI out
                 if model2 is not None:
                     if keep_stage1:  # stage 1's own implant beside stage 2's, to compare the two on one run
-                        write_volume(staging / "stage1_implant" / f"{cid}.nii.gz", rec.implant)
+                        write_volume(staging / "stage1_implant" / f"{cid}{ext}", rec.implant)
                     rec = apply_stage2(rec, vol, model2, cfg2, dev, mirror=mirror)
                 # Back on the input file's own grid: its voxel order, affine and header.
-                write_volume(staging / "complete" / f"{cid}.nii.gz", rec.complete)
-                write_volume(staging / "implant" / f"{cid}.nii.gz", rec.implant)
-                row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty,
-                       "warnings": rec.warnings}
+                write_volume(staging / "complete" / f"{cid}{ext}", rec.complete)
+                write_volume(staging / "implant" / f"{cid}{ext}", rec.implant)
+                row = {"case_id": cid, "input": str(files[cid]), **rec.info, "implant_empty": rec.implant_empty}
                 if ct_info is not None:  # the skull mask made from the CT, to check what the model was given
-                    write_volume(staging / "ct_mask" / f"{cid}.nii.gz", vol)
+                    write_volume(staging / "ct_mask" / f"{cid}{ext}", vol)
                     row["ct"] = ct_info
-                if stl:
-                    for kind, mask in (("complete", rec.complete.data), ("implant", rec.implant.data)):
-                        verts, faces = mesh_from_mask(mask, vol.affine)
-                        if len(faces) == 0:
-                            continue  # an empty implant has no surface: reported below, no file
-                        atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, f"skullrec {cid} {kind} (mm)"))
                 if rec.implant_empty:
-                    say(f"{cid}: empty implant (the model added no bone outside the defective skull)")
+                    say(f"warning: {files[cid]}: empty implant (the model added no bone outside the defective skull)", case_warnings)
+                if stl:
+                    # LPS mm, where ITK / 3D Slicer place the volume written beside it (skullrec.inference.mesh).
+                    frame = lps_affine(vol.affine)
+                    kinds = (("implant", rec.implant.data),) + ((("complete", rec.complete.data),) if stl_skull else ())
+                    for kind, mask in kinds:
+                        verts, faces = printable_mesh(mask, frame, smooth=smooth)
+                        if len(faces) == 0:
+                            continue  # an empty implant has no surface: reported above, no file
+                        atomic_write_bytes(staging / "stl" / f"{cid}_{kind}.stl", stl_bytes(verts, faces, stl_name(cid, kind)))
+                        if kind == "implant":
+                            row["implant_stl_pieces"] = pieces = count_shells(verts, faces)
+                            if pieces > 1:
+                                say(f"warning: {files[cid]}: the implant STL has {pieces} separate pieces", case_warnings)
+                row["warnings"] = case_warnings
                 summary.append(row)
                 if progress is not None:  # after stage 2 and the files: a case is done when its outputs are
                     progress(done, len(ids))
@@ -403,8 +477,11 @@ def predict_folder(
             raise InputError(f"{first['input']}: no usable result: {'; '.join(first['problems'])}{more}")
         report = {"checkpoint": str(checkpoint), "checkpoint_meta": meta,
                   "stage2": None if stage2 is None else str(stage2), "stage2_meta": meta2, "stage2_mirror": mirror, "input": str(inp), "device": str(dev),
-                  "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3, "cases": summary, "failed": failed,
-                  "ct": {"bone_hu": bone_hu} if ct else None, "series": sorted(series) if series else None}
+                  "model_size": cfg.model.size, "min_island_mm3": MIN_ISLAND_MM3,
+                  "stl": None if not stl else {"parts": ["implant", "complete"] if stl_skull else ["implant"],
+                                               "frame": "LPS", "units": "mm", "smooth": smooth},
+                  "ct": {"bone_hu": bone_hu} if ct else None, "series": sorted(series) if series else None,
+                  "warnings": all_warnings, "cases": summary, "failed": failed}
         atomic_write_text(staging / "predict.json", json.dumps(report, indent=1, default=str) + "\n")
     return summary
 

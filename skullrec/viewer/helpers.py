@@ -65,6 +65,20 @@ def discover_cases(root: str | Path) -> dict[str, list[str]]:
     return out
 
 
+# Held-out splits, in the order the default case is taken from: a model has not seen them in training.
+HELD_OUT_PREFIXES = ("eval", "test", "val")
+
+
+def default_split(splits: list[str]) -> int:
+    """Index of the split whose first case the viewer opens: the first held-out one (``eval_*``, then
+    ``test*``, ``val*``), not a training split the model has seen; 0 when there is none."""
+    for prefix in HELD_OUT_PREFIXES:
+        for i, name in enumerate(splits):
+            if name.lower().startswith(prefix):
+                return i
+    return 0
+
+
 @dataclass
 class CaseVolumes:
     """One case to show: the defective skull and, when known, the complete skull and implant."""
@@ -274,13 +288,18 @@ def mesh_from_mask(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np
 
 
 def surface(mask: np.ndarray, affine: np.ndarray, max_edge: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """A light surface of a mask for display: (verts (V, 3) mm float32, faces (F, 3) int32).
+    """A light surface of a mask for display: (verts (V, 3) LPS mm float32, faces (F, 3) int32).
 
+    In LPS mm (``affine`` is the volume's voxel -> RAS one), the frame of the STL downloads and of
+    3D Slicer; for skullrec's canonical voxel order it also makes the world axes run the way the
+    array axes do, so the slice views' mm (:func:`slice_extent`) are the 3D view's.
     The mask is block-max pooled to at most ``max_edge`` voxels per edge first, so a 512^3 upload
     gives a mesh the browser can still turn smoothly (a 64^3 skull is meshed at full resolution).
     """
+    from ..inference.mesh import lps_affine
+
     small, small_affine = downsample_for_mesh(np.asarray(mask), affine, max_edge)
-    verts, faces = mesh_from_mask(small, small_affine)
+    verts, faces = mesh_from_mask(small, lps_affine(small_affine))
     # plotly sends numpy arrays to the browser as base64 typed arrays: float32/int32 halve the payload.
     return np.asarray(verts, dtype=np.float32), np.asarray(faces, dtype=np.int32)
 
@@ -300,23 +319,80 @@ def mesh_trace(verts: np.ndarray, faces: np.ndarray, layer: str, opacity: float 
     )
 
 
-def figure_3d(traces: list[Any], title: str = "", height: int = 520) -> Any:
-    """A plotly figure of Mesh3d traces with axes in mm and the aspect ratio of the data."""
+# LPS axes, as the 3D view and the slices label them.
+AXIS_TITLES = ("x (mm, to the left)", "y (mm, to the back)", "z (mm, up)")
+
+
+def scene_ranges(vert_sets: list[np.ndarray], pad_mm: float = 5.0) -> list[tuple[float, float]] | None:
+    """The (lo, hi) mm range per axis covering all vertex sets (padded), or None when all are empty."""
+    sets = [np.asarray(v) for v in vert_sets if v is not None and len(v)]
+    if not sets:
+        return None
+    pts = np.concatenate([v.reshape(-1, 3) for v in sets])
+    lo, hi = pts.min(0) - pad_mm, pts.max(0) + pad_mm
+    return [(float(a), float(b)) for a, b in zip(lo, hi)]
+
+
+def _scene_point(p: np.ndarray, ranges: list[tuple[float, float]]) -> np.ndarray:
+    """A point in mm -> plotly's scene coordinates for :func:`figure_3d`'s layout (equal mm per unit).
+
+    plotly (gl-plot3d) centres the axis box and scales axis i by aspectratio_i / range_i; with the
+    aspect ratios ``range_i / max range`` that is one factor, 1 / max range, on every axis.
+    """
+    lo, hi = np.array(ranges, dtype=np.float64).T
+    return (np.asarray(p, dtype=np.float64) - (lo + hi) / 2) / float((hi - lo).max())
+
+
+def implant_camera(implant_verts: np.ndarray, skull_verts: np.ndarray, ranges: list[tuple[float, float]],
+                   distance: float = 1.6) -> dict[str, dict[str, float]] | None:
+    """A plotly scene camera that looks at the implant from outside the head.
+
+    Target: the implant's centroid; eye: ``distance`` (in units of the largest axis range) from it
+    along the outward direction, centroid of the skull -> centroid of the implant. None when either
+    mesh is empty or the two centroids coincide (no outward direction: the default view stays).
+    """
+    if implant_verts is None or skull_verts is None or not len(implant_verts) or not len(skull_verts):
+        return None
+    c_imp = np.asarray(implant_verts, dtype=np.float64).mean(0)
+    out = c_imp - np.asarray(skull_verts, dtype=np.float64).mean(0)
+    norm = float(np.linalg.norm(out))
+    if norm < 1e-6:
+        return None
+    out /= norm
+    centre = _scene_point(c_imp, ranges)
+    eye = centre + distance * out
+    # 'up' must not be parallel to the line of sight: for an implant on top, the front (-y in LPS) is up.
+    up = (0.0, 0.0, 1.0) if abs(out[2]) < 0.9 else (0.0, -1.0, 0.0)
+    xyz = ("x", "y", "z")
+    return {"center": dict(zip(xyz, map(float, centre))), "eye": dict(zip(xyz, map(float, eye))), "up": dict(zip(xyz, up))}
+
+
+def figure_3d(traces: list[Any], title: str = "", height: int = 520, ranges: list[tuple[float, float]] | None = None,
+              camera: dict[str, dict[str, float]] | None = None) -> Any:
+    """A plotly figure of Mesh3d traces in LPS mm with equal mm on every axis.
+
+    With ``ranges`` (:func:`scene_ranges`) the axes are fixed to them with aspect ratios
+    proportional to their lengths (needed for ``camera``, e.g. :func:`implant_camera`, to mean a
+    place in mm); without, plotly's ``aspectmode="data"`` does the same from the data.
+    """
     import plotly.graph_objects as go
 
     fig = go.Figure(data=[t for t in traces if t is not None])
+    axes = {f"{a}axis": {"title": {"text": t}} for a, t in zip("xyz", AXIS_TITLES)}
+    scene: dict[str, Any] = {"aspectmode": "data", **axes, "camera": camera or {"eye": {"x": -1.4, "y": -1.4, "z": 0.8}}}
+    if ranges is not None:
+        longest = max(hi - lo for lo, hi in ranges)
+        scene["aspectmode"] = "manual"
+        scene["aspectratio"] = {a: (hi - lo) / longest for a, (lo, hi) in zip("xyz", ranges)}
+        for a, (lo, hi) in zip("xyz", ranges):
+            scene[f"{a}axis"]["range"] = [lo, hi]
+            scene[f"{a}axis"]["autorange"] = False
     fig.update_layout(
         title=title or None,
         height=height,
         margin={"l": 0, "r": 0, "t": 30 if title else 0, "b": 0},
         legend={"orientation": "h", "y": 1.02, "x": 0},
-        scene={
-            "aspectmode": "data",
-            "xaxis": {"title": {"text": "x (mm)"}},
-            "yaxis": {"title": {"text": "y (mm)"}},
-            "zaxis": {"title": {"text": "z (mm)"}},
-            "camera": {"eye": {"x": 1.4, "y": -1.4, "z": 0.8}},
-        },
+        scene=scene,
     )
     return fig
 
@@ -358,17 +434,37 @@ def slice_overlay(layers: Mapping[str, np.ndarray], axis: int, index: int, alpha
     return np.ascontiguousarray(np.flip(img.transpose(1, 0, 2), axis=0).round().astype(np.uint8))
 
 
-def slice_figure(image: np.ndarray, spacing: tuple[float, float], title: str = "", height: int = 420) -> Any:
-    """A plotly figure showing an overlay image with pixel sizes in mm (equal aspect)."""
+def slice_axes(affine: np.ndarray, axis: int) -> tuple[tuple[float, float], tuple[float, float], tuple[str, str]]:
+    """(pixel sizes, mm of pixel 0, axis titles) of the slices along ``axis`` of a volume on ``affine`` (voxel -> RAS).
+
+    The in-plane array axes in LPS mm, the 3D view's frame (:func:`surface`): for skullrec's canonical
+    voxel order (axis 0 left, 1 posterior, 2 superior) array axis a runs along LPS axis a, so a
+    pixel's mm here is the 3D view's coordinate (exactly for an axis-aligned grid, along the voxel
+    axes for a tilted one).
+    """
+    from ..inference.mesh import lps_affine
+
+    lps = lps_affine(affine)
+    rest = [a for a in range(3) if a != axis]
+    spacing = tuple(float(np.linalg.norm(lps[:3, a])) for a in rest)
+    origin = tuple(float(lps[a, 3]) for a in rest)
+    return spacing, origin, tuple(AXIS_TITLES[a] for a in rest)
+
+
+def slice_figure(image: np.ndarray, spacing: tuple[float, float], title: str = "", height: int = 420,
+                 origin: tuple[float, float] = (0.0, 0.0), axis_titles: tuple[str, str] = ("mm", "mm")) -> Any:
+    """A plotly figure showing an overlay image with pixel sizes in mm (equal aspect); pixel 0 at ``origin`` mm."""
     import plotly.graph_objects as go
 
     du, dv = (float(s) for s in spacing)
+    u0, v0 = (float(o) for o in origin)
     rows = image.shape[0]
     # Rows were flipped so that v grows upwards; y0 puts row 0 at the top edge in mm.
-    fig = go.Figure(go.Image(z=image, x0=0.0, dx=du, y0=(rows - 1) * dv, dy=-dv, hoverinfo="x+y"))
+    fig = go.Figure(go.Image(z=image, x0=u0, dx=du, y0=v0 + (rows - 1) * dv, dy=-dv, hoverinfo="x+y"))
     fig.update_layout(
         title=title or None, height=height, margin={"l": 0, "r": 0, "t": 30 if title else 0, "b": 0},
-        xaxis={"title": {"text": "mm"}}, yaxis={"title": {"text": "mm"}, "scaleanchor": "x", "autorange": True},
+        xaxis={"title": {"text": axis_titles[0]}},
+        yaxis={"title": {"text": axis_titles[1]}, "scaleanchor": "x", "autorange": True},
     )
     return fig
 
@@ -387,19 +483,40 @@ METRIC_UNITS = {
 }
 
 
+# What a metric without a value shows (not computed, or undefined: a distance to an empty mask).
+NO_VALUE = "—"
+
+
 def case_metric_rows(pred: Volume, truth: Volume, defective: Volume | None, target: str) -> list[dict[str, Any]]:
-    """Metrics of one prediction against its truth as display rows: target, metric, value, unit."""
+    """Metrics of one prediction against its truth as display rows: target, metric, value, unit.
+
+    For a failed case (an empty prediction or truth) the distances are undefined: their value is
+    None (shown as :data:`NO_VALUE`), not the worst-case stand-in ``skullrec evaluate`` averages.
+    """
     from ..evaluation.metrics import case_metrics
 
     m = case_metrics(pred.data, truth.data, truth.spacing, defective=None if defective is None else defective.data, target=target)
     rows = []
     for key, (label, unit) in METRIC_UNITS.items():
         if key in m and m[key] is not None:
-            value = float(m[key])
-            rows.append({"target": target, "metric": label, "value": round(value, 4), "unit": unit})
+            undefined = m.get("failed") and key.startswith("hd")
+            value = None if undefined or not math.isfinite(float(m[key])) else round(float(m[key]), 4)
+            rows.append({"target": target, "metric": label, "value": value, "unit": unit})
     if m.get("failed"):
-        rows.append({"target": target, "metric": "failed", "value": 1.0, "unit": "empty prediction"})
+        rows.append({"target": target, "metric": "failed", "value": 1.0, "unit": m.get("failure") or "empty prediction"})
     return rows
+
+
+def metric_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`case_metric_rows` for a table: values as text (4 significant digits), :data:`NO_VALUE` where undefined."""
+    return [{**r, "value": metric_text(r["value"], "", ".4g")} for r in rows]
+
+
+def metric_text(value: float | None, unit: str = "", fmt: str = ".3f") -> str:
+    """A metric for display: the number and unit, or :data:`NO_VALUE` when missing or not finite."""
+    if value is None or not math.isfinite(float(value)):
+        return NO_VALUE
+    return f"{float(value):{fmt}} {unit}".strip()
 
 
 def nifti_bytes(volume: Volume) -> bytes:
@@ -412,10 +529,12 @@ def nifti_bytes(volume: Volume) -> bytes:
 
 
 def stl_bytes(mask: np.ndarray, affine: np.ndarray, name: str = "skullrec") -> bytes:
-    """A binary STL (mm) of a mask's surface on its full grid (what ``skullrec predict --stl`` writes)."""
+    """A binary STL (LPS mm) of a mask's surface on its full grid, as ``skullrec predict --stl`` writes it
+    (``affine``: the volume's voxel -> RAS one)."""
+    from ..inference.mesh import lps_affine, printable_mesh
     from ..inference.mesh import stl_bytes as _stl
 
-    verts, faces = mesh_from_mask(mask, affine)
+    verts, faces = printable_mesh(mask, lps_affine(affine))
     return _stl(verts, faces, name)
 
 
@@ -482,10 +601,16 @@ __all__ = [
     "discover_cases",
     "discover_checkpoints",
     "default_pair",
+    "default_split",
     "discover_results",
     "downsample_for_mesh",
     "figure_3d",
     "find_case",
+    "implant_camera",
+    "metric_table",
+    "metric_text",
+    "scene_ranges",
+    "slice_axes",
     "load_case",
     "load_results",
     "mesh_from_mask",

@@ -108,8 +108,8 @@ def download_makers(rec: Volume, implant: Volume) -> dict[str, object]:
     return {
         "implant.nii.gz": lambda: V.nifti_bytes(implant),
         "reconstruction.nii.gz": lambda: V.nifti_bytes(rec),
-        "implant.stl": lambda: V.stl_bytes(implant.data, implant.affine, "skullrec implant (mm)"),
-        "reconstruction.stl": lambda: V.stl_bytes(rec.data, rec.affine, "skullrec reconstruction (mm)"),
+        "implant.stl": lambda: V.stl_bytes(implant.data, implant.affine, "skullrec implant SPACE=LPS mm"),
+        "reconstruction.stl": lambda: V.stl_bytes(rec.data, rec.affine, "skullrec reconstruction SPACE=LPS mm"),
     }
 
 
@@ -159,7 +159,8 @@ def sidebar() -> tuple[str | None, V.CaseVolumes | None, str | None]:
         if not cases:
             sb.info(f"No data set at {SETTINGS.data}: run `skullrec synth` (or `skullrec view --data DIR`), or upload a file.")
         else:
-            split = sb.selectbox("Split", list(cases), key="split")
+            # Default: a held-out split (its cases were not trained on), not the training split.
+            split = sb.selectbox("Split", list(cases), index=V.default_split(list(cases)), key="split")
             ids = cases.get(split, [])
             if st.session_state.get("case") not in ids:
                 st.session_state["case"] = ids[0]
@@ -265,16 +266,26 @@ def view_3d(key: str, case: V.CaseVolumes, recon: Recon | None, layers: list[str
         vols["reconstruction"], vols["implant"] = recon.complete, recon.implant
     if case.complete is not None:
         vols["truth"], vols["truth_implant"] = case.complete, case.implant
-    traces = []
+    traces, meshes = [], {}
     for layer in layers:
         if layer not in vols:
             continue
         # Predicted layers depend on the checkpoint too: their cache key is the reconstruction's.
         owner = recon.key if layer in ("reconstruction", "implant") else key
         verts, faces = surface(f"{owner}|{layer}", vols[layer].data, vols[layer].affine)
+        meshes[layer] = verts
         # Implants stay opaque so that they stand out against see-through bone.
         traces.append(V.mesh_trace(verts, faces, layer, 1.0 if layer.endswith("implant") else opacity))
-    st.plotly_chart(V.figure_3d(traces, title=title, height=height), key=chart_key, config={"displaylogo": False})
+    ranges = V.scene_ranges(list(meshes.values()))
+    camera = None
+    if ranges is not None and "implant" in meshes:
+        # After a reconstruction: look at the implant from outside the head (it may sit on top, out of a frontal view).
+        skull = meshes.get("defective")
+        if skull is None:
+            skull, _ = surface(f"{key}|defective", case.defective.data, case.defective.affine)
+        camera = V.implant_camera(meshes["implant"], skull, ranges)
+    st.plotly_chart(V.figure_3d(traces, title=title, height=height, ranges=ranges, camera=camera), key=chart_key,
+                    config={"displaylogo": False})
 
 
 def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> None:
@@ -314,8 +325,9 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
         order = ["defective", "truth", "reconstruction", "truth_implant", "implant"]
         shown = {k: masks[k] for k in order if k in masks and k in layers}
         img = V.slice_overlay(shown, axis, index)
-        sp = [s for a, s in enumerate(case.defective.spacing) if a != axis]
-        st.plotly_chart(V.slice_figure(img, sp), key="slice_view", config={"displaylogo": False})
+        # The same LPS mm as the 3D view's axes.
+        sp, origin, titles = V.slice_axes(case.defective.affine, axis)
+        st.plotly_chart(V.slice_figure(img, sp, origin=origin, axis_titles=titles), key="slice_view", config={"displaylogo": False})
         # Legend in the overlay's exact colours (constant labels, so the HTML is safe).
         st.markdown(" &nbsp; ".join(
             f'<span style="color:rgb{V.COLOURS[k]}">&#9632;</span> {V.LABELS[k]}' for k in shown
@@ -330,16 +342,17 @@ def page_case(key: str | None, case: V.CaseVolumes | None, ckpt: str | None) -> 
         value = {(r["target"], r["metric"], r["unit"]): r["value"] for r in rows}
 
         def shown(target: str, metric: str, unit: str, fmt: str) -> str:
-            v = value.get((target, metric, unit))
-            return "n/a" if v is None else (f"{v:{fmt}} {unit}".strip())
+            return V.metric_text(value.get((target, metric, unit)), unit, fmt)  # "—" when undefined or not computed
 
         m1, m2, m3, m4 = st.columns(4)
         m1.metric("DSC (skull)", shown("skull", "DSC", "", ".3f"))
         m2.metric("HD (skull)", shown("skull", "HD", "mm", ".2f"))
-        m3.metric("HD95 (skull)", shown("skull", "HD95", "mm", ".2f"))
+        m3.metric("HD95 (skull)", shown("skull", "HD95", "mm", ".2f"),
+                  help="0 mm when at least 95% of the reconstruction's surface is the input's own bone; "
+                       "the implant's HD95 (all metrics, below) measures the new part.")
         m4.metric("DSC (implant)", shown("implant", "DSC", "", ".3f"))
         with st.expander("All metrics (skull and implant; mm and voxels)"):
-            st.dataframe(rows, hide_index=True, key="metrics_table")
+            st.dataframe(V.metric_table(rows), hide_index=True, key="metrics_table")
     st.subheader("Downloads (original grid)")
     files = download_makers(rec, implant)
     stem = V.safe_name(case.name.replace("/", "_")).split(".")[0]
@@ -377,7 +390,7 @@ def page_compare(key: str | None, case: V.CaseVolumes | None) -> None:
             view_3d(key, case, recon, ["defective", "implant"], opacity, chart_key=f"compare3d_{tag}", height=420, title=label)
             if case.complete is not None:
                 rows = metric_rows(recon.key, recon.complete, recon.implant, case)
-                st.dataframe(rows, hide_index=True, key=f"compare_metrics_{tag}")
+                st.dataframe(V.metric_table(rows), hide_index=True, key=f"compare_metrics_{tag}")
 
 
 def page_results() -> None:

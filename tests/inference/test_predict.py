@@ -187,27 +187,28 @@ def test_predict_command_writes_nifti_and_stl_on_the_input_grid(tmp_path: Path, 
     cfg = config.config_from_dict({"model": {"size": SIZE}})
     monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, device="cpu": (model, cfg, {"epoch": 1}))
     out = tmp_path / "out"
-    predict_command(checkpoint=tmp_path / "fake.safetensors", inp=tmp_path / "in", out=out, stl=True, batch_size=2, device="cpu")
+    predict_command(checkpoint=tmp_path / "fake.safetensors", inp=tmp_path / "in", out=out, stl_skull=True, batch_size=2, device="cpu")
     report = json.loads((out / "predict.json").read_text())
     assert [c["case_id"] for c in report["cases"]] == ["a", "b"]
+    assert report["stl"] == {"parts": ["implant", "complete"], "frame": "LPS", "units": "mm", "smooth": False}
     lo, hi = _world_bbox(defective)
     implants = []
-    for cid in ("a", "b"):
-        src = read_volume(tmp_path / "in" / (f"{cid}.nii.gz" if cid == "a" else f"{cid}.nrrd"))
+    for cid, ext in (("a", ".nii.gz"), ("b", ".nrrd")):  # each output in its input's format
+        src = read_volume(tmp_path / "in" / f"{cid}{ext}")
         for kind in ("complete", "implant"):
-            v = read_volume(out / kind / f"{cid}.nii.gz")
+            v = read_volume(out / kind / f"{cid}{ext}")
             assert v.shape == src.shape
             np.testing.assert_allclose(v.affine, src.affine, atol=1e-4)
             tri = _read_binary_stl(out / "stl" / f"{cid}_{kind}.stl")
-            assert (out / "stl" / f"{cid}_{kind}.stl").read_bytes()[:80].rstrip() == f"skullrec {cid} {kind} (mm)".encode()
+            assert (out / "stl" / f"{cid}_{kind}.stl").read_bytes()[:80].rstrip() == f"skullrec {cid} {kind} SPACE=LPS mm".encode()
             assert len(tri) > 100
-            pts = tri.reshape(-1, 3)
+            pts = tri.reshape(-1, 3) * [-1.0, -1.0, 1.0]  # LPS -> RAS, the frame of _world_bbox
             assert np.all(pts >= lo - 1e-3) and np.all(pts <= hi + 1e-3)
             # The mesh encloses the mask's volume in mm^3 (STL in mm, not voxels).
             signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0
             vol_mm3 = v.data.sum() * Q.voxel_volume_mm3(v.affine)
             assert abs(signed - vol_mm3) / vol_mm3 < 0.15, (cid, kind, signed, vol_mm3)
-        implants.append(read_volume(out / "implant" / f"{cid}.nii.gz").data)
+        implants.append(read_volume(out / "implant" / f"{cid}{ext}").data)
         assert not (implants[-1].astype(bool) & src.data.astype(bool)).any()
     np.testing.assert_array_equal(implants[0], implants[1])  # NIfTI and NRRD of the same skull agree
     hdr = nib.load(str(out / "complete" / "a.nii.gz")).header
@@ -244,8 +245,8 @@ def test_predict_cli_with_a_real_tiny_checkpoint(tmp_path: Path) -> None:
     args = ["predict", "--checkpoint", str(ckpt), "--in", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    for cid in ("a", "b"):
-        v = read_volume(tmp_path / "out" / "complete" / f"{cid}.nii.gz")
+    for cid, ext in (("a", ".nii.gz"), ("b", ".nrrd")):
+        v = read_volume(tmp_path / "out" / "complete" / f"{cid}{ext}")
         assert v.shape == (37, 45, 29)
         np.testing.assert_allclose(v.affine, defective.affine, atol=1e-4)
     res = runner.invoke(app, args)  # output exists: refused without --overwrite

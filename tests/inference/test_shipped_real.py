@@ -48,7 +48,7 @@ def test_predict_with_the_shipped_weights_on_a_held_out_skullfix_skull(tmp_path:
     case = report["cases"][0]
     defective = read_volume(src).data.astype(bool)
     truth = read_volume(SKULLFIX_TRAINING / "complete_skull" / f"{CASE}.nrrd").data.astype(bool) & ~defective
-    implant_vol = read_volume(tmp_path / "out" / "implant" / f"{CASE}.nii.gz")
+    implant_vol = read_volume(tmp_path / "out" / "implant" / f"{CASE}.nrrd")  # NRRD in, NRRD out
     implant = implant_vol.data.astype(bool)
     assert implant.shape == defective.shape and case["implant_voxels"] == int(implant.sum()) > 0
     assert not (implant & defective).any()  # never overlaps the defective skull

@@ -306,9 +306,10 @@ def test_surface_trace_and_figure_are_in_mm() -> None:
     complete, _ = toy_skull()
     verts, faces = V.surface(complete, toy_affine())
     assert verts.dtype == np.float32 and faces.dtype == np.int32 and len(faces) > 1000
-    # The surface lies within the bone's world bounding box, padded by one voxel.
+    # The surface lies within the bone's world bounding box in LPS mm (the STL's frame), padded by one voxel.
     idx = np.argwhere(complete)
-    ends = [toy_affine()[:3, :3] @ i + toy_affine()[:3, 3] for i in (idx.min(0), idx.max(0))]
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ toy_affine()
+    ends = [lps[:3, :3] @ i + lps[:3, 3] for i in (idx.min(0), idx.max(0))]
     lo = np.minimum(*ends) - np.array(SPACING)
     hi = np.maximum(*ends) + np.array(SPACING)
     assert np.all(verts >= lo - 1e-3) and np.all(verts <= hi + 1e-3)
@@ -317,7 +318,72 @@ def test_surface_trace_and_figure_are_in_mm() -> None:
     assert V.mesh_trace(np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int32), "implant") is None
     fig = V.figure_3d([trace, None])
     assert len(fig.data) == 1 and fig.layout.scene.aspectmode == "data"
-    assert fig.layout.scene.xaxis.title.text == "x (mm)"
+    assert fig.layout.scene.xaxis.title.text == "x (mm, to the left)"
+
+
+def test_default_case_is_held_out() -> None:
+    assert V.default_split(["train", "eval_set1", "eval_set2"]) == 1
+    assert V.default_split(["train", "val", "test"]) == 2  # eval_* first, then test*, then val*
+    assert V.default_split(["train", "validation"]) == 1
+    assert V.default_split(["train"]) == 0 and V.default_split([]) == 0
+
+
+def test_camera_looks_at_an_implant_on_top_from_above() -> None:
+    complete, defective = toy_skull()
+    implant = complete & (1 - defective)  # the cap cut off the top
+    skull_v, _ = V.surface(defective, toy_affine())
+    imp_v, _ = V.surface(implant, toy_affine())
+    ranges = V.scene_ranges([skull_v, imp_v])
+    cam = V.implant_camera(imp_v, skull_v, ranges)
+    centre = np.array([cam["center"][a] for a in "xyz"])
+    eye = np.array([cam["eye"][a] for a in "xyz"])
+    # Independently: plotly's scene coordinates of a point are (p - box middle) / longest box side here.
+    lo, hi = np.array(ranges).T
+    np.testing.assert_allclose(centre, (imp_v.mean(0) - (lo + hi) / 2) / (hi - lo).max(), atol=1e-6)
+    view = (eye - centre) / np.linalg.norm(eye - centre)
+    assert view[2] > 0.9  # the implant is on top: looked at from above, not from the front
+    assert abs(cam["up"]["z"]) < 1e-9  # 'up' is not the line of sight
+    fig = V.figure_3d([V.mesh_trace(skull_v, _, "defective")], ranges=ranges, camera=cam)
+    sc = fig.layout.scene
+    assert sc.aspectmode == "manual" and list(sc.xaxis.range) == [lo[0], hi[0]]
+    # Equal mm per unit on every axis: aspect ratio proportional to each axis' length.
+    ratios = np.array([sc.aspectratio.x, sc.aspectratio.y, sc.aspectratio.z])
+    np.testing.assert_allclose(ratios, (hi - lo) / (hi - lo).max())
+    assert sc.camera.eye.z == pytest.approx(eye[2])
+    assert V.implant_camera(np.zeros((0, 3)), skull_v, ranges) is None
+
+
+def test_slice_axes_are_the_3d_views_mm() -> None:
+    complete, _ = toy_skull()
+    verts, _ = V.surface(complete, toy_affine())
+    for axis in range(3):
+        spacing, origin, titles = V.slice_axes(toy_affine(), axis)
+        rest = [a for a in range(3) if a != axis]
+        assert titles == tuple(V.AXIS_TITLES[a] for a in rest)
+        np.testing.assert_allclose(spacing, [SPACING[a] for a in rest])
+        # The bone's extent along each in-plane axis, in the slice's mm, is the 3D surface's (within a voxel).
+        idx = np.argwhere(complete)
+        for k, a in enumerate(rest):
+            mm = origin[k] + spacing[k] * idx[:, a]
+            assert abs(mm.min() - verts[:, a].min()) <= SPACING[a] and abs(mm.max() - verts[:, a].max()) <= SPACING[a]
+        fig = V.slice_figure(np.zeros((5, 4, 3), np.uint8), spacing, origin=origin, axis_titles=titles)
+        assert fig.data[0].x0 == origin[0] and fig.data[0].y0 == pytest.approx(origin[1] + 4 * spacing[1])
+
+
+def test_undefined_metrics_show_a_dash() -> None:
+    complete, defective = toy_skull()
+    truth, d = Volume(complete, toy_affine()), Volume(defective, toy_affine())
+    empty = Volume(np.zeros_like(complete), toy_affine())
+    rows = V.case_metric_rows(empty, truth, d, "skull")  # an empty prediction: distances undefined
+    by = {(r["metric"], r["unit"]): r["value"] for r in rows}
+    assert by[("HD95", "mm")] is None and by[("HD", "mm")] is None and by[("DSC", "")] == 0.0
+    assert by[("failed", "empty prediction")] == 1.0
+    assert V.metric_text(by[("HD95", "mm")], "mm", ".2f") == "—"
+    assert V.metric_text(float("nan"), "mm") == "—" and V.metric_text(0.0, "mm", ".2f") == "0.00 mm"
+    table = V.metric_table(rows)
+    assert [r["value"] for r in table if r["metric"] == "HD95"] == ["—", "—"] and table[0]["value"] == "0"
+    good = {(r["metric"], r["unit"]): r["value"] for r in V.case_metric_rows(truth, truth, d, "skull")}
+    assert good[("HD95", "mm")] == 0.0 and good[("DSC", "")] == 1.0  # a perfect prediction: 0 mm is a value
 
 
 def test_slice_overlay_colours_and_orientation() -> None:
@@ -403,6 +469,14 @@ def chart_traces(at, key: str) -> list[dict]:
     raise AssertionError(f"no plotly chart with key {key}")
 
 
+def chart_layout(at, key: str) -> dict:
+    """The plotly layout of the chart with widget key ``key``."""
+    for el in at.get("plotly_chart"):
+        if el.proto.id and key in el.proto.id:
+            return json.loads(el.proto.spec)["layout"]
+    raise AssertionError(f"no plotly chart with key {key}")
+
+
 def array_of(value) -> np.ndarray:
     """A plotly JSON array: a plain list or a base64 typed array ``{"dtype": ..., "bdata": ...}``."""
     if isinstance(value, dict):
@@ -421,7 +495,8 @@ def test_page_lists_cases_and_checkpoints(app) -> None:
     no_failures(at)
     assert at.sidebar.radio(key="source").value == "Data set"
     assert at.sidebar.selectbox(key="split").options == ["train", "eval_set1"]
-    at.sidebar.selectbox(key="split").set_value("eval_set1").run()
+    # The page opens on a held-out case, not on one the model was trained on.
+    assert at.sidebar.selectbox(key="split").value == "eval_set1" and at.sidebar.selectbox(key="case").value == "003"
     assert at.sidebar.selectbox(key="case").options == ["003", "007"]
     assert at.sidebar.selectbox(key="ckpt").options == ["runs/a/last.safetensors", "runs/b/last.safetensors"]
     assert not at.sidebar.button(key="reconstruct").disabled
@@ -454,9 +529,16 @@ def test_reconstruct_shows_meshes_metrics_and_downloads(app) -> None:
     assert {"Defective skull", "Ground truth"} <= set(names)
     bone = next(t for t in traces if t["name"] == "Defective skull")
     assert bone["type"] == "mesh3d" and bone["opacity"] == 0.5
-    # Coordinates are in mm: x spans the bone's extent on the 1.5 mm grid running from -20 mm leftwards (-x).
+    # Coordinates are LPS mm: x spans the bone's extent on the 1.5 mm grid running from +20 mm leftwards (+x).
     x = array_of(bone["x"])
-    assert -20.0 - 31 * 1.5 - 1.5 <= x.min() and x.max() <= -20.0 + 1.5
+    assert 20.0 - 1.5 <= x.min() and x.max() <= 20.0 + 31 * 1.5 + 1.5
+    # The camera targets the implant (its centroid, in plotly's scene units of the fixed mm ranges).
+    implant = next(t for t in traces if t["name"] == "Implant (predicted)")
+    iv = np.stack([array_of(implant[a]) for a in "xyz"], 1).astype(np.float64)
+    scene = chart_layout(at, "view3d")["scene"]
+    lo, hi = np.array([scene[f"{a}axis"]["range"] for a in "xyz"]).T
+    centre = np.array([scene["camera"]["center"][a] for a in "xyz"])
+    np.testing.assert_allclose(centre, (iv.mean(0) - (lo + hi) / 2) / (hi - lo).max(), atol=1e-4)
     labels = [m.label for m in at.metric]
     assert labels == ["DSC (skull)", "HD (skull)", "HD95 (skull)", "DSC (implant)"]
     assert at.metric[1].value.endswith(" mm") and at.metric[2].value.endswith(" mm")
