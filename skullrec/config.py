@@ -223,8 +223,7 @@ def check_ranges(checks: list[tuple[str, bool, str]], prefix: str = "") -> None:
 # --set, checkpoint metadata, a run's config.yaml). Each is far above any setting skullrec uses (largest
 # shipped: model.size 64, channels 160, grid 128, box 128 mm) but below what would make an allocator fail
 # with a traceback after minutes (channels 10^8, a 2048^3 stage-2 grid) or torch's thread pool crash
-# (num_threads 100000: a segfault). Model *parameter* counts are bounded separately, from the architecture
-# built on torch's meta device (skullrec.nets.autoencoder.MAX_PARAMETERS), before any weight is allocated.
+# (num_threads 100000: a segfault). The parameter count is checked where the network is known (nets).
 LIMITS: dict[str, int | float] = {
     "size": 512,  # model.size and net.grid: voxels per edge of the network's input
     "channels": 4096,  # every entry of model.channels and net.channels
@@ -237,6 +236,9 @@ LIMITS: dict[str, int | float] = {
     "epochs": 1_000_000,  # train.epochs and every epoch count (checkpoint_epochs, val_every, start_epoch, ...)
     "samples": 1024,  # fam.samples, lookbehind.k
     "seed": 2**63 - 1,  # seed (torch.manual_seed takes at most 64 bits)
+    # weights of one network (1 GiB as float32; the default stage 1 and stage 2 have about 1 M), counted from
+    # its shapes on torch's meta device (skullrec.nets.autoencoder.check_parameter_count) before building it
+    "parameters": 1 << 28,
 }
 
 

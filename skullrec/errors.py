@@ -49,6 +49,11 @@ def short_repr(value: Any, limit: int = SHORT_REPR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to at most ``limit`` characters (``...`` marks a cut): a file's own string in an error message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def one_line(message: str) -> str:
     """``message`` with every control character (newline, carriage return, tab, escape, ...) written as an escape.
 
@@ -60,7 +65,7 @@ def one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
-__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error", "short_repr", "one_line"]
+__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error", "short_repr", "clip", "one_line"]
 
 
 def describe_os_error(exc: OSError) -> str:
