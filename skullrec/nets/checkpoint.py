@@ -130,26 +130,25 @@ def _dims(shape: tuple[int, ...]) -> str:
     return " x ".join(map(str, shape)) or "a scalar"
 
 
-def check_shapes(path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], arch: str) -> None:
-    """InputError ``PATH: weights do not fit architecture ...`` naming the first tensor that is missing, extra or of another shape."""
+def shape_problem(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """The first tensor that is missing, extra or of another shape in ``found`` against ``expected`` (and how many more); None if all fit."""
     problems = [f"tensor '{n}' missing" for n in sorted(set(expected) - set(found))]
     problems += [f"unexpected tensor {short_repr(n, 60)}" for n in sorted(set(found) - set(expected))]
     problems += [f"tensor '{n}' is {_dims(found[n])} in the file, the architecture needs {_dims(expected[n])}"
                  for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
-    if problems:
-        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
-        raise InputError(f"{path}: weights do not fit architecture '{clip(arch)}' ({problems[0]}{more})")
+    if not problems:
+        return None
+    return problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
 
 
-def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any],
-                      shapes_of: Callable[[Any], dict[str, tuple[int, ...]]]) -> tuple[dict[str, torch.Tensor], Any, str, dict[str, Any]]:
-    """(tensors, config, architecture, meta) of a checkpoint file of format ``fmt``, verified; InputError otherwise.
+def _read_metadata(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any],
+                   shapes_of: Callable[[Any], dict[str, tuple[int, ...]]]) -> tuple[bytes, dict[str, Any], Any, str, dict[str, Any]]:
+    """(file bytes, metadata, config, architecture, meta) of a checkpoint, its tensor shapes checked; no tensor is loaded.
 
     ``parse`` turns the stored config mapping into the typed config (a ConfigError becomes an InputError);
     ``shapes_of(config)`` gives the state-dict shapes that config's network has, computed without
     allocating it. The metadata (JSON with bounded nesting, config types and bounds) and the tensor
-    shapes of the header are checked against it *before* any tensor is read, so a crafted header
-    claiming a huge network costs nothing; then the tensors are loaded and their checksum verified.
+    shapes of the header are checked against it, so a crafted header claiming a huge network costs nothing.
     """
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
@@ -175,7 +174,19 @@ def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str
         raise InputError(f"{path}: checkpoint config invalid for this skullrec version ({exc})") from None
     except RecursionError:
         raise InputError(f"{path}: checkpoint config invalid for this skullrec version (nested too deeply)") from None
-    check_shapes(path, _tensor_shapes(path, header), expected, arch)
+    problem = shape_problem(_tensor_shapes(path, header), expected)
+    if problem:
+        raise InputError(f"{path}: weights do not fit architecture '{clip(arch)}' ({problem})")
+    return payload, metadata, cfg, arch, meta
+
+
+def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any],
+                      shapes_of: Callable[[Any], dict[str, tuple[int, ...]]]) -> tuple[dict[str, torch.Tensor], Any, str, dict[str, Any]]:
+    """(tensors, config, architecture, meta) of a checkpoint file of format ``fmt``, verified; InputError otherwise.
+
+    Everything :func:`_read_metadata` checks comes first; then the tensors are loaded and their checksum verified.
+    """
+    payload, metadata, cfg, arch, meta = _read_metadata(path, fmt, kind, parse, shapes_of)
     try:
         tensors = st_load(payload)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
@@ -223,6 +234,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, 
     tensors, cfg, arch, meta = _read_safetensors(Path(path), FORMAT, "skullrec", lambda v: config_from_dict(upgrade_stored(v)),
                                                  _checked_shapes(state_shapes, "model", lambda c: c.model))
     return tensors, cfg, _upgrade_architecture(arch), meta
+
+
+def read_checkpoint_config(path: str | Path) -> Config:
+    """The config stored in a stage-1 checkpoint, checked as :func:`read_checkpoint` does but without loading the tensors."""
+    from .autoencoder import state_shapes
+
+    return _read_metadata(Path(path), FORMAT, "skullrec", lambda v: config_from_dict(upgrade_stored(v)),
+                          _checked_shapes(state_shapes, "model", lambda c: c.model))[2]
 
 
 def _load_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], arch: str) -> torch.nn.Module:
@@ -307,6 +326,8 @@ __all__ = [
     "architecture",
     "save_checkpoint",
     "read_checkpoint",
+    "read_checkpoint_config",
+    "shape_problem",
     "load_checkpoint",
     "save_training_state",
     "load_training_state",
