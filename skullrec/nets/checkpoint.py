@@ -165,8 +165,10 @@ def _read_metadata(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, A
     arch = arch if isinstance(arch, str) else ""
     stored = _json_value(path, metadata, "config")
     meta = _json_value(path, metadata, "meta", "{}")
-    if not isinstance(meta, dict):
-        raise InputError(f"{path}: checkpoint metadata unreadable ('meta' is a {type(meta).__name__}, not a JSON object)")
+    for key, value in (("config", stored), ("meta", meta)):
+        if not isinstance(value, dict):  # null, a list, a number: never what skullrec writes
+            kind_of = "null" if value is None else f"a {type(value).__name__}"
+            raise InputError(f"{path}: checkpoint metadata unreadable ('{key}' is {kind_of}, not a JSON object)")
     try:
         cfg = parse(stored)
         expected = shapes_of(cfg)

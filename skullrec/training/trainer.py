@@ -33,7 +33,7 @@ import torch
 
 from ..config import FAM_METHODS, Config, load_config, load_stored_config
 from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..nets.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ..utils import resolve_device
 from . import distributed, speed
@@ -611,7 +611,10 @@ def run_training(
         cfg = load_stored_config(config, overrides)
     else:
         cfg = load_config(config, overrides)
-    check_parameter_count(state_shapes(cfg.model))  # refused before the run folder is touched (built on the meta device)
+    try:  # refused before the run folder is touched (the shapes come from the meta device: nothing allocated)
+        check_parameter_count(state_shapes(cfg.model))
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}" if config is not None else str(exc)) from None
     dinfo, dev = distributed.setup(resolve_device(device))
     lock = None
     folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name
