@@ -265,12 +265,22 @@ def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = CSV_COL
     """Per-case rows as CSV text (extra keys are appended as columns, None as an empty cell)."""
     extra = [k for r in rows for k in r if k not in columns]
     cols = list(columns) + list(dict.fromkeys(extra))
+    lines = [_csv_line([escape_csv_cell(str(c)) for c in cols])]
+    lines += [_csv_line([_csv_cell(r.get(c)) for c in cols]) for r in rows]
+    return "".join(lines)
+
+
+def _csv_line(cells: list[str]) -> str:
+    """One CSV row ending in ``\n``, every cell holding a CR or LF quoted.
+
+    The csv module quotes only cells holding a character of its line terminator, so with ``\n`` alone a
+    CR inside a case name went out bare: a spreadsheet starts a new row there, whose first cell
+    (``"x\r=cmd"``) escapes :func:`escape_csv_cell`. Written with ``\r\n``, each row quotes both; its
+    terminator (the last two characters, outside any cell) becomes ``\n`` again.
+    """
     buf = _stdio.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([escape_csv_cell(str(c)) for c in cols])
-    for r in rows:
-        w.writerow([_csv_cell(r.get(c)) for c in cols])
-    return buf.getvalue()
+    csv.writer(buf, lineterminator="\r\n").writerow(cells)
+    return buf.getvalue()[:-2] + "\n"
 
 
 def write_results(out: str | Path, rows: Sequence[dict[str, Any]], summary: dict[str, Any], overwrite: bool = False) -> tuple[Path, Path]:
