@@ -592,6 +592,10 @@ def load_experiment(path: str | Path, overrides: list[str], scale: float | None)
         raise ConfigError(f"{path}: {exc}") from None
     if not cfg.methods or not cfg.seeds:
         raise ConfigError(f"{path}: methods and seeds must not be empty")
+    check_ranges([
+        ("epochs", 1 <= cfg.epochs <= LIMITS["epochs"], f"must be in 1..{LIMITS['epochs']}, got {short_repr(cfg.epochs)}"),
+        ("seeds", all(0 <= s <= LIMITS["seed"] for s in cfg.seeds), f"every entry must be in 0..{LIMITS['seed']}, got {short_repr(cfg.seeds)}"),
+    ], prefix=f"{path}: ")
     if len({m.name for m in cfg.methods}) != len(cfg.methods):
         raise ConfigError(f"{path}: methods: names must be unique")
     for m in cfg.methods:

@@ -31,7 +31,7 @@ from monai.networks.nets import VarAutoEncoder
 from torch import nn
 
 from ..config import LIMITS, ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, short_repr
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -235,7 +235,7 @@ def get_linear(model: nn.Module, name: str) -> nn.Linear:
     """The Linear layer called ``name``; ConfigError listing the available ones if there is none."""
     layers = linear_layers(model)
     if name not in layers:
-        raise ConfigError(f"fam.layers: no Linear layer '{name}' (available: {', '.join(layers) or 'none'})")
+        raise ConfigError(f"fam.layers: no Linear layer {short_repr(name)} (available: {', '.join(layers) or 'none'})")
     return layers[name]
 
 
