@@ -84,13 +84,16 @@ def _corrupt(path: Path, reason: str) -> InputError:
     return InputError(f"{path}: corrupt or truncated checkpoint ({clip(reason)})")
 
 
-def _header(path: Path, payload: bytes) -> dict[str, Any]:
-    """The safetensors JSON header of ``payload``: tensor entries plus ``__metadata__``; InputError if malformed."""
-    header_len = int.from_bytes(payload[:8], "little")
-    if header_len > min(len(payload) - 8, MAX_HEADER_BYTES):
-        raise _corrupt(path, f"header of {header_len} bytes in a file of {len(payload)}")
+def _header(path: Path) -> dict[str, Any]:
+    """The safetensors JSON header of the file ``path`` (tensor entries plus ``__metadata__``), read alone; InputError if malformed."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise _corrupt(path, f"header of {header_len} bytes in a file of {size}")
+        raw = f.read(header_len)
     try:
-        header = json.loads(payload[8 : 8 + header_len])
+        header = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise _corrupt(path, "header is not JSON" if isinstance(exc, ValueError) else "header nested too deeply") from None
     if not isinstance(header, dict):
@@ -143,7 +146,7 @@ def shape_problem(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
 
 def _read_metadata(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any],
                    shapes_of: Callable[[Any], dict[str, tuple[int, ...]]]) -> tuple[bytes, dict[str, Any], Any, str, dict[str, Any]]:
-    """(file bytes, metadata, config, architecture, meta) of a checkpoint, its tensor shapes checked; no tensor is loaded.
+    """(metadata, config, architecture, meta) of a checkpoint, its tensor shapes checked; only the header is read.
 
     ``parse`` turns the stored config mapping into the typed config (a ConfigError becomes an InputError);
     ``shapes_of(config)`` gives the state-dict shapes that config's network has, computed without
@@ -152,10 +155,10 @@ def _read_metadata(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, A
     """
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
-    payload = path.read_bytes()
-    if len(payload) < 8:
-        raise InputError(f"{path}: not a {kind} checkpoint (file is {len(payload)} bytes; truncated?)")
-    header = _header(path, payload)
+    size = path.stat().st_size
+    if size < 8:
+        raise InputError(f"{path}: not a {kind} checkpoint (file is {size} bytes; truncated?)")
+    header = _header(path)  # the header alone: the tensors are read only once it has passed every check
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise _corrupt(path, "__metadata__ is not a JSON object")
@@ -179,7 +182,7 @@ def _read_metadata(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, A
     problem = shape_problem(_tensor_shapes(path, header), expected)
     if problem:
         raise InputError(f"{path}: weights do not fit architecture '{clip(arch)}' ({problem})")
-    return payload, metadata, cfg, arch, meta
+    return metadata, cfg, arch, meta
 
 
 def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any],
@@ -188,9 +191,9 @@ def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str
 
     Everything :func:`_read_metadata` checks comes first; then the tensors are loaded and their checksum verified.
     """
-    payload, metadata, cfg, arch, meta = _read_metadata(path, fmt, kind, parse, shapes_of)
+    metadata, cfg, arch, meta = _read_metadata(path, fmt, kind, parse, shapes_of)
     try:
-        tensors = st_load(payload)
+        tensors = st_load(path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise _corrupt(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if metadata.get("sha256") != _digest(tensors):
@@ -243,7 +246,7 @@ def read_checkpoint_config(path: str | Path) -> Config:
     from .autoencoder import state_shapes
 
     return _read_metadata(Path(path), FORMAT, "skullrec", lambda v: config_from_dict(upgrade_stored(v)),
-                          _checked_shapes(state_shapes, "model", lambda c: c.model))[2]
+                          _checked_shapes(state_shapes, "model", lambda c: c.model))[1]
 
 
 def _load_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], arch: str) -> torch.nn.Module:
