@@ -27,8 +27,7 @@ from ..errors import ConfigError, InputError
 from ..io import atomic_write_text
 from ..config import Stage2Config, load_stage2_config
 from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state, shape_problem
-from ..nets.autoencoder import loss_function
-from ..nets.autoencoder import check_parameter_count
+from ..nets.autoencoder import check_parameter_count, loss_function
 from ..nets.implant_net import build_implant_net, state_shapes
 from ..utils import derive_seed
 from .trainer import amp_context
@@ -116,10 +115,9 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
         if not cfg_file.is_file():
             raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")
         cfg = load_stage2_config(cfg_file)
-    else:
-        if check_new_run_dir(run_dir, overwrite):
-            clear_run_dir(run_dir)
-    check_parameter_count(state_shapes(cfg.net), "net")  # before anything is written: a config error leaves no folder
+    check_parameter_count(state_shapes(cfg.net), "net")  # before anything is written or cleared (meta device: no memory)
+    if not resume and check_new_run_dir(run_dir, overwrite):
+        clear_run_dir(run_dir)
     meta, x, y = load_stage2_samples(cfg.data)  # a data error leaves no run folder behind
     if meta.get("grid") != cfg.net.grid or float(meta.get("box_mm", -1)) != cfg.net.box_mm:
         raise InputError(f"{cfg.data}: samples were cut with box {meta.get('box_mm')} mm / grid {meta.get('grid')}, "
