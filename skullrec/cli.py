@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import InputError, check_choice, describe_os_error, quote_controls
+from .errors import InputError, check_choice, describe_os_error, one_line
 
 app = typer.Typer(
     name="skullrec",
@@ -48,25 +48,28 @@ SERIES = Annotated[Optional[list[str]], typer.Option("--series", help="DICOM: th
 
 
 def user_errors(fn):
-    """Turn InputError, OSError and MemoryError into a one-line message and exit code 2, KeyboardInterrupt into exit 130."""
+    """Turn InputError, OSError and MemoryError into a one-line message and exit code 2, KeyboardInterrupt into exit 130.
+
+    The one line is guaranteed here (:func:`skullrec.errors.one_line`): a newline or other control character in
+    a file name or value is printed escaped, so it can neither split the message nor act on the terminal.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            # Control characters (a newline in a file name, ...) are escaped: one error, one line.
-            typer.echo(f"error: {quote_controls(str(exc))}", err=True)
+            typer.echo(f"error: {one_line(str(exc))}", err=True)
             raise typer.Exit(2) from None
         except OSError as exc:  # permission denied, read-only file system, disk full, ...
-            typer.echo(f"error: {quote_controls(describe_os_error(exc))}", err=True)
+            typer.echo(f"error: {one_line(describe_os_error(exc))}", err=True)
             raise typer.Exit(2) from None
         except MemoryError:
             typer.echo("error: out of memory (the volumes are too large for this machine; try fewer or smaller inputs)", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             if exc.args:  # e.g. the trainer's "state saved ...; continue with ..." line
-                typer.echo(str(exc.args[0]), err=True)
+                typer.echo(one_line(str(exc.args[0])), err=True)
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 
 
 @dataclass
@@ -146,26 +146,26 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(exc))
         # Several alternatives (e.g. a number or 'adaptive'): name them all, not only the first.
         alternatives = [errors[0]] + [e.removeprefix(f"{key}: ") for e in errors[1:]]
-        raise ConfigError(", or ".join(alternatives) if errors else f"{key}: invalid value {value!r}")
+        raise ConfigError(", or ".join(alternatives) if errors else f"{key}: invalid value {short_repr(value)}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {short_repr(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short_repr(value)}")
         return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short_repr(value)}")
         return _from_dict(tp, value, prefix=f"{key}.")
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {short_repr(value)}")
         return value
     if tp is float:
         # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string; a number written that way is still a number.
@@ -173,15 +173,15 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             try:
                 value = float(value.strip())
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{key}: expected a number, got {short_repr(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {short_repr(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{key}: must be a finite number, got {short_repr(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {short_repr(value)}")
         return value
     return value
 
@@ -191,7 +191,8 @@ def _from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+            shown = key if isinstance(key, str) and len(key) <= 60 and key.isprintable() else short_repr(key, 60)
+            raise ConfigError(f"{prefix}{shown}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {k: _check_type(f"{prefix}{k}", v, hints[k]) for k, v in values.items()}
     return cls(**kwargs)
 
@@ -203,6 +204,11 @@ def _optimisation_checks(train: Any) -> list[tuple[str, bool, str]]:
         ("train.batch_size", train.batch_size >= 1, "must be >= 1"),
         ("train.lr", train.lr > 0, "must be > 0"),
         ("train.checkpoint_epochs", all(e >= 1 for e in train.checkpoint_epochs), "epochs must be >= 1"),
+        ("train.num_threads", train.num_threads is None or train.num_threads >= 1, "must be >= 1"),
+        _upper("train.num_threads", train.num_threads, "num_threads"),
+        _upper("train.batch_size", train.batch_size, "batch_size"),
+        _upper("train.epochs", train.epochs, "epochs"),
+        _upper("train.checkpoint_epochs", max(train.checkpoint_epochs, default=None), "epochs"),
     ]
 
 
@@ -213,17 +219,71 @@ def check_ranges(checks: list[tuple[str, bool, str]], prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{key}: {msg}")
 
 
+# Upper bounds of sizes, counts and thread numbers, in one place; validated wherever a value comes from (YAML,
+# --set, checkpoint metadata, a run's config.yaml). Each is far above any setting skullrec uses (largest
+# shipped: model.size 64, channels 160, grid 128, box 128 mm) but below what would make an allocator fail
+# with a traceback after minutes (channels 10^8, a 2048^3 stage-2 grid) or torch's thread pool crash
+# (num_threads 100000: a segfault). The parameter count is checked where the network is known (nets).
+LIMITS: dict[str, int | float] = {
+    "size": 512,  # model.size and net.grid: voxels per edge of the network's input
+    "channels": 4096,  # every entry of model.channels and net.channels
+    "latent_size": 4096,  # model.latent_size
+    "stages": 9,  # entries of model.strides / net.strides (2**9 = 512)
+    "num_res_units": 16,  # net.num_res_units
+    "box_mm": 1000.0,  # net.box_mm, in (0, 1000] mm (a skull is at most ~320 mm across)
+    "num_threads": 1024,  # train.num_threads
+    "batch_size": 4096,  # train.batch_size
+    "epochs": 1_000_000,  # train.epochs and every epoch count (checkpoint_epochs, val_every, start_epoch, ...)
+    "samples": 1024,  # fam.samples, lookbehind.k
+    "seed": 2**63 - 1,  # seed (torch.manual_seed takes at most 64 bits)
+    # weights of one network (1 GiB as float32; the default stage 1 and stage 2 have about 1 M), counted from
+    # its shapes on torch's meta device (skullrec.nets.autoencoder.check_parameter_count) before building it
+    "parameters": 1 << 28,
+}
+
+
+def _upper(key: str, value: int | float | None, limit: str) -> tuple[str, bool, str]:
+    """The range check ``value <= LIMITS[limit]`` for :func:`check_ranges` (None passes: not set)."""
+    return key, value is None or value <= LIMITS[limit], f"must be <= {LIMITS[limit]}, got {short_repr(value)}"
+
+
+def _channels(key: str, values: list[int]) -> list[tuple[str, bool, str]]:
+    """A channel list: 1 to LIMITS['stages'] + 1 entries, each in 1..LIMITS['channels']."""
+    hi = LIMITS["channels"]
+    return [
+        (key, 1 <= len(values) <= LIMITS["stages"] + 1, f"needs 1 to {LIMITS['stages'] + 1} entries, got {len(values)}"),
+        (key, all(v >= 1 for v in values), f"every entry must be >= 1, got {short_repr(values)}"),
+        (key, all(v <= hi for v in values), f"every entry must be <= {hi}, got {short_repr(values)}"),
+    ]
+
+
+def _strides(key: str, strides: list[int]) -> list[tuple[str, bool, str]]:
+    """Strides: at most LIMITS['stages'] entries, each 1 or 2 (a 0 divides by zero, a 3 breaks the shapes)."""
+    return [
+        (key, len(strides) <= LIMITS["stages"], f"at most {LIMITS['stages']} entries, got {len(strides)}"),
+        (key, all(st in (1, 2) for st in strides), f"every entry must be 1 or 2, got {short_repr(strides)}"),
+    ]
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express; returns ``cfg``."""
+    # Sizes first, so that the divisibility checks below never compute 2**(a huge length).
+    check_ranges([
+        ("seed", 0 <= cfg.seed <= LIMITS["seed"], f"must be in 0..{LIMITS['seed']}, got {short_repr(cfg.seed)}"),
+        ("model.size", 2 <= cfg.model.size <= LIMITS["size"], f"must be in 2..{LIMITS['size']}, got {short_repr(cfg.model.size)}"),
+        *_strides("model.strides", cfg.model.strides),
+        *_channels("model.channels", cfg.model.channels),
+        ("model.latent_size", 1 <= cfg.model.latent_size <= LIMITS["latent_size"],
+         f"must be in 1..{LIMITS['latent_size']}, got {short_repr(cfg.model.latent_size)}"),
+        _upper("train.val_every", cfg.train.val_every, "epochs"),
+        _upper("sam.start_epoch", cfg.sam.start_epoch, "epochs"),
+        _upper("fam.every", cfg.fam.every, "epochs"),
+        _upper("fam.samples", cfg.fam.samples, "samples"),
+        _upper("lookbehind.k", cfg.lookbehind.k, "samples"),
+    ])
     checks = [
-        ("seed", cfg.seed >= 0, "must be >= 0"),
         ("model.size", cfg.model.size % (2 ** len(cfg.model.strides)) == 0, "must be divisible by 2**len(strides)"),
         ("model.channels", len(cfg.model.channels) == len(cfg.model.strides), "needs one entry per stride"),
-        ("model.channels", len(cfg.model.channels) >= 1 and all(c >= 1 for c in cfg.model.channels),
-         f"every entry must be >= 1, got {cfg.model.channels}"),
-        ("model.strides", all(st in (1, 2) for st in cfg.model.strides), f"every entry must be 1 or 2, got {cfg.model.strides}"),
-        ("model.size", cfg.model.size >= 2, f"must be >= 2, got {cfg.model.size}"),
-        ("model.latent_size", cfg.model.latent_size >= 1, "must be >= 1"),
         ("fam.lam", cfg.fam.lam >= 0, f"must be >= 0, got {cfg.fam.lam}"),
         ("fam.samples", cfg.fam.samples >= 1, "must be >= 1"),
         ("fam.every", cfg.fam.every >= 1, "must be >= 1"),
@@ -239,7 +299,6 @@ def validate(cfg: Config) -> Config:
         ("data.max_eval_cases", cfg.data.max_eval_cases is None or cfg.data.max_eval_cases >= 1, "must be >= 1"),
         ("sam.eta", cfg.sam.eta >= 0, "must be >= 0"),
         ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
-        ("train.num_threads", cfg.train.num_threads is None or cfg.train.num_threads >= 1, "must be >= 1"),
     ]
     check_ranges(checks)
     if cfg.train.method in FAM_METHODS and cfg.fam.lam == 0:
@@ -276,15 +335,86 @@ def _fix_authors_keys(values: dict[str, Any]) -> None:
         if not isinstance(node, dict):
             return  # the type check reports the malformed section
         if key in node and node[key] != fixed:
-            raise ConfigError(f"{section}.{key}: method fam_authors fixes it to {fixed!r}, got {node[key]!r}")
+            raise ConfigError(f"{section}.{key}: method fam_authors fixes it to {fixed!r}, got {short_repr(node[key])}")
         node[key] = fixed
+
+
+def _require_mapping(values: Any) -> None:
+    """ConfigError unless ``values`` is a mapping or None (a config stored as a list, a number, ...)."""
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping of sections, got {type(values).__name__} {short_repr(values, 40)}")
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain mapping."""
+    _require_mapping(values)
     values = copy.deepcopy(values or {})  # _fix_authors_keys fills keys in; never in the caller's mapping
     _fix_authors_keys(values)
     return validate(_from_dict(Config, values))
+
+
+# A config is a few hundred YAML nodes; these bound what a crafted one costs before it is built. An alias
+# (``*a``) is a reference, cheap to load, but everything that walks the result (validation, deepcopy, an error
+# message, json.dumps) pays for every expansion: nine levels of nine aliases are 9^9 = 387 M nodes from a few
+# hundred bytes (a "billion laughs" document). So the node graph is measured with aliases expanded (each node
+# once, memoised) before anything is constructed.
+MAX_YAML_BYTES = 1 << 20  # a config file or --set value
+MAX_YAML_NODES = 100_000  # nodes with every alias expanded
+MAX_YAML_DEPTH = 64  # nesting of sequences and mappings
+
+
+def _yaml_extent(root: yaml.Node) -> None:
+    """ConfigError when the node graph under ``root``, aliases expanded, exceeds the node or depth bound or is recursive."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    started: set[int] = set()  # entered and not finished: meeting one again is a cycle (``&a [*a]``)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: a deep document cannot exhaust Python's recursion limit here
+        node, finished = stack.pop()
+        key = id(node)
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if finished:
+            started.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_YAML_NODES:
+                raise ConfigError(f"more than {MAX_YAML_NODES} values once its aliases are expanded; refused")
+            if depth[key] > MAX_YAML_DEPTH:
+                raise ConfigError(f"nested more than {MAX_YAML_DEPTH} levels deep; refused")
+            continue
+        if key in size:
+            continue
+        if key in started:
+            raise ConfigError("an alias refers to the value that contains it (a recursive structure); refused")
+        started.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load(text)`` with its size bounded (bytes, nodes with aliases expanded, depth); ConfigError beyond.
+
+    Malformed YAML raises ``yaml.YAMLError`` as safe_load does; an integer over Python's 4300-digit
+    conversion limit is a ConfigError too.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{len(text)} characters; a config is at most {MAX_YAML_BYTES}")
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ConfigError(f"nested more than {MAX_YAML_DEPTH} levels deep; refused") from None
+        if node is None:
+            return None
+        _yaml_extent(node)
+        try:
+            return loader.construct_document(node)
+        except ValueError as exc:  # int('1' * 5000): Python refuses such conversions
+            raise ConfigError(f"unreadable value ({str(exc)[:80]})") from None
+    finally:
+        loader.dispose()
 
 
 _SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -297,9 +427,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             raise ConfigError(f"--set {item}: expected key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml_text(raw)
         except yaml.YAMLError:
             value = raw
+        except ConfigError as exc:
+            raise ConfigError(f"--set {key.strip()}: {exc}") from None
         if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
             # YAML 1.1 (PyYAML) reads 1e-5 as a string (it wants 1.0e-5); Python's repr of small lambdas is 1e-05.
             value = float(value)
@@ -320,10 +452,17 @@ def read_yaml(path: str | Path | None, overrides: list[str] | None = None, what:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such {what}")
+        if path.stat().st_size > MAX_YAML_BYTES:  # before reading it: a config is a few kB
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes; a {what} is at most {MAX_YAML_BYTES}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = load_yaml_text(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"{path}: invalid YAML ({first[:200]})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (not UTF-8); expected a YAML {what}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     return apply_overrides(values, overrides or [])
@@ -351,6 +490,8 @@ LEGACY_DEFAULTS: dict[tuple[str, ...], Any] = {
 
 def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:
     """Fill the keys of :data:`LEGACY_DEFAULTS` that a stored config (run folder, checkpoint) lacks; in place."""
+    if not isinstance(values, dict):
+        return values  # config_from_dict reports a stored config that is not a mapping
     for path, value in LEGACY_DEFAULTS.items():
         node = values
         for part in path[:-1]:
@@ -451,25 +592,29 @@ def load_experiment(path: str | Path, overrides: list[str], scale: float | None)
         raise ConfigError(f"{path}: {exc}") from None
     if not cfg.methods or not cfg.seeds:
         raise ConfigError(f"{path}: methods and seeds must not be empty")
+    check_ranges([
+        ("epochs", 1 <= cfg.epochs <= LIMITS["epochs"], f"must be in 1..{LIMITS['epochs']}, got {short_repr(cfg.epochs)}"),
+        ("seeds", all(0 <= s <= LIMITS["seed"] for s in cfg.seeds), f"every entry must be in 0..{LIMITS['seed']}, got {short_repr(cfg.seeds)}"),
+    ], prefix=f"{path}: ")
     if len({m.name for m in cfg.methods}) != len(cfg.methods):
         raise ConfigError(f"{path}: methods: names must be unique")
     for m in cfg.methods:
         if m.seeds is not None and (not m.seeds or not set(m.seeds) <= set(cfg.seeds)):
             raise ConfigError(f"{path}: methods: {m.name}: seeds must be a non-empty subset of the experiment's seeds "
-                              f"{cfg.seeds}, got {m.seeds}")
+                              f"{short_repr(cfg.seeds)}, got {short_repr(m.seeds)}")
     if cfg.jobs_mode not in JOBS_MODES:
-        raise ConfigError(f"{path}: jobs_mode must be one of {', '.join(JOBS_MODES)}, got {cfg.jobs_mode!r}")
+        raise ConfigError(f"{path}: jobs_mode must be one of {', '.join(JOBS_MODES)}, got {short_repr(cfg.jobs_mode)}")
     if cfg.batched_forward not in BATCHED_FORWARDS:
-        raise ConfigError(f"{path}: batched_forward must be one of {', '.join(BATCHED_FORWARDS)}, got {cfg.batched_forward!r}")
+        raise ConfigError(f"{path}: batched_forward must be one of {', '.join(BATCHED_FORWARDS)}, got {short_repr(cfg.batched_forward)}")
     if cfg.hd95 not in ("max", "pooled"):
-        raise ConfigError(f"{path}: hd95 must be max or pooled, got {cfg.hd95!r}")
+        raise ConfigError(f"{path}: hd95 must be max or pooled, got {short_repr(cfg.hd95)}")
     if not cfg.targets or len(set(cfg.targets)) != len(cfg.targets) or not set(cfg.targets) <= {"skull", "implant"}:
-        raise ConfigError(f"{path}: targets must be a non-empty list of distinct skull|implant, got {cfg.targets}")
+        raise ConfigError(f"{path}: targets must be a non-empty list of distinct skull|implant, got {short_repr(cfg.targets)}")
     bad = [r for r in cfg.references if r not in REFERENCES]
     if bad or len(set(cfg.references)) != len(cfg.references):
-        raise ConfigError(f"{path}: references must be distinct names from {', '.join(REFERENCES)}, got {cfg.references}")
+        raise ConfigError(f"{path}: references must be distinct names from {', '.join(REFERENCES)}, got {short_repr(cfg.references)}")
     if cfg.reference is not None and cfg.reference not in {m.name for m in cfg.methods}:
-        raise ConfigError(f"{path}: reference: {cfg.reference!r} is not one of the methods")
+        raise ConfigError(f"{path}: reference: {short_repr(cfg.reference)} is not one of the methods")
     if any(e > cfg.epochs or e < 1 for e in cfg.checkpoint_epochs):
         raise ConfigError(f"{path}: checkpoint_epochs must lie in 1..epochs")
     if scale is not None:
@@ -543,17 +688,23 @@ class Stage2Config:
 
 
 def validate_stage2(cfg: Stage2Config) -> Stage2Config:
-    """Range checks; ConfigError naming the key."""
+    """Range checks, the bounds of :data:`LIMITS` included; ConfigError naming the key."""
+    check_ranges([
+        ("seed", 0 <= cfg.seed <= LIMITS["seed"], f"must be in 0..{LIMITS['seed']}, got {short_repr(cfg.seed)}"),
+        ("net.grid", 1 <= cfg.net.grid <= LIMITS["size"], f"must be in 1..{LIMITS['size']}, got {short_repr(cfg.net.grid)}"),
+        ("net.box_mm", 0 < cfg.net.box_mm <= LIMITS["box_mm"], f"must be in (0, {LIMITS['box_mm']:g}] mm, got {short_repr(cfg.net.box_mm)}"),
+        *_strides("net.strides", cfg.net.strides),
+        ("net.strides", len(cfg.net.strides) >= 1, "needs at least one entry"),
+        *_channels("net.channels", cfg.net.channels),
+        ("net.num_res_units", 0 <= cfg.net.num_res_units <= LIMITS["num_res_units"],
+         f"must be in 0..{LIMITS['num_res_units']}, got {short_repr(cfg.net.num_res_units)}"),
+    ])
     div = 2 ** len(cfg.net.strides)
     checks = [
-        ("seed", cfg.seed >= 0, "must be >= 0"),
         ("net.grid", cfg.net.grid >= div and cfg.net.grid % div == 0, f"must be a multiple of 2**len(strides) = {div}"),
-        ("net.box_mm", cfg.net.box_mm > 0, "must be > 0"),
         ("net.channels", len(cfg.net.channels) == len(cfg.net.strides) + 1, "needs one entry more than strides"),
-        ("net.num_res_units", cfg.net.num_res_units >= 0, "must be >= 0"),
         *_optimisation_checks(cfg.train),
         ("train.bce_weight", cfg.train.bce_weight >= 0, "must be >= 0"),
-        ("train.num_threads", cfg.train.num_threads is None or cfg.train.num_threads >= 1, "must be >= 1"),
     ]
     check_ranges(checks)
     return cfg
@@ -561,6 +712,7 @@ def validate_stage2(cfg: Stage2Config) -> Stage2Config:
 
 def stage2_config_from_dict(values: dict[str, Any]) -> Stage2Config:
     """Build and validate a Stage2Config from a mapping (unknown keys and wrong types are ConfigErrors)."""
+    _require_mapping(values)
     return validate_stage2(_from_dict(Stage2Config, values or {}))
 
 

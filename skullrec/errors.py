@@ -5,8 +5,9 @@ The command line turns every one of them into ``error: MESSAGE`` on stderr and e
 
 from __future__ import annotations
 
-import re
+import reprlib
 from collections.abc import Sequence
+from typing import Any
 
 
 class InputError(Exception):
@@ -24,25 +25,51 @@ class DefectError(InputError):
 def check_choice(label: str, value: str, choices: Sequence[str], error: type[InputError] = InputError) -> str:
     """``value`` if it is one of ``choices``; else ``error("LABEL: must be one of A, B, got 'VALUE'")``."""
     if value not in choices:
-        raise error(f"{label}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise error(f"{label}: must be one of {', '.join(map(str, choices))}, got {short_repr(value)}")
     return value
 
 
-__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error", "quote_controls"]
+# How much of a value an error message shows. reprlib stops at these limits while it walks the value, so a
+# YAML alias bomb (a list whose full repr is gigabytes) costs a few hundred nodes here, never its full repr.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 6, 6, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+SHORT_REPR_CHARS = 80
 
-# Characters that would break or disguise a one-line message: C0/C1 controls (newline, carriage
-# return, escape, ...), Unicode line/paragraph separators, and lone surrogates (undecodable bytes of
-# a file name, which stderr cannot even encode).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
+def short_repr(value: Any, limit: int = SHORT_REPR_CHARS) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters, in time and memory bounded by the limits.
 
-def quote_controls(text: str) -> str:
-    """``text`` with every control character written as its Python escape (``\\n``, ``\\x1b``, ``\\udcff``).
-
-    A file name may hold a newline or a terminal escape; quoted this way an error naming it stays one
-    line and shows the name unambiguously instead of acting on the terminal.
+    Large or deeply nested values (a YAML alias bomb, a 10^6-entry list) are abbreviated with ``...``.
     """
-    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], text)
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int over Python's 4300-digit str limit; the type still helps
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """``text`` cut to at most ``limit`` characters (``...`` marks a cut): a file's own string in an error message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(message: str) -> str:
+    """``message`` with every control character (newline, carriage return, tab, escape, ...) written as an escape.
+
+    A file name holding a newline must not split ``error: ...`` into two lines, nor an escape sequence
+    rewrite the terminal; printable text, non-ASCII letters included, is left as it is.
+    """
+    if message.isprintable():
+        return message
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+
+
+# The reading code's name for the same rule (file names with control characters quoted in messages).
+quote_controls = one_line
+
+__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error", "short_repr", "clip", "one_line",
+           "quote_controls"]
 
 
 def describe_os_error(exc: OSError) -> str:

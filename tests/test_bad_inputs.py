@@ -142,6 +142,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "rc" / "ok.yaml").write_text("seed: 0\n")  # a valid config (stage 1 and stage 2) in a would-be run folder
     _ct_inputs(w)
     _readers_world(w)
+    _crafted_metadata_world(w)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_fifo, args=(w / "nrrd_fifo" / "skull.raw", stop), daemon=True)
     watcher.start()
@@ -162,6 +163,79 @@ def _ct_inputs(w: Path) -> None:
     (w / "dcm_b").rmdir()
     write_dicom_series(w / "dcm_gap", hu, uid=UID_ROOT + ".3")
     (w / "dcm_gap" / "slice0002.dcm").unlink()
+
+
+# --- crafted metadata and configs (checkpoint/config bounds, truncated error values) -------------------------
+
+
+def _with_metadata(src: Path, dst: Path, **changes: str) -> Path:
+    """A copy of safetensors file ``src`` whose ``__metadata__`` strings are replaced by ``changes`` (tensor bytes kept)."""
+    import json
+
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    dst.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+    return dst
+
+
+def _alias_bomb(depth: int) -> str:
+    """A config whose model.channels[0] is 9^(depth+1) integers from a few hundred bytes (a "billion laughs" document)."""
+    value = "&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for i in range(1, depth + 1):  # each level: the previous one, defined inline, and 8 aliases of it
+        value = f"&a{i} [{value}, {', '.join([f'*a{i - 1}'] * 8)}]"
+    return f"model:\n  channels: [{value}]\n"
+
+
+def _crafted_metadata_world(w: Path) -> None:
+    """Checkpoints with crafted but self-consistent metadata, a run folder whose config.yaml was edited, YAML bombs."""
+    import json
+
+    import torch
+
+    from conftest import write_shell_dataset
+    from skullrec.config import ImplantNetConfig, Stage2Config, config_from_dict, dump_config
+    from skullrec.nets.autoencoder import build_model
+    from skullrec.nets.checkpoint import save_implant_checkpoint, save_training_state
+    from skullrec.nets.implant_net import build_implant_net
+
+    good = w / CK
+    stored = json.loads(json.loads(good.read_bytes()[8 : 8 + int.from_bytes(good.read_bytes()[:8], "little")])["__metadata__"]["config"])
+
+    def claims(name: str, **model: object) -> None:
+        _with_metadata(good, w / name, config=json.dumps({**stored, "model": {**stored["model"], **model}}))
+
+    # 4096 channels at 512^3: 137 G weights (the 86 GB traceback) from a file of a few kB
+    claims("huge.safetensors", size=512, channels=[2, 2, 2, 2, 4096], latent_size=4096)
+    claims("wide.safetensors", channels=[8, 8, 8, 8, 8])  # within every bound, but not the file's tensors
+    claims("e8.safetensors", channels=[4, 8, 8, 8, 100000000])
+    _with_metadata(good, w / "deep.safetensors", config="[" * 200_000 + "]" * 200_000)
+    _with_metadata(good, w / "cfglist.safetensors", config="[1, 2]")
+    _with_metadata(good, w / "cfgnull.safetensors", config="null")
+    s2 = Stage2Config(net=ImplantNetConfig(grid=8, box_mm=64.0, channels=[2, 2, 2, 2], strides=[2, 2, 2], num_res_units=0))
+    save_implant_checkpoint(w / "s2.safetensors", build_implant_net(s2.net, seed=0), s2)
+    for name, net in (("s2grid", {"grid": 2048}), ("s2box", {"box_mm": 1e9}), ("s2zero", {"strides": [0, 0, 0]}),
+                      ("s2three", {"strides": [3, 3, 3]})):
+        _with_metadata(w / "s2.safetensors", w / f"{name}.safetensors", config=json.dumps({**s2.to_dict(), "net": {**s2.to_dict()["net"], **net}}))
+    (w / "plain.yaml").write_text("seed: 0\n")  # a valid config of either stage, for --set
+    (w / "bomb.yaml").write_text(_alias_bomb(9))  # 3.5 G integers once expanded
+    (w / "bomb3.yaml").write_text(_alias_bomb(3))  # 6561 integers: under the node bound, yet a 21 kB repr
+    # A run folder (tiny 16^3 data) whose config.yaml was then edited to another architecture, with a state.pt
+    # that saves its config and one written before state.pt did (only the weights' shapes tell).
+    write_shell_dataset(w / "shells", counts=(("train", 2), ("eval_set1", 1), ("eval_set2", 1)))
+    cfg = config_from_dict({"data": {"root": str(w / "shells")}, "model": {"size": 16, "channels": [2, 2, 2], "strides": [2, 2, 2]},
+                            "train": {"epochs": 2, "compile": False, "amp": "none"}})
+    edited = config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "channels": [4, 4, 4]}})
+    model = build_model(cfg.model, seed=0)
+    opt = torch.optim.Adam(model.parameters())
+    for run, extra in (("run", {"config": cfg.to_dict()}), ("run_old", {})):
+        (w / run).mkdir()
+        (w / run / ".skullrec-train.lock").touch()  # what any earlier trainer left (opening it changes nothing)
+        save_training_state(w / run / "state.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "step": 0, **extra})
+        (w / run / "config.yaml").write_text(dump_config(edited))
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -288,6 +362,29 @@ CASES = [
     ("predict --checkpoint {w}/m.safetensors --in {w}/scaled --out {w}/o", "truncated: the header needs 314,573,152 bytes"),
     ("defects --in {w}/pixdim0 --out {w}/o", "voxel size (pixdim) 0, 2.5, 2.5 is zero or not finite along axis 0"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/sheared --out {w}/o", "sheared voxel grid"),
+    # crafted metadata and configs: bounds before allocation, short error values
+    ("predict --checkpoint {w}/huge.safetensors --in {w}/good --out {w}/o", "parameters"),
+    ("predict --checkpoint {w}/wide.safetensors --in {w}/good --out {w}/o", "weights do not fit architecture"),
+    ("flatness --checkpoint {w}/e8.safetensors --data {w}/good", "model.channels: every entry must be <= 4096"),
+    ("predict --checkpoint {w}/deep.safetensors --in {w}/good --out {w}/o", "'config' is nested too deeply"),
+    ("predict --checkpoint {w}/cfglist.safetensors --in {w}/good --out {w}/o", "'config' is a list, not a JSON object"),
+    ("predict --checkpoint {w}/cfgnull.safetensors --in {w}/good --out {w}/o", "'config' is null, not a JSON object"),
+    ("predict --checkpoint {w}/m.safetensors --stage2 {w}/s2grid.safetensors --in {w}/good --out {w}/o", "net.grid: must be in 1..512"),
+    ("predict --checkpoint {w}/m.safetensors --stage2 {w}/s2box.safetensors --in {w}/good --out {w}/o", "net.box_mm: must be in (0, 1000] mm"),
+    ("predict --checkpoint {w}/m.safetensors --stage2 {w}/s2zero.safetensors --in {w}/good --out {w}/o", "net.strides: every entry must be 1 or 2"),
+    ("predict --checkpoint {w}/m.safetensors --stage2 {w}/s2three.safetensors --in {w}/good --out {w}/o", "net.strides: every entry must be 1 or 2"),
+    ("train --resume {w}/run", "model.channels ([2, 2, 2] -> [4, 4, 4])"),
+    ("train --resume {w}/run --force", "cannot change the model architecture of a run (model.channels"),
+    ("train --resume {w}/run_old", "state.pt: the saved weights do not fit the model architecture"),
+    ("train --config {w}/plain.yaml --set model.channels=[4,8,8,8,100000000] --run-dir {w}/r", "model.channels: every entry must be <= 4096"),
+    ("train --config {w}/plain.yaml --set model.latent_size=100000000 --run-dir {w}/r", "model.latent_size: must be in 1..4096"),
+    ("train --config {w}/plain.yaml --set train.num_threads=100000 --run-dir {w}/r", "train.num_threads: must be <= 1024"),
+    ("train --config {w}/plain.yaml --set model.size=512 --set model.channels=[8,8,8,8,4096] --set model.latent_size=4096 --run-dir {w}/r", "parameters"),
+    ("train --config {w}/bomb.yaml --run-dir {w}/r", "more than 100000 values once its aliases are expanded"),
+    ("train --config {w}/bomb3.yaml --run-dir {w}/r", "model.channels[0]: expected an integer, got [[[...], [...], [...]"),
+    ("train-implant --config {w}/plain.yaml --set net.grid=2048", "net.grid: must be in 1..512"),
+    ("train-implant --config {w}/plain.yaml --set net.strides=[3,3,3]", "net.strides: every entry must be 1 or 2"),
+    ("train-implant --config {w}/plain.yaml --set net.box_mm=1e9", "net.box_mm: must be in (0, 1000] mm"),
 ]
 
 
@@ -302,6 +399,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(world: Path, 
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
+    assert len(res.stderr) < 600, res.stderr  # values in errors are abbreviated (skullrec.errors.short_repr)
     assert message in res.stderr, res.stderr
     assert "SECRET" not in res.output  # no byte of a file outside the input folder is shown
     assert not FIFO_OPENED.is_set()  # nothing opened the FIFO a header names (it would have hung)

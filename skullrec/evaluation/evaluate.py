@@ -20,6 +20,7 @@ import csv
 import io as _stdio
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,26 +227,62 @@ def summarise(
     }
 
 
+# A spreadsheet reads a cell starting with one of these as a formula (OWASP, "CSV Injection"): a case named
+# "=HYPERLINK(...)" or "@SUM(...)" would run when results.csv is opened. Such text cells get a leading single
+# quote, which spreadsheets take as "text" and do not show; a cell that starts with a quote gets one more, so
+# unescape_csv_cell undoes escape_csv_cell exactly. Numbers are written as numbers (a negative DSC difference
+# starts with "-" and must stay a number), and so is text that is a plain decimal number.
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+_PLAIN_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def escape_csv_cell(text: str) -> str:
+    """``text`` safe as a spreadsheet cell: a leading single quote where it would start a formula; see :data:`CSV_FORMULA_START`."""
+    if text.startswith(CSV_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    return text
+
+
+def unescape_csv_cell(text: str) -> str:
+    """The text :func:`escape_csv_cell` was given (what a reader of skullrec's CSVs, e.g. the viewer, matches file names with)."""
+    if text.startswith("'") and text[1:].startswith(CSV_FORMULA_START):
+        return text[1:]
+    return text
+
+
 def _csv_cell(value: Any) -> str:
+    """One CSV cell: None empty, booleans true/false, numbers as numbers, any text escaped (:func:`escape_csv_cell`)."""
     if value is None:
         return ""
     if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
     if isinstance(value, (float, np.floating)):
         return repr(float(value))
-    return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return escape_csv_cell(str(value))
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> str:
     """Per-case rows as CSV text (extra keys are appended as columns, None as an empty cell)."""
     extra = [k for r in rows for k in r if k not in columns]
     cols = list(columns) + list(dict.fromkeys(extra))
+    lines = [_csv_line([escape_csv_cell(str(c)) for c in cols])]
+    lines += [_csv_line([_csv_cell(r.get(c)) for c in cols]) for r in rows]
+    return "".join(lines)
+
+
+def _csv_line(cells: list[str]) -> str:
+    """One CSV row ending in ``\n``, every cell holding a CR or LF quoted.
+
+    The csv module quotes only cells holding a character of its line terminator, so with ``\n`` alone a
+    CR inside a case name went out bare: a spreadsheet starts a new row there, whose first cell
+    (``"x\r=cmd"``) escapes :func:`escape_csv_cell`. Written with ``\r\n``, each row quotes both; its
+    terminator (the last two characters, outside any cell) becomes ``\n`` again.
+    """
     buf = _stdio.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in rows:
-        w.writerow([_csv_cell(r.get(c)) for c in cols])
-    return buf.getvalue()
+    csv.writer(buf, lineterminator="\r\n").writerow(cells)
+    return buf.getvalue()[:-2] + "\n"
 
 
 def write_results(
@@ -293,6 +330,8 @@ __all__ = [
     "pair_cases",
     "check_outputs",
     "rows_to_csv",
+    "escape_csv_cell",
+    "unescape_csv_cell",
     "summarise",
     "summary_path",
     "write_results",

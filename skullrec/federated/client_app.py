@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, config_from_dict
+from ..config import Config, config_from_dict, load_yaml_text
 from ..data.cache import TrainingData, load_training_data
 from ..errors import ConfigError, InputError
 from ..training.trainer import _epoch_record, _torch_settings, _train_epoch, evaluate_dsc, make_run
@@ -94,7 +94,8 @@ def parse_train_config(text: str) -> Config:
     import yaml
 
     try:
-        return config_from_dict(yaml.safe_load(text) or {})
+        # bounded like a config file: a server could send an alias bomb
+        return config_from_dict(load_yaml_text(text) or {})
     except (yaml.YAMLError, ConfigError) as exc:
         raise InputError(f"train-config from the server: {str(exc).splitlines()[0]}") from None
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import FamConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, short_repr
 from . import fast
 from .hessian import GRADIENTS, NORMS, TRACES, FamTerm, _check_option
 
@@ -60,7 +60,7 @@ class FamRegularizer:
         for key, value, allowed in (("gradient", cfg.gradient, GRADIENTS), ("norm", cfg.norm, NORMS), ("trace", cfg.trace, TRACES)):
             _check_option(key, value, allowed)
         if cfg.estimator not in ESTIMATORS:
-            raise ConfigError(f"fam.estimator: unknown estimator {cfg.estimator!r} (available: {', '.join(ESTIMATORS)})")
+            raise ConfigError(f"fam.estimator: unknown estimator {short_repr(cfg.estimator)} (available: {', '.join(ESTIMATORS)})")
         if ESTIMATORS[cfg.estimator].taps:
             fast.prepare_taps(model)
         check_unbiased(cfg, world_size)

@@ -22,6 +22,7 @@ Differences from ``VarAutoEncoder`` and why:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from monai.networks.nets import VarAutoEncoder
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import ConfigError
+from ..config import LIMITS, ModelConfig
+from ..errors import ConfigError, short_repr
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -95,7 +96,7 @@ class SkullAutoEncoder(nn.Module):
         self.size = size
         self.latent_size = latent_size
         self.out_channels = out_channels
-        if int(torch.tensor(vae.final_size).prod()) == 1:
+        if math.prod(int(s) for s in vae.final_size) == 1:  # plain ints: this also runs on torch's meta device
             # Small test sizes (e.g. 32^3 with five stride-2 stages) leave a 1^3 bottleneck. Normalising a
             # single voxel per channel gives exactly 0 (the latent would ignore the input) and torch refuses
             # it for batch size 1, so that one layer goes without normalisation. 64^3 (2^3) is unaffected.
@@ -135,18 +136,44 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: ModelConfig, seed: int | None = None) -> SkullAutoEncoder:
-    """The autoencoder described by a ModelConfig.
-
-    The initial weights come from ``seed`` when given (without touching the global RNG state),
-    otherwise from torch's global RNG (seed it first).
-    """
+def _model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """SkullAutoEncoder's arguments for ``cfg``; ConfigError for shapes it cannot build."""
     if len(cfg.channels) != len(cfg.strides):
         raise ConfigError("model.channels: needs one entry per stride")
     if cfg.size % (2 ** len(cfg.strides)) != 0:
         raise ConfigError(f"model.size: must be divisible by 2**len(strides) = {2 ** len(cfg.strides)}, got {cfg.size}")
-    kwargs = dict(size=cfg.size, channels=tuple(cfg.channels), strides=tuple(cfg.strides), latent_size=cfg.latent_size, norm=cfg.norm,
-                  out_channels=out_channels(cfg.loss))
+    return dict(size=cfg.size, channels=tuple(cfg.channels), strides=tuple(cfg.strides), latent_size=cfg.latent_size, norm=cfg.norm,
+                out_channels=out_channels(cfg.loss))
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the state dict of ``build_model(cfg)``, without allocating any.
+
+    The model is built on torch's meta device (shapes only), so a config claiming 10^12 weights costs
+    nothing here; :func:`check_parameter_count` and checkpoint loading compare against these shapes.
+    """
+    with torch.device("meta"):
+        model = SkullAutoEncoder(**_model_kwargs(cfg))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_parameter_count(shapes: dict[str, tuple[int, ...]], key: str = "model") -> None:
+    """ConfigError ``KEY: N parameters ...`` when the tensors of ``shapes`` hold more than ``LIMITS['parameters']`` values."""
+    n = sum(math.prod(shape) for shape in shapes.values())
+    if n > LIMITS["parameters"]:
+        raise ConfigError(f"{key}: the architecture has {n:,} parameters ({4 * n / 2**30:,.1f} GiB as float32); "
+                          f"skullrec builds at most {LIMITS['parameters']:,} (smaller channels, latent_size or size)")
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> SkullAutoEncoder:
+    """The autoencoder described by a ModelConfig.
+
+    The initial weights come from ``seed`` when given (without touching the global RNG state),
+    otherwise from torch's global RNG (seed it first). An architecture over ``LIMITS['parameters']``
+    is refused (ConfigError) before any weight is allocated.
+    """
+    kwargs = _model_kwargs(cfg)
+    check_parameter_count(state_shapes(cfg))
     if seed is None:
         return SkullAutoEncoder(**kwargs)
     with torch.random.fork_rng(devices=[]):
@@ -208,8 +235,8 @@ def get_linear(model: nn.Module, name: str) -> nn.Linear:
     """The Linear layer called ``name``; ConfigError listing the available ones if there is none."""
     layers = linear_layers(model)
     if name not in layers:
-        raise ConfigError(f"fam.layers: no Linear layer '{name}' (available: {', '.join(layers) or 'none'})")
+        raise ConfigError(f"fam.layers: no Linear layer {short_repr(name)} (available: {', '.join(layers) or 'none'})")
     return layers[name]
 
 
-__all__ = ["SkullAutoEncoder", "build_model", "architecture", "linear_layers", "get_linear", "loss_function", "bone_logit", "out_channels", "LOSSES"]
+__all__ = ["SkullAutoEncoder", "build_model", "state_shapes", "check_parameter_count", "architecture", "linear_layers", "get_linear", "loss_function", "bone_logit", "out_channels", "LOSSES"]

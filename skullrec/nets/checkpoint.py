@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..config import Config, Stage2Config, config_from_dict, stage2_config_from_dict, upgrade_stored
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, clip, short_repr
 from ..io import atomic_write_bytes, json_default
 
 FORMAT = "skullrec-checkpoint/1"
@@ -76,35 +76,142 @@ def _write_safetensors(path: str | Path, model: torch.nn.Module, fmt: str, confi
     return path
 
 
-def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any]) -> tuple[dict[str, torch.Tensor], Any, str, dict[str, Any]]:
-    """(tensors, config, architecture, meta) of a checkpoint file of format ``fmt``, verified; InputError otherwise.
+# safetensors' own bound on the JSON header; a longer one is not a checkpoint
+MAX_HEADER_BYTES = 100 << 20
 
-    ``parse`` turns the stored config mapping into the typed config (a ConfigError becomes an InputError).
+
+def _corrupt(path: Path, reason: str) -> InputError:
+    return InputError(f"{path}: corrupt or truncated checkpoint ({clip(reason)})")
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The safetensors JSON header of the file ``path`` (tensor entries plus ``__metadata__``), read alone; InputError if malformed."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise _corrupt(path, f"header of {header_len} bytes in a file of {size}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _corrupt(path, "header is not JSON" if isinstance(exc, ValueError) else "header nested too deeply") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    return header
+
+
+def _json_value(path: Path, metadata: dict[str, Any], key: str, default: str | None = None) -> Any:
+    """The JSON string ``metadata[key]`` parsed (``default`` when absent); InputError naming the key otherwise."""
+    text = metadata.get(key, default)
+    if text is None:
+        raise InputError(f"{path}: checkpoint metadata unreadable (no '{key}')")
+    try:
+        if not isinstance(text, str):
+            raise TypeError(f"a {type(text).__name__}, not a JSON string")
+        return json.loads(text)
+    except RecursionError:  # json.loads recurses per nesting level; a crafted value is 10^5 levels deep
+        raise InputError(f"{path}: checkpoint metadata unreadable ('{key}' is nested too deeply)") from None
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{path}: checkpoint metadata unreadable ('{key}': {clip(str(exc), 120)})") from None
+
+
+def _tensor_shapes(path: Path, header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the header lists (read from the header only: nothing is loaded)."""
+    shapes = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _corrupt(path, f"tensor {short_repr(name, 60)} has no valid shape")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return " x ".join(map(str, shape)) or "a scalar"
+
+
+def shape_problem(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """The first tensor that is missing, extra or of another shape in ``found`` against ``expected`` (and how many more); None if all fit."""
+    problems = [f"tensor '{n}' missing" for n in sorted(set(expected) - set(found))]
+    problems += [f"unexpected tensor {short_repr(n, 60)}" for n in sorted(set(found) - set(expected))]
+    problems += [f"tensor '{n}' is {_dims(found[n])} in the file, the architecture needs {_dims(expected[n])}"
+                 for n in sorted(set(found) & set(expected)) if found[n] != expected[n]]
+    if not problems:
+        return None
+    return problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+
+
+def _read_metadata(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any],
+                   shapes_of: Callable[[Any], dict[str, tuple[int, ...]]]) -> tuple[bytes, dict[str, Any], Any, str, dict[str, Any]]:
+    """(metadata, config, architecture, meta) of a checkpoint, its tensor shapes checked; only the header is read.
+
+    ``parse`` turns the stored config mapping into the typed config (a ConfigError becomes an InputError);
+    ``shapes_of(config)`` gives the state-dict shapes that config's network has, computed without
+    allocating it. The metadata (JSON with bounded nesting, config types and bounds) and the tensor
+    shapes of the header are checked against it, so a crafted header claiming a huge network costs nothing.
     """
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
-    payload = path.read_bytes()
-    if len(payload) < 8:
-        raise InputError(f"{path}: not a {kind} checkpoint (file is {len(payload)} bytes; truncated?)")
-    try:
-        tensors = st_load(payload)
-        header_len = int.from_bytes(payload[:8], "little")
-        metadata = json.loads(payload[8 : 8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
+    size = path.stat().st_size
+    if size < 8:
+        raise InputError(f"{path}: not a {kind} checkpoint (file is {size} bytes; truncated?)")
+    header = _header(path)  # the header alone: the tensors are read only once it has passed every check
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise _corrupt(path, "__metadata__ is not a JSON object")
     if metadata.get("format") != fmt:
-        raise InputError(f"{path}: not a {kind} checkpoint (format {metadata.get('format')!r}, expected {fmt!r})")
-    if metadata.get("sha256") != _digest(tensors):
-        raise InputError(f"{path}: corrupt checkpoint (tensor data do not match their checksum)")
+        raise InputError(f"{path}: not a {kind} checkpoint (format {short_repr(metadata.get('format'))}, expected {fmt!r})")
+    arch = metadata.get("architecture", "")
+    arch = arch if isinstance(arch, str) else ""
+    stored = _json_value(path, metadata, "config")
+    meta = _json_value(path, metadata, "meta", "{}")
+    for key, value in (("config", stored), ("meta", meta)):
+        if not isinstance(value, dict):  # null, a list, a number: never what skullrec writes
+            kind_of = "null" if value is None else f"a {type(value).__name__}"
+            raise InputError(f"{path}: checkpoint metadata unreadable ('{key}' is {kind_of}, not a JSON object)")
     try:
-        cfg = parse(json.loads(metadata["config"]))
-        meta = json.loads(metadata.get("meta") or "{}")
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: checkpoint metadata unreadable ({type(exc).__name__}: {exc})") from None
+        cfg = parse(stored)
+        expected = shapes_of(cfg)
     except ConfigError as exc:
         raise InputError(f"{path}: checkpoint config invalid for this skullrec version ({exc})") from None
-    return tensors, cfg, str(metadata.get("architecture", "")), meta
+    except RecursionError:
+        raise InputError(f"{path}: checkpoint config invalid for this skullrec version (nested too deeply)") from None
+    problem = shape_problem(_tensor_shapes(path, header), expected)
+    if problem:
+        raise InputError(f"{path}: weights do not fit architecture '{clip(arch)}' ({problem})")
+    return metadata, cfg, arch, meta
+
+
+def _read_safetensors(path: Path, fmt: str, kind: str, parse: Callable[[dict[str, Any]], Any],
+                      shapes_of: Callable[[Any], dict[str, tuple[int, ...]]]) -> tuple[dict[str, torch.Tensor], Any, str, dict[str, Any]]:
+    """(tensors, config, architecture, meta) of a checkpoint file of format ``fmt``, verified; InputError otherwise.
+
+    Everything :func:`_read_metadata` checks comes first; then the tensors are loaded and their checksum verified.
+    """
+    metadata, cfg, arch, meta = _read_metadata(path, fmt, kind, parse, shapes_of)
+    try:
+        tensors = st_load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise _corrupt(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    if metadata.get("sha256") != _digest(tensors):
+        raise InputError(f"{path}: corrupt checkpoint (tensor data do not match their checksum)")
+    return tensors, cfg, arch, meta
+
+
+def _checked_shapes(shapes: Callable[[Any], dict[str, tuple[int, ...]]], key: str,
+                    section: Callable[[Any], Any]) -> Callable[[Any], dict[str, tuple[int, ...]]]:
+    """``cfg -> shapes(section(cfg))`` with the parameter-count bound (ConfigError naming ``key``) applied."""
+    from .autoencoder import check_parameter_count
+
+    def run(cfg: Any) -> dict[str, tuple[int, ...]]:
+        out = shapes(section(cfg))
+        check_parameter_count(out, key)
+        return out
+
+    return run
 
 
 def _upgrade_architecture(arch: str) -> str:
@@ -127,8 +234,19 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config, **met
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, str, dict[str, Any]]:
     """Read and verify a checkpoint file without building a model: (tensors, cfg, architecture, meta)."""
     # Stored configs and descriptors written before model.loss / out_channels existed are the sigmoid head.
-    tensors, cfg, arch, meta = _read_safetensors(Path(path), FORMAT, "skullrec", lambda v: config_from_dict(upgrade_stored(v)))
+    from .autoencoder import state_shapes
+
+    tensors, cfg, arch, meta = _read_safetensors(Path(path), FORMAT, "skullrec", lambda v: config_from_dict(upgrade_stored(v)),
+                                                 _checked_shapes(state_shapes, "model", lambda c: c.model))
     return tensors, cfg, _upgrade_architecture(arch), meta
+
+
+def read_checkpoint_config(path: str | Path) -> Config:
+    """The config stored in a stage-1 checkpoint, checked as :func:`read_checkpoint` does but without loading the tensors."""
+    from .autoencoder import state_shapes
+
+    return _read_metadata(Path(path), FORMAT, "skullrec", lambda v: config_from_dict(upgrade_stored(v)),
+                          _checked_shapes(state_shapes, "model", lambda c: c.model))[1]
 
 
 def _load_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], arch: str) -> torch.nn.Module:
@@ -136,8 +254,8 @@ def _load_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.T
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise InputError(f"{path}: weights do not fit architecture '{arch}' ({first})") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: weights do not fit architecture '{clip(arch)}' ({clip(first)})") from None
     return model
 
 
@@ -166,9 +284,9 @@ def load_checkpoint(
     tensors, cfg, arch, meta = read_checkpoint(path)
     current = architecture(cfg)
     if arch != current:
-        raise InputError(f"{path}: checkpoint architecture '{arch}' differs from the one this skullrec builds for its config ('{current}')")
+        raise InputError(f"{path}: checkpoint architecture '{clip(arch)}' differs from the one this skullrec builds for its config ('{current}')")
     if expect_architecture is not None and arch != expect_architecture:
-        raise InputError(f"{path}: checkpoint architecture '{arch}' is not the expected '{expect_architecture}'")
+        raise InputError(f"{path}: checkpoint architecture '{clip(arch)}' is not the expected '{clip(expect_architecture)}'")
     check_finite(path, tensors)
     model = _load_weights(path, build_model(cfg.model), tensors, arch)
     model.to(device).eval()
@@ -213,6 +331,8 @@ __all__ = [
     "architecture",
     "save_checkpoint",
     "read_checkpoint",
+    "read_checkpoint_config",
+    "shape_problem",
     "load_checkpoint",
     "save_training_state",
     "load_training_state",
@@ -237,7 +357,10 @@ def load_implant_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     from .implant_net import build_implant_net
 
     path = Path(path)
-    tensors, cfg, arch, meta = _read_safetensors(path, IMPLANT_FORMAT, "stage-2 (implant)", stage2_config_from_dict)
+    from .implant_net import state_shapes
+
+    tensors, cfg, arch, meta = _read_safetensors(path, IMPLANT_FORMAT, "stage-2 (implant)", stage2_config_from_dict,
+                                                 _checked_shapes(state_shapes, "net", lambda c: c.net))
     if arch != _implant_architecture(cfg):
         raise InputError(f"{path}: checkpoint architecture differs from the one this skullrec builds for its config")
     check_finite(path, tensors)

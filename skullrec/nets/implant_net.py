@@ -16,6 +16,7 @@ import torch
 from monai.networks.nets import UNet
 
 from ..config import ImplantNetConfig
+from .autoencoder import check_parameter_count
 
 IN_CHANNELS = 2  # defective skull crop, stage-1 reconstruction crop (the prior)
 
@@ -26,8 +27,19 @@ def architecture(cfg: ImplantNetConfig) -> dict[str, Any]:
             "num_res_units": cfg.num_res_units, "grid": cfg.grid, "box_mm": cfg.box_mm}
 
 
+def state_shapes(cfg: ImplantNetConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the state dict of ``build_implant_net(cfg)``, built on torch's meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = _unet(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
 def build_implant_net(cfg: ImplantNetConfig, seed: int | None = None) -> torch.nn.Module:
-    """The stage-2 UNet (weights from ``seed`` when given, through a local generator state)."""
+    """The stage-2 UNet (weights from ``seed`` when given, through a local generator state).
+
+    An architecture over ``LIMITS['parameters']`` is refused (ConfigError naming ``net``) before any weight is allocated.
+    """
+    check_parameter_count(state_shapes(cfg), key="net")
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

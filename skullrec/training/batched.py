@@ -220,5 +220,5 @@ def _save_epoch(cfg: Config, run_dir: Path, model: torch.nn.Module, rec: dict[st
     write_metrics(run_dir / METRICS_FILE, records)
     save_training_state(run_dir / STATE_FILE, {
         "model": model.state_dict(), "optimizer": opt_state, "epoch": epoch, "step": 0,
-        "best_score": best[i][0], "best_epoch": best[i][1], "data": data.train.fingerprint,
+        "best_score": best[i][0], "best_epoch": best[i][1], "data": data.train.fingerprint, "config": cfg.to_dict(),
     })

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, dump_config, load_stored_config
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, short_repr
 from ..io import atomic_write_text
 from ..nets.checkpoint import architecture, load_training_state
 
@@ -166,13 +166,7 @@ def settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overwr
         except ConfigError as exc:
             reason = str(exc).splitlines()[0].removeprefix(f"{cfg_file}: ")
             raise InputError(f"{cfg_file}: unreadable run config ({reason})") from None
-        diff = config_diff(old.to_dict(), cfg.to_dict())
-        if diff:
-            shown = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")
-            if not force:
-                raise InputError(f"{cfg_file}: the run was started with another config: {shown}; pass --force to resume with the new one")
-            if architecture(old) != architecture(cfg):
-                raise InputError(f"{cfg_file}: --force cannot change the model architecture of a run ({shown})")
+        check_resume(run_dir, old, cfg, force)
         atomic_write_text(cfg_file, dump_config(cfg))
         return cfg
     if check_new_run_dir(run_dir, overwrite):
@@ -180,6 +174,52 @@ def settle_run_dir(cfg: Config, run_dir: Path, resume: bool, force: bool, overwr
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_file, dump_config(cfg))
     return cfg
+
+
+def describe_diff(diff: list[tuple[str, Any, Any]]) -> str:
+    """The first differing keys of :func:`config_diff`, each with its old and new value (bounded)."""
+    return ", ".join(f"{k} ({short_repr(a, 40)} -> {short_repr(b, 40)})" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")
+
+
+def check_resume(run_dir: Path, stored: Config, cfg: Config, force: bool) -> None:
+    """Refuse to resume ``run_dir`` with ``cfg`` where it differs from what the run holds, in one line naming the key.
+
+    What the run holds is, in order of trust: the config saved inside ``state.pt`` (the one its weights and
+    optimizer were trained with), else the architecture of ``last.safetensors``, else ``config.yaml``
+    (``stored``). So editing config.yaml itself, which ``--resume RUN`` then reads, is noticed too. Another
+    config needs ``--force``; another architecture is refused even then, and so is a ``state.pt`` whose
+    weights do not fit ``cfg``'s architecture (compared by shape, nothing built).
+    """
+    from ..config import config_from_dict, upgrade_stored
+    from ..nets.autoencoder import state_shapes
+    from ..nets.checkpoint import read_checkpoint_config, shape_problem
+
+    cfg_file, state_file = run_dir / CONFIG_FILE, run_dir / STATE_FILE
+    state = load_training_state(state_file) if state_file.is_file() else None
+    held, where, arch_ref = stored, "run was started", stored
+    if state is not None and isinstance(state.get("config"), dict):
+        try:
+            held = config_from_dict(upgrade_stored(state["config"]))
+        except ConfigError as exc:
+            raise InputError(f"{state_file}: its saved config is invalid for this skullrec version ({exc})") from None
+        where, arch_ref = f"run's saved state ({STATE_FILE}) was trained", held
+    elif (run_dir / LAST).is_file():
+        arch_ref = read_checkpoint_config(run_dir / LAST)
+    diff = config_diff(held.to_dict(), cfg.to_dict())
+    if diff and not force:
+        raise InputError(f"{cfg_file}: the {where} with another config: {describe_diff(diff)}; pass --force to resume with the new one")
+    if architecture(arch_ref) != architecture(cfg):
+        model_diff = [d for d in config_diff(arch_ref.to_dict(), cfg.to_dict()) if d[0].startswith("model.")]
+        raise InputError(f"{cfg_file}: --force cannot change the model architecture of a run ({describe_diff(model_diff)}); "
+                         "restore the config or start a new run")
+    if state is not None:
+        weights = state.get("model")
+        if not isinstance(weights, dict) or not all(hasattr(t, "shape") for t in weights.values()):
+            raise InputError(f"{state_file}: not a skullrec training state (no model weights)")
+        problem = shape_problem({k: tuple(t.shape) for k, t in weights.items()}, state_shapes(cfg.model))
+        if problem:
+            raise InputError(f"{state_file}: the saved weights do not fit the model architecture of {cfg_file} ({problem}); "
+                             "restore the config or start a new run")
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -23,18 +23,18 @@ import numpy as np
 import torch
 import yaml
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..guards import check_outside_inputs
 from ..io import atomic_write_text
 from ..config import Stage2Config, load_stage2_config
-from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state
-from ..nets.autoencoder import loss_function
-from ..nets.implant_net import build_implant_net
+from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state, shape_problem
+from ..nets.autoencoder import check_parameter_count, loss_function
+from ..nets.implant_net import build_implant_net, state_shapes
 from ..utils import derive_seed
 from .trainer import amp_context
 from .run_dir import (
-    CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, lock_run_dir, read_metrics,
-    remove_stale_temporaries, write_metrics,
+    CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, config_diff, describe_diff,
+    lock_run_dir, read_metrics, remove_stale_temporaries, write_metrics,
 )
 
 # ---------------------------------------------------------------------------------------------- training
@@ -77,6 +77,33 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, bce_weight: float, dice_fn: Any
     return dice + bce_weight * bce, dice
 
 
+def _check_resume(run_dir: Path, cfg: Stage2Config, state: dict[str, Any]) -> None:
+    """Refuse to resume with a config.yaml that differs from the run's saved state, in one line naming the key.
+
+    ``--resume`` reads the run's own config.yaml, so an edit there is compared with the config saved inside
+    state.pt (states written before it was saved: the weights' shapes against the edited architecture).
+    """
+    from ..config import stage2_config_from_dict
+
+    cfg_file, state_file = run_dir / CONFIG_FILE, run_dir / STATE_FILE
+    if isinstance(state.get("config"), dict):
+        try:
+            held = stage2_config_from_dict(state["config"])
+        except ConfigError as exc:
+            raise InputError(f"{state_file}: its saved config is invalid for this skullrec version ({exc})") from None
+        diff = config_diff(held.to_dict(), cfg.to_dict())
+        if diff:
+            raise InputError(f"{cfg_file}: the run's saved state ({STATE_FILE}) was trained with another config: {describe_diff(diff)}; "
+                             "restore the config or start a new run")
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(hasattr(t, "shape") for t in weights.values()):
+        raise InputError(f"{state_file}: not a skullrec training state (no model weights)")
+    problem = shape_problem({k: tuple(t.shape) for k, t in weights.items()}, state_shapes(cfg.net))
+    if problem:
+        raise InputError(f"{state_file}: the saved weights do not fit the network of {cfg_file} ({problem}); "
+                         "restore the config or start a new run")
+
+
 def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
                   log: Callable[[str], None] | None = None, stop_after_epoch: int | None = None,
                   inputs: Sequence[str | Path | None] = ()) -> dict[str, Any]:
@@ -95,6 +122,7 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
             raise InputError(f"{run_dir}: not a run folder (no {CONFIG_FILE}); nothing to resume")
         cfg = load_stage2_config(cfg_file)
     check_outside_inputs(run_dir, [cfg.data, *inputs])
+    check_parameter_count(state_shapes(cfg.net), "net")  # before anything is written or cleared (meta device: no memory)
     clear = not resume and check_new_run_dir(run_dir, overwrite)
     meta, x, y = load_stage2_samples(cfg.data)  # a data error leaves no run folder behind
     if meta.get("grid") != cfg.net.grid or float(meta.get("box_mm", -1)) != cfg.net.box_mm:
@@ -113,6 +141,7 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
     start, records = 1, []
     if resume:
         state = load_training_state(run_dir / STATE_FILE)
+        _check_resume(run_dir, cfg, state)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["epoch"]) + 1
@@ -156,7 +185,9 @@ def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = Fals
         save_implant_checkpoint(run_dir / LAST, model, cfg, epoch=epoch, loss=record["loss"])
         if epoch in cfg.train.checkpoint_epochs:
             save_implant_checkpoint(checkpoint_path(run_dir, epoch), model, cfg, epoch=epoch, loss=record["loss"])
-        save_training_state(run_dir / STATE_FILE, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch})
+        # config: what these weights were trained with, which a resume compares config.yaml with
+        save_training_state(run_dir / STATE_FILE, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                                                   "config": cfg.to_dict()})
         if log is not None:
             log(f"epoch {epoch}/{cfg.train.epochs}  loss {record['loss']:.4f}  dice loss {record['dice_loss']:.4f}  {record['seconds']:.1f} s")
         if stop_after_epoch is not None and epoch >= stop_after_epoch:

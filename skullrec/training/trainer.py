@@ -33,7 +33,7 @@ import torch
 
 from ..config import FAM_METHODS, Config, load_config, load_stored_config
 from ..data.cache import STREAM_MONITOR, STREAM_PROBES, TensorSplit, TrainingData, load_training_data, make_generator
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..guards import check_outside_inputs
 from ..nets.checkpoint import load_training_state, save_checkpoint, save_training_state
 from ..utils import resolve_device
@@ -322,7 +322,9 @@ class _Run:
         if self.dinfo.is_main:
             save_training_state(self.state_path, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step": step,
-                "best_score": self.best_score, "best_epoch": self.best_epoch, "data": self.data.train.fingerprint, **mid_epoch,
+                "best_score": self.best_score, "best_epoch": self.best_epoch, "data": self.data.train.fingerprint,
+                "config": self.cfg.to_dict(),  # what the weights were trained with: --resume compares config.yaml with it
+                **mid_epoch,
             })
 
 
@@ -602,12 +604,18 @@ def run_training(
 
     Under torchrun (WORLD_SIZE > 1) the process joins the process group and trains on cuda:LOCAL_RANK.
     """
+    from ..nets.autoencoder import check_parameter_count, state_shapes
+
     log = log or (lambda s: None)
     if resume is not None and Path(config) == Path(resume) / CONFIG_FILE:
         # the run's own config, written by an earlier (maybe older) skullrec: legacy keys filled in
         cfg = load_stored_config(config, overrides)
     else:
         cfg = load_config(config, overrides)
+    try:  # refused before the run folder is touched (the shapes come from the meta device: nothing allocated)
+        check_parameter_count(state_shapes(cfg.model))
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}" if config is not None else str(exc)) from None
     dinfo, dev = distributed.setup(resolve_device(device))
     lock = None
     folder = Path(resume) if resume is not None else Path(run_dir) if run_dir is not None else Path("runs") / cfg.name

@@ -562,6 +562,14 @@ def load_results(source: Any, name: str = "results CSV") -> Any:
         raise InputError(f"{label}: no such file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{label}: not a readable CSV ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    # skullrec's CSV writers escape text that a spreadsheet would run as a formula ("=..." -> "'=..."):
+    # undo it, so case ids match their file names again.
+    from ..evaluation.evaluate import unescape_csv_cell
+
+    df.columns = [unescape_csv_cell(c) if isinstance(c, str) else c for c in df.columns]
+    for c in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[c]):
+            df[c] = df[c].map(lambda v: unescape_csv_cell(v) if isinstance(v, str) else v)
     cols = {c.lower(): c for c in df.columns}
     key = next((cols[c] for c in CASE_COLUMNS if c in cols), None)
     if key is None:
