@@ -24,7 +24,8 @@ REAL = SKULLFIX_TRAINING
 def _oblique_affine(spacing=(0.6, 0.8, 1.1)) -> np.ndarray:
     a = np.deg2rad(15)
     rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    tilt = np.array([[1, 0, 0], [0, 1, -0.12], [0, 0, 1]])  # gantry-tilt-like shear, as in SkullFix
+    b = np.deg2rad(9)  # SkullFix's grids are tilted 9 degrees about the left-right axis (a rotation, not a shear)
+    tilt = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
     aff = np.eye(4)
     aff[:3, :3] = rot @ tilt @ np.diag(spacing)
     aff[:3, 3] = [-40.0, 25.0, -12.5]
@@ -143,7 +144,7 @@ def test_prepare_pair_uses_the_defective_box_and_keeps_defective_inside() -> Non
 def _write_pairs(folder: Path, n: int, defective: bool = True, shape=(40, 36, 30)) -> None:
     aff = _oblique_affine((1.2, 1.3, 1.5))
     for i in range(n):
-        c = _shell(shape, (20, 18, 15), (16 - i % 2, 14, 12), 2.0)
+        c = _shell(shape, (20, 18, 15), (16 - i, 14, 12), 2.0)  # every case a different skull (prepare drops copies)
         write_nifti(folder / "complete" / f"{i:03d}.nii.gz", c, aff)
         if defective:
             d = c.copy()
