@@ -26,9 +26,9 @@ kind                region (azimuth, elevation in degrees)       size mm     cro
 
 *Size* is the defect's largest extent (Feret diameter of the removed bone, mm; per piece for
 ``bilateral``), measured on the result and recorded as ``params["extent_mm"]``; *removed* is the
-removed bone fraction of the complete skull's bone voxels. Both are guaranteed: a cut outside
-either range, or with the wrong number of pieces, is drawn again (all from the same generator, so
-every kind is deterministic for a seed).
+removed bone fraction of the complete skull's bone voxels. Both are guaranteed (the size to within
+one voxel): a cut outside either range, or with the wrong number of pieces, is drawn again (all
+from the same generator, so every kind is deterministic for a seed).
 
 How a defect is cut: a direction from the bone's bounding-box centre (azimuth 0 = left, 90 =
 posterior, 180 = right, -90 = anterior, as in :mod:`skullrec.data.defects`) meets the outermost bone
@@ -50,9 +50,9 @@ the superior sagittal sinus), ``midline`` defects are centred on it and reach at
 (:func:`training_kinds`): it is the one kind whose region no training kind reaches (every other
 kind stays at elevation >= 15 in front, where the forehead is smooth), and its geometry differs
 most (the supraorbital rim, the orbital roof and the face below), so a score on it says how stage 2
-does on a defect unlike anything it saw. ``bilateral`` was not chosen: its two pieces lie 100-200 mm
-apart, so stage 2's single box around the implant cannot hold both, and its score would measure
-the box, not generalisation.
+does on a defect unlike anything it saw. ``bilateral`` was not chosen: its two pieces together span
+120-145 mm across the head, as much as stage 2's whole 128 mm box around the implant, so its score
+would measure the box, not generalisation.
 """
 
 from __future__ import annotations
