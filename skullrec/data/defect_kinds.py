@@ -69,7 +69,7 @@ from scipy.spatial.distance import pdist
 
 from ..errors import DefectError
 from ..utils import bounding_box
-from .defects import _bbox_mm, _cut, _fit_fraction, _frame, _ray_bone, _surface_centre, direction, set1_defect, set2_defect
+from .defects import _bbox_mm, _fit_fraction, _frame, _ray_bone, _surface_centre, direction, set1_defect, set2_defect
 
 MIDLINE_MARGIN_MM = 10.0  # lateral / bilateral defects keep this far from the mid-sagittal plane
 MAX_DEPTH_MM = 55.0  # deepest extrusion under the defect's centre (a 130 mm defect on a tight vault needs ~45)
@@ -122,9 +122,11 @@ class _Outline:
         """Largest distance of the outline from the frame's centre (mm)."""
         return float(np.linalg.norm(self.boundary(), axis=1).max())
 
-    def scaled_to(self, diameter: float) -> "_Outline":
-        f = diameter / self.diameter()
+    def scaled(self, f: float) -> "_Outline":
         return _Outline(tuple(lb.scaled(f) for lb in self.lobes))
+
+    def scaled_to(self, diameter: float) -> "_Outline":
+        return self.scaled(diameter / self.diameter())
 
     def inside(self, pu: np.ndarray, pv: np.ndarray) -> np.ndarray:
         out = np.zeros(np.broadcast_shapes(pu.shape, pv.shape), dtype=bool)
@@ -168,10 +170,15 @@ def _discs(rng: np.random.Generator) -> _Outline:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rim_depth(complete: np.ndarray, spacing: np.ndarray, c: np.ndarray, frame: np.ndarray, outline: _Outline, thick: float) -> float:
-    """How deep (mm, along -normal from ``c``) the inner surface of the outermost bone lies under the outline's rim."""
+def _rim(complete: np.ndarray, spacing: np.ndarray, c: np.ndarray, frame: np.ndarray, outline: _Outline, thick: float) -> tuple[float, np.ndarray]:
+    """(extrusion depth, rim points) of an outline at ``c``.
+
+    The depth (mm along -normal from ``c``) reaches the inner surface of the outermost bone under the
+    outline's rim, + 2 mm, at most :data:`MAX_DEPTH_MM`; the rim points are the outer and inner bone
+    surface points met there (mm, no deeper than the extrusion), whose spread is the defect's size.
+    """
     t = np.linspace(0.0, 2.0 * math.pi, RIM_RAYS, endpoint=False)
-    depth = 0.5 * thick
+    depth, pts = 0.5 * thick, []
     for lb in outline.lobes:
         r = lb.radius(t)
         for pu, pv in zip(lb.offset[0] + r * np.cos(t), lb.offset[1] + r * np.sin(t)):
@@ -180,15 +187,21 @@ def _rim_depth(complete: np.ndarray, spacing: np.ndarray, c: np.ndarray, frame: 
             hit = _ray_bone(complete, spacing, p - MAX_DEPTH_MM * frame[2], frame[2])
             if hit is not None:
                 depth = max(depth, float(-(hit[1] - c) @ frame[2]))
-    return min(depth + 2.0, MAX_DEPTH_MM)  # 2 mm: the inner surface's voxels, not just their centres
+                pts += list(hit)
+    depth = min(depth + 2.0, MAX_DEPTH_MM)  # 2 mm: the inner surface's voxels, not just their centres
+    rim = np.array(pts).reshape(-1, 3)
+    if len(rim):
+        below = np.maximum(-(rim - c) @ frame[2] - depth, 0.0)  # how far a point lies under the extrusion's floor
+        rim = rim + below[:, None] * frame[2][None, :]
+    return depth, rim
 
 
 def _prism(frame: np.ndarray, outline: _Outline, depth_in: float, depth_out: float,
-           keep_x: tuple[float, float] | None = None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """Shape function (for defects._cut) of ``outline`` extruded from ``-depth_in`` to ``depth_out`` along the normal.
+           half_space: tuple[float, int, float] | None = None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Shape function (for the cut) of ``outline`` extruded from ``-depth_in`` to ``depth_out`` along the normal.
 
-    ``keep_x``: (x of the part's centre in mm, signed limit) keeps only voxels with side * (x - limit) >= 0
-    where the limit's sign is the side: a half-space on one side of a plane parallel to the mid-sagittal one.
+    ``half_space`` = (x of the part's centre, side, limit), all along axis 0 in mm: keeps only voxels
+    with side * (x - limit) >= 0, i.e. one side of a plane parallel to the mid-sagittal one.
     """
     f = frame.astype(np.float32)
 
@@ -197,29 +210,38 @@ def _prism(frame: np.ndarray, outline: _Outline, depth_in: float, depth_out: flo
         pu = f[0, 0] * dx + f[0, 1] * dy + f[0, 2] * dz
         pv = f[1, 0] * dx + f[1, 1] * dy + f[1, 2] * dz
         ok = (pw >= -depth_in) & (pw <= depth_out) & outline.inside(pu, pv)
-        if keep_x is not None:
-            cx, (side, limit) = keep_x[0], keep_x[1]
-            ok &= side * (cx + dx - limit) >= 0
+        if half_space is not None:
+            cx, side, limit = half_space
+            ok &= side * (cx + dx - limit) >= 0  # dx is relative to the part's centre
         return ok
 
     return inside
 
 
 def _piece(complete: np.ndarray, spacing: np.ndarray, centre: np.ndarray, d: np.ndarray, spin: float, outline: _Outline,
-           side: int = 0) -> tuple[list, dict[str, Any]] | None:
-    """Cut parts and params of one outline at the outermost bone along ``d``; ``side`` +1 / -1 keeps it left / right of the midline margin."""
+           max_extent: float, side: int = 0) -> tuple[list, dict[str, Any]] | None:
+    """Cut parts and params of one outline at the outermost bone along ``d``; ``side`` +1 / -1 keeps it left / right of the midline margin.
+
+    An outline whose cut would be larger than ``max_extent`` in 3-D (a rim running down a sloping
+    wall is longer than its projection) is shrunk to fit first: a continuous change, so the same
+    draw gives the same defect at any spacing instead of a redraw at one of them.
+    """
     hit = _surface_centre(complete, spacing, centre, d)
     if hit is None:
         return None
     c, _, thick = hit
     frame = _frame(d, spin)
-    depth_in = _rim_depth(complete, spacing, c, frame, outline, thick)
-    keep = None
-    if side:
-        limit = centre[0] + side * MIDLINE_MARGIN_MM
-        keep = (float(c[0]), (side, limit))
+    limit = centre[0] + side * MIDLINE_MARGIN_MM
+    for _ in range(3):
+        depth_in, rim = _rim(complete, spacing, c, frame, outline, thick)
+        if side:
+            rim = rim[side * (rim[:, 0] - limit) >= 0]
+        extent = feret_diameter(rim)
+        if extent <= 0.97 * max_extent:  # 3 % slack: 16 rays per lobe only sample the rim
+            break
+        outline = outline.scaled(0.95 * max_extent / extent)
     reach = outline.reach()
-    fn = _prism(frame, outline, depth_in, OUT_DEPTH_MM, keep)
+    fn = _prism(frame, outline, depth_in, OUT_DEPTH_MM, (float(c[0]), side, limit) if side else None)
     info = {
         "centre_mm": np.round(c, 2).tolist(), "local_thickness_mm": round(thick, 2), "outline_diameter_mm": round(outline.diameter(), 2),
         "outline": outline.describe(), "depth_mm": [round(depth_in, 2), OUT_DEPTH_MM], "frame_rows_uvw": np.round(frame, 4).tolist(),
@@ -264,7 +286,7 @@ def _draw_vault(shape: str) -> Callable[..., tuple[list, dict[str, Any]] | None]
         kind = shape if shape == "ellipse" else ("wobbly" if rng.random() < 0.5 else "discs")
         outline = {"ellipse": lambda: _ellipse(rng, (0.55, 1.0)), "wobbly": lambda: _wobbly(rng), "discs": lambda: _discs(rng)}[kind]()
         outline = outline.scaled_to(_size(rng, *size, scale))
-        got = _piece(complete, sp, centre, direction(az, el), rng.uniform(-90.0, 90.0), outline)
+        got = _piece(complete, sp, centre, direction(az, el), rng.uniform(-90.0, 90.0), outline, size[1])
         return None if got is None else (got[0], {"outline_shape": kind, **_angles(az, el), **got[1]})
 
     return draw
@@ -278,7 +300,7 @@ def _draw_midline(complete, sp, rng, centre, scale, size):
     length = _size(rng, 30.0, size[1], scale)
     outline = _Outline((_Lobe((0.0, 0.0), 0.5 * width, 0.5 * length),))
     # The ray stays in the plane x = centre[0], so the outline is centred on the midline; a small spin keeps it straddling.
-    got = _piece(complete, sp, centre, d, rng.uniform(-10.0, 10.0), outline)
+    got = _piece(complete, sp, centre, d, rng.uniform(-10.0, 10.0), outline, size[1])
     if got is None:
         return None
     az, el = (90.0, pitch) if pitch <= 90.0 else (-90.0, 180.0 - pitch)
@@ -291,7 +313,7 @@ def _draw_lateral(complete, sp, rng, centre, scale, size, az_range=(-55.0, 55.0)
     a = az if side > 0 else 180.0 - az  # mirrored across the mid-sagittal plane for the right side
     shape = "ellipse" if rng.random() < 0.5 else "wobbly"
     outline = (_ellipse(rng, (0.55, 1.0)) if shape == "ellipse" else _wobbly(rng)).scaled_to(_size(rng, *size, scale))
-    got = _piece(complete, sp, centre, direction(a, el), rng.uniform(-90.0, 90.0), outline, side=side)
+    got = _piece(complete, sp, centre, direction(a, el), rng.uniform(-90.0, 90.0), outline, size[1], side=side)
     if got is None:
         return None
     return got[0], {"side": "left" if side > 0 else "right", "outline_shape": shape, **_angles(a, el), **got[1]}
@@ -312,7 +334,7 @@ def _draw_fronto_orbital(complete, sp, rng, centre, scale, size):
     az, el = rng.uniform(-120.0, -60.0), rng.uniform(-8.0, 12.0)
     shape = "ellipse" if rng.random() < 0.5 else "wobbly"
     outline = (_ellipse(rng, (0.6, 1.0)) if shape == "ellipse" else _wobbly(rng)).scaled_to(_size(rng, *size, scale))
-    got = _piece(complete, sp, centre, direction(az, el), rng.uniform(-30.0, 30.0), outline)
+    got = _piece(complete, sp, centre, direction(az, el), rng.uniform(-30.0, 30.0), outline, size[1])
     return None if got is None else (got[0], {"outline_shape": shape, **_angles(az, el), **got[1]})
 
 
@@ -320,7 +342,7 @@ def _draw_small(complete, sp, rng, centre, scale, size):
     az, el = rng.uniform(-180.0, 180.0), rng.uniform(15.0, 85.0)
     shape = "ellipse" if rng.random() < 0.7 else "wobbly"  # burr holes are round
     outline = (_ellipse(rng, (0.7, 1.0)) if shape == "ellipse" else _wobbly(rng)).scaled_to(_size(rng, *size, scale))
-    got = _piece(complete, sp, centre, direction(az, el), rng.uniform(-90.0, 90.0), outline)
+    got = _piece(complete, sp, centre, direction(az, el), rng.uniform(-90.0, 90.0), outline, size[1])
     return None if got is None else (got[0], {"outline_shape": shape, **_angles(az, el), **got[1]})
 
 
@@ -382,6 +404,7 @@ def _pieces(removed: np.ndarray) -> tuple[np.ndarray, int, tuple[slice, ...]]:
 
 
 def _cut_kind(kind: DefectKind, complete: np.ndarray, spacing: tuple[float, float, float], rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fraction-fitted cuts of ``kind`` (defects._fit_fraction) until one passes the piece, size and midline checks."""
     complete = np.asarray(complete, dtype=bool)
     sp = np.asarray(spacing, dtype=np.float64)
     total = int(complete.sum())
@@ -401,7 +424,7 @@ def _cut_kind(kind: DefectKind, complete: np.ndarray, spacing: tuple[float, floa
         labels, n, sl = _pieces(removed)
         # Keep the defect itself: its largest piece (per side for bilateral); fragments the extrusion
         # met elsewhere (a zygomatic arch, a ridge of the skull base) go back into the skull.
-        sizes = ndimage.sum_labels(np.ones_like(labels), labels, np.arange(1, n + 1))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         order = np.argsort(-sizes, kind="stable") + 1
         if kind.pieces == 1:
             keep = [int(order[0])]
@@ -409,6 +432,9 @@ def _cut_kind(kind: DefectKind, complete: np.ndarray, spacing: tuple[float, floa
             com = ndimage.center_of_mass(np.ones_like(labels), labels, order)
             xs = [(sl[0].start + c[0]) * sp[0] for c in com]
             keep = [next((int(lab) for lab, x in zip(order, xs) if s * (x - x_mid) > 0), -1) for s in (1, -1)]
+        if -1 in keep:
+            problem = "no piece on one side"
+            continue
         kept = np.isin(labels, keep)
         extents, sides = [], []
         for lab in keep:
@@ -417,9 +443,7 @@ def _cut_kind(kind: DefectKind, complete: np.ndarray, spacing: tuple[float, floa
             sides.append((float(pts[:, 0].min() - x_mid), float(pts[:, 0].max() - x_mid)))
         n_removed = int(kept.sum())
         frac = n_removed / total
-        if -1 in keep:
-            problem = "no piece on one side"
-        elif not kind.fraction[0] <= frac <= kind.fraction[1]:
+        if not kind.fraction[0] <= frac <= kind.fraction[1]:
             problem = f"removed fraction {frac:.4f} after dropping fragments"
         elif any(not kind.size_mm[0] - voxel <= e <= kind.size_mm[1] + voxel for e in extents):
             problem = f"extent {extents} mm"

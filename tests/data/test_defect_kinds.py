@@ -242,3 +242,28 @@ def test_prepare_implant_refuses_the_held_out_kind_unless_allowed(tmp_path: Path
     meta = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert meta["held_out_kind"] == HELD_OUT_KIND and meta["held_out_kind_used"] is True
     assert (tmp_path / "s" / f"a_{HELD_OUT_KIND}.npz").is_file()
+
+
+@pytest.mark.real
+def test_on_a_real_skullfix_skull_every_kind_is_one_physical_defect_at_two_resolutions() -> None:
+    """SkullFix 000 at about 0.9 x 0.9 x 1.3 mm and 1.8 x 1.8 x 1.9 mm (strides of the same scan): the same defect, in range."""
+    from conftest import SKULLFIX_TRAINING
+
+    path = SKULLFIX_TRAINING / "complete_skull" / "000.nrrd"
+    if not path.is_file():
+        pytest.skip("SkullFix data not available (../shared)")
+    vol = read_volume(path)
+    grids = []
+    for stride in ((2, 2, 2), (4, 4, 3)):
+        mask = vol.data[:: stride[0], :: stride[1], :: stride[2]].astype(bool)
+        grids.append((mask, tuple(s * k for s, k in zip(vol.spacing, stride)), vol.affine @ np.diag([*stride, 1.0])))
+    for name, kind in DEFECT_KINDS.items():
+        centroids = []
+        for mask, spacing, affine in grids:
+            defective, params = kind(mask, spacing, np.random.default_rng(1))
+            frac = (mask & ~defective).sum() / mask.sum()
+            assert kind.fraction[0] <= frac <= kind.fraction[1], (name, frac)
+            assert all(kind.size_mm[0] - max(spacing) <= e <= kind.size_mm[1] + max(spacing) for e in params["extent_mm"]), (name, params["extent_mm"])
+            centroids.append(np.array([p.mean(0) for p in _pieces_mm(mask & ~defective, affine)]))
+        assert centroids[0].shape == centroids[1].shape, name
+        assert np.linalg.norm(centroids[0] - centroids[1], axis=1).max() < 3.0, (name, centroids)
