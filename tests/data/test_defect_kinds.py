@@ -267,3 +267,21 @@ def test_on_a_real_skullfix_skull_every_kind_is_one_physical_defect_at_two_resol
             centroids.append(np.array([p.mean(0) for p in _pieces_mm(mask & ~defective, affine)]))
         assert centroids[0].shape == centroids[1].shape, name
         assert np.linalg.norm(centroids[0] - centroids[1], axis=1).max() < 3.0, (name, centroids)
+
+
+def test_the_held_out_kind_removes_bone_where_the_training_kinds_seldom_do(skulls) -> None:
+    """The low forehead (azimuth -90 +- 30, elevation -20..5 from the bone box's centre) is the held-out kind's, not training's."""
+    complete = skulls[0]
+    idx = np.argwhere(complete)
+    centre = (idx.min(0) + idx.max(0)) / 2
+
+    def share_in_zone(removed: np.ndarray) -> float:
+        v = (np.argwhere(removed) - centre) * np.asarray(G3[1])
+        az = np.degrees(np.arctan2(v[:, 1], v[:, 0]))
+        el = np.degrees(np.arcsin(v[:, 2] / np.linalg.norm(v, axis=1)))
+        return float(((az > -120) & (az < -60) & (el > -20) & (el < 5)).mean())
+
+    share = {name: np.mean([share_in_zone(complete & ~DEFECT_KINDS[name](complete, G3[1], np.random.default_rng(s))[0])
+                            for s in range(10)]) for name in KINDS}
+    assert share[HELD_OUT_KIND] > 0.3, share
+    assert max(share[k] for k in training_kinds()) < 0.05, share
