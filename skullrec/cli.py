@@ -45,6 +45,9 @@ CT = Annotated[bool, typer.Option("--ct", help="Inputs are CT scans in HU (DICOM
 BONE_HU = Annotated[Optional[float], typer.Option("--bone-hu", help="With --ct: bone threshold in HU (default 300).")]
 SERIES = Annotated[Optional[list[str]], typer.Option("--series", help="DICOM: the series instance UID to read from a folder holding several "
                                                      "(repeatable: one per such folder).")]
+# The names of skullrec.data.stage2.ALL_KINDS, written out so `--help` imports no numpy (a test keeps them equal).
+KIND_NAMES = "skullfix, set1, set2, vault-round, vault-irregular, midline, lateral, fronto-orbital, small, bilateral"
+HELD_OUT = "fronto-orbital"  # skullrec.data.defect_kinds.HELD_OUT_KIND
 
 
 def user_errors(fn):
@@ -580,7 +583,8 @@ def prepare_implant_command(
     prepared: Annotated[Path, typer.Option("--prepared", help="A data set from 'skullrec prepare' (its train_ids and source folders are used).")],
     stage1: Annotated[Path, typer.Option("--stage1", help="A stage-1 checkpoint from 'skullrec train'.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder of stage-2 samples.")],
-    kinds: Annotated[str, typer.Option(help="Defect kinds, comma-separated: skullfix, set1, set2.")] = "skullfix,set1,set2",
+    kinds: Annotated[str, typer.Option(help=f"Defect kinds, comma-separated: {KIND_NAMES} ({HELD_OUT} is held out of training: needs --allow-held-out).")] = "skullfix,set1,set2",
+    allow_held_out: Annotated[bool, typer.Option("--allow-held-out", help=f"Allow the held-out kind ({HELD_OUT}); its scores are then no longer 'unlike training'.")] = False,
     box_mm: Annotated[float, typer.Option(help="Edge of the cubic box around the defect (mm).")] = 128.0,
     grid: Annotated[int, typer.Option(help="The box is resampled to GRID^3 voxels.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed of the defects and box offsets.")] = 0,
@@ -597,7 +601,8 @@ def prepare_implant_command(
     with _bar("prepare-implant", console) as progress:
         recs = build_stage2_data(prepared, stage1, out, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
                                  box_mm=box_mm, grid=grid, seed=seed, max_cases=max_cases, overwrite=overwrite,
-                                 progress=progress, workers=workers, log=lambda s: console.print(f"[yellow]{s}[/]"))
+                                 progress=progress, workers=workers, log=lambda s: console.print(f"[yellow]{s}[/]"),
+                                 allow_held_out=allow_held_out)
     console.print(f"{len(recs)} samples -> {out}")
     return Path(out)
 
@@ -605,8 +610,8 @@ def prepare_implant_command(
 def prepare_eval_command(
     prepared: Annotated[Path, typer.Option("--prepared", help="A data set from 'skullrec prepare' (its eval_ids and source folders are used).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: complete/ and KIND/{defective,implant}/ at each skull's own grid.")],
-    kinds: Annotated[str, typer.Option(help="Defect kinds, comma-separated: skullfix, set1, set2.")] = "skullfix,set1,set2",
-    seed: Annotated[int, typer.Option(help="Seed of the set-1 / set-2 defects.")] = 0,
+    kinds: Annotated[str, typer.Option(help=f"Defect kinds, comma-separated: {KIND_NAMES} (the held-out {HELD_OUT} included).")] = "skullfix,set1,set2",
+    seed: Annotated[int, typer.Option(help="Seed of the project's defects (set 1, set 2 and the named kinds).")] = 0,
     overwrite: OVERWRITE = False,
     workers: Annotated[int, typer.Option(help="Worker processes (at most 4); the files do not depend on it.")] = 1,
     max_cases: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation skulls.")] = None,

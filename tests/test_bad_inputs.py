@@ -339,6 +339,9 @@ CASES = [
     # experiment
     ("experiment --config {w}/nope.yaml", "nope.yaml"),
     ("experiment --config {w}/broken.yaml", "broken.yaml"),
+    # defect kinds (prepare-implant / prepare-eval --kinds): checked before anything is read
+    ("prepare-implant --prepared {w}/D --stage1 {w}/m.safetensors --out {w}/o --kinds set1,fronto-orbital", "held-out kind (kept out of training"),
+    ("prepare-eval --prepared {w}/D --out {w}/o --kinds set1,round", "--kinds: unknown kind 'round'"),
     # view
     ("view --data {w}/nope", "no such folder"),
     ("view --port 0", "--port"),

@@ -7,6 +7,9 @@ every defect kind:
 * ``skullfix``: SkullFix's own defective skull (``meta.defective_folder``);
 * ``set1`` / ``set2``: the project's defects (:mod:`skullrec.data.defects`, in mm) cut at the native
   grid of the complete skull, seeded by (seed, case, kind);
+* the named kinds of :mod:`skullrec.data.defect_kinds` (``vault-round``, ``lateral``, ``bilateral``, ...),
+  cut and seeded the same way; its held-out kind (``HELD_OUT_KIND``) only with ``allow_held_out``, so
+  it stays unlike training and ``prepare-eval`` can score it as such;
 
 stage 1 (a ``skullrec train`` checkpoint) reconstructs the defective skull exactly as
 ``skullrec predict`` does, and the box of :mod:`skullrec.inference.stage2` is cut around the true
@@ -28,16 +31,34 @@ from typing import Any
 
 import numpy as np
 
+from ..data.defect_kinds import DEFECT_KINDS, HELD_OUT_KIND, defect_generator
 from ..data.layout import implant_of, read_manifest
-from ..errors import InputError
+from ..errors import DefectError, InputError
 from ..data.resample import Box
 from ..inference.stage2 import box_around, crop, network_input, to_grid
 from ..io import Volume, atomic_write_bytes, atomic_write_text, list_volumes, read_volume
 from ..utils import Progress, ordered_process_map, seed_sequence
 
-KINDS: tuple[str, ...] = ("skullfix", "set1", "set2")
+KINDS: tuple[str, ...] = ("skullfix", "set1", "set2")  # the default
+ALL_KINDS: tuple[str, ...] = (*KINDS, *DEFECT_KINDS)  # what --kinds accepts
 DEFAULT_JITTER_MM = 10.0
 SAMPLES_FILE = "samples.json"
+
+
+def check_kinds(kinds: tuple[str, ...], *, training: bool, allow_held_out: bool = False) -> tuple[str, ...]:
+    """``kinds`` if every name is known and given once; for ``training``, the held-out kind only with ``allow_held_out``."""
+    if not kinds:
+        raise InputError("--kinds: no defect kind given")
+    for k in kinds:
+        if k not in ALL_KINDS:
+            raise InputError(f"--kinds: unknown kind {k!r} (known: {', '.join(ALL_KINDS)})")
+    dup = sorted({k for k in kinds if kinds.count(k) > 1})
+    if dup:
+        raise InputError(f"--kinds: {', '.join(dup)} given twice")
+    if training and HELD_OUT_KIND in kinds and not allow_held_out:
+        raise InputError(f"--kinds: {HELD_OUT_KIND!r} is the held-out kind (kept out of training to score defects unlike "
+                         "training); give --allow-held-out to train on it anyway")
+    return tuple(kinds)
 
 
 def training_ids(prepared: str | Path) -> tuple[list[str], Path, Path | None]:
@@ -87,11 +108,12 @@ def _defective(kind: str, cid: str, complete: Volume, defective_dir: Path | None
             raise InputError(f"{defective_dir}: no defective skull for case {cid}")
         d = read_volume(files[cid])
         return d.data.astype(bool) & complete.data.astype(bool), {"defect_source": "given"}
-    from .defects import set1_defect, set2_defect
-
-    fn = set1_defect if kind == "set1" else set2_defect
+    # Seeded by (seed, case, kind name): the same defect whatever the worker order or the other kinds asked for.
     rng = np.random.default_rng(seed_sequence(seed, cid, kind, "defect"))
-    mask, params = fn(complete.data.astype(bool), complete.spacing, rng)
+    try:
+        mask, params = defect_generator(kind)(complete.data.astype(bool), complete.spacing, rng)
+    except DefectError as exc:  # the defect functions see arrays, not files: name the file here
+        raise InputError(f"{complete.path}: {exc}") from None
     return mask, {"defect_source": kind, "defect": params}
 
 
@@ -124,18 +146,17 @@ def _case_samples(job: dict[str, Any]) -> list[tuple[str, bytes, dict[str, Any]]
 def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path, *, kinds: tuple[str, ...] = KINDS,
                       box_mm: float = 128.0, grid: int = 128, seed: int = 0, jitter_mm: float = DEFAULT_JITTER_MM,
                       max_cases: int | None = None, overwrite: bool = False, progress: Progress | None = None,
-                      log: Callable[[str], None] | None = None, workers: int = 1) -> list[dict[str, Any]]:
+                      log: Callable[[str], None] | None = None, workers: int = 1, allow_held_out: bool = False) -> list[dict[str, Any]]:
     """Write stage-2 samples for the training skulls of ``prepared`` into ``out`` (staged, then renamed); returns the records.
 
     ``workers`` (at most 4) processes build skulls in parallel; the samples and samples.json do not
     depend on it (every random draw is seeded by (seed, case, kind), and records keep the id order).
+    The held-out defect kind is refused unless ``allow_held_out``.
     """
     from ..data.layout import check_output_dir, staged_output
     from ..nets.checkpoint import load_checkpoint
 
-    for k in kinds:
-        if k not in KINDS:
-            raise InputError(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    kinds = check_kinds(tuple(kinds), training=True, allow_held_out=allow_held_out)
     ids, complete_dir, defective_dir = training_ids(prepared)
     if max_cases is not None:
         ids = ids[:max_cases]
@@ -162,8 +183,9 @@ def build_stage2_data(prepared: str | Path, stage1: str | Path, out: str | Path,
                     log(f"{rec['case_id']} {rec['kind']}: {rec['implant_voxels'] - rec['implant_in_box']} implant voxels outside the box")
                 if progress is not None:
                     progress(len(records), total)
-        meta = {"prepared": str(prepared), "stage1": str(stage1), "kinds": list(kinds), "box_mm": box_mm, "grid": grid,
-                "seed": seed, "jitter_mm": jitter_mm, "train_ids": ids, "samples": records}
+        meta = {"prepared": str(prepared), "stage1": str(stage1), "kinds": list(kinds), "held_out_kind": HELD_OUT_KIND,
+                "held_out_kind_used": HELD_OUT_KIND in kinds, "box_mm": box_mm, "grid": grid, "seed": seed, "jitter_mm": jitter_mm,
+                "train_ids": ids, "samples": records}
         atomic_write_text(staging / SAMPLES_FILE, json.dumps(meta, indent=1) + "\n")
     return records
 
@@ -190,7 +212,8 @@ def _eval_case(job: dict[str, Any]) -> list[dict[str, Any]]:
         implant = implant_of(complete.data.astype(bool), dmask)
         write_volume(staging / kind / "defective" / f"{cid}.nii.gz", complete.like(dmask.astype(np.uint8)))
         write_volume(staging / kind / "implant" / f"{cid}.nii.gz", complete.like(implant.astype(np.uint8)))
-        out.append({"case_id": cid, "kind": kind, "source": str(job["complete_file"]), "implant_voxels": int(implant.sum()),
+        out.append({"case_id": cid, "kind": kind, "held_out": kind == HELD_OUT_KIND, "source": str(job["complete_file"]),
+                    "implant_voxels": int(implant.sum()),
                     **{k: v for k, v in extra.items() if k != "defect"}})
     return out
 
@@ -202,18 +225,17 @@ def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tupl
 
     Writes ``OUT/complete/CASE.nii.gz`` (the true complete skull) and, per kind,
     ``OUT/KIND/defective/CASE.nii.gz`` and ``OUT/KIND/implant/CASE.nii.gz`` (complete AND NOT
-    defective): ``skullfix`` is SkullFix's own defective skull, ``set1`` / ``set2`` the project's
-    defects cut at the native grid exactly as ``prepare-implant`` cuts them for the training skulls
-    (seeded by (seed, case, kind)). Volumes go back to each file's own grid (:func:`write_volume`),
+    defective): ``skullfix`` is SkullFix's own defective skull, ``set1`` / ``set2`` and the kinds of
+    :mod:`skullrec.data.defect_kinds` the project's defects cut at the native grid exactly as
+    ``prepare-implant`` cuts them for the training skulls (seeded by (seed, case, kind)); the held-out
+    kind is allowed here (each record says whether its kind is the held-out one). Volumes go back to each file's own grid (:func:`write_volume`),
     so a prediction from ``predict --in OUT/KIND/defective`` pairs with them voxel for voxel.
     Staged and renamed; returns the manifest written as ``OUT/manifest.json``. ``workers``
     processes (at most 4) write skulls in parallel; the files do not depend on it.
     """
     from ..data.layout import check_output_dir, staged_output
 
-    for k in kinds:
-        if k not in KINDS:
-            raise InputError(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    kinds = check_kinds(tuple(kinds), training=False)
     ids = eval_ids(prepared)[:max_cases]  # max_cases: only the first N evaluation skulls
     _, complete_dir, defective_dir = training_ids(prepared)
     complete_files = list_volumes(complete_dir)
@@ -231,7 +253,7 @@ def build_native_eval_sets(prepared: str | Path, out: str | Path, *, kinds: tupl
             cases.extend(recs)
             if progress is not None:
                 progress(i, len(ids))
-        meta = {"command": "skullrec prepare-eval", "prepared": str(prepared), "kinds": list(kinds), "seed": seed,
+        meta = {"command": "skullrec prepare-eval", "prepared": str(prepared), "kinds": list(kinds), "held_out_kind": HELD_OUT_KIND, "seed": seed,
                 "eval_ids": ids, "cases": cases}
         atomic_write_text(staging / "manifest.json", json.dumps(meta, indent=1) + "\n")
     return meta
