@@ -18,6 +18,7 @@ from skullrec import io as sio
 from skullrec.data import synth
 from skullrec.data.build import build_dataset
 from skullrec.inference.predict import reconstruct
+from orientation_helpers import store_in_order as _store
 
 SHAPE = (48, 56, 46)  # all different, so a wrong permutation cannot hide
 SPACING = (3.5, 3.2, 3.3)
@@ -32,25 +33,6 @@ def _canonical_affine() -> np.ndarray:
     aff[:3, :3] = rot @ np.diag([-1.0, -1.0, 1.0]) @ np.diag(SPACING)
     aff[:3, 3] = [81.0, 95.5, -70.25]
     return aff
-
-
-def _store(data: np.ndarray, affine: np.ndarray, perm: tuple[int, ...], flips: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The same physical volume in another voxel order, computed by hand (no nibabel orientation code).
-
-    File axis a runs along canonical axis perm[a], reversed where flips[a]: canonical index
-    i[perm[a]] = j[a] (or n - 1 - j[a]); the file's affine is the canonical one composed with j -> i.
-    """
-    out = np.transpose(data, perm)
-    index_map = np.zeros((4, 4))
-    index_map[3, 3] = 1.0
-    for a, (p, f) in enumerate(zip(perm, flips)):
-        if f:
-            out = np.flip(out, axis=a)
-            index_map[p, a] = -1.0
-            index_map[p, 3] = data.shape[p] - 1
-        else:
-            index_map[p, a] = 1.0
-    return np.ascontiguousarray(out), affine @ index_map
 
 
 def _write_nrrd(path: Path, data: np.ndarray, affine: np.ndarray) -> None:

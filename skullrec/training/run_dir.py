@@ -192,7 +192,7 @@ def check_resume(run_dir: Path, stored: Config, cfg: Config, force: bool) -> Non
     """
     from ..config import config_from_dict, upgrade_stored
     from ..nets.autoencoder import state_shapes
-    from ..nets.checkpoint import read_checkpoint_config, shape_problem
+    from ..nets.checkpoint import read_checkpoint_config
 
     cfg_file, state_file = run_dir / CONFIG_FILE, run_dir / STATE_FILE
     state = load_training_state(state_file) if state_file.is_file() else None
@@ -213,13 +213,19 @@ def check_resume(run_dir: Path, stored: Config, cfg: Config, force: bool) -> Non
         raise InputError(f"{cfg_file}: --force cannot change the model architecture of a run ({describe_diff(model_diff)}); "
                          "restore the config or start a new run")
     if state is not None:
-        weights = state.get("model")
-        if not isinstance(weights, dict) or not all(hasattr(t, "shape") for t in weights.values()):
-            raise InputError(f"{state_file}: not a skullrec training state (no model weights)")
-        problem = shape_problem({k: tuple(t.shape) for k, t in weights.items()}, state_shapes(cfg.model))
-        if problem:
-            raise InputError(f"{state_file}: the saved weights do not fit the model architecture of {cfg_file} ({problem}); "
-                             "restore the config or start a new run")
+        check_state_weights(state, state_shapes(cfg.model), state_file, f"the model architecture of {cfg_file}")
+
+
+def check_state_weights(state: dict[str, Any], expected: dict[str, tuple[int, ...]], state_file: Path, what: str) -> None:
+    """Refuse a training state whose saved weights do not have the ``expected`` shapes (``what`` names the architecture)."""
+    from ..nets.checkpoint import shape_problem
+
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(hasattr(t, "shape") for t in weights.values()):
+        raise InputError(f"{state_file}: not a skullrec training state (no model weights)")
+    problem = shape_problem({k: tuple(t.shape) for k, t in weights.items()}, expected)
+    if problem:
+        raise InputError(f"{state_file}: the saved weights do not fit {what} ({problem}); restore the config or start a new run")
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -27,13 +27,14 @@ from ..errors import ConfigError, InputError
 from ..guards import check_outside_inputs
 from ..io import atomic_write_text
 from ..config import Stage2Config, load_stage2_config
-from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state, shape_problem
+from ..nets.checkpoint import load_training_state, save_implant_checkpoint, save_training_state
 from ..nets.autoencoder import check_parameter_count, loss_function
 from ..nets.implant_net import build_implant_net, state_shapes
 from ..utils import derive_seed
 from .trainer import amp_context
 from .run_dir import (
-    CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, checkpoint_path, clear_run_dir, config_diff, describe_diff,
+    CONFIG_FILE, LAST, METRICS_FILE, STATE_FILE, check_new_run_dir, check_state_weights, checkpoint_path, clear_run_dir, config_diff,
+    describe_diff,
     lock_run_dir, read_metrics, remove_stale_temporaries, write_metrics,
 )
 
@@ -95,13 +96,7 @@ def _check_resume(run_dir: Path, cfg: Stage2Config, state: dict[str, Any]) -> No
         if diff:
             raise InputError(f"{cfg_file}: the run's saved state ({STATE_FILE}) was trained with another config: {describe_diff(diff)}; "
                              "restore the config or start a new run")
-    weights = state.get("model")
-    if not isinstance(weights, dict) or not all(hasattr(t, "shape") for t in weights.values()):
-        raise InputError(f"{state_file}: not a skullrec training state (no model weights)")
-    problem = shape_problem({k: tuple(t.shape) for k, t in weights.items()}, state_shapes(cfg.net))
-    if problem:
-        raise InputError(f"{state_file}: the saved weights do not fit the network of {cfg_file} ({problem}); "
-                         "restore the config or start a new run")
+    check_state_weights(state, state_shapes(cfg.net), state_file, f"the network of {cfg_file}")
 
 
 def train_implant(cfg: Stage2Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,

@@ -22,6 +22,7 @@ from skullrec.data.defects import set1_defect
 from skullrec.data.stage2 import ALL_KINDS, check_kinds
 from skullrec.errors import InputError
 from skullrec.io import read_volume, write_nifti
+from orientation_helpers import store_in_order as _store
 
 KINDS = list(DEFECT_KINDS)
 SEEDS = (0, 1, 2)
@@ -131,21 +132,6 @@ def test_the_same_skull_at_another_spacing_gets_the_same_physical_defect(name: s
         centroids.append(np.array([p.mean(0) for p in pieces]))
     assert centroids[0].shape == centroids[1].shape
     assert np.linalg.norm(centroids[0] - centroids[1], axis=1).max() < 4.0, (name, centroids)
-
-
-def _store(data: np.ndarray, affine: np.ndarray, perm: tuple[int, ...], flips: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The same physical volume in another voxel order (as tests/test_orientation.py builds them, by hand)."""
-    out = np.transpose(data, perm)
-    index_map = np.zeros((4, 4))
-    index_map[3, 3] = 1.0
-    for a, (p, f) in enumerate(zip(perm, flips)):
-        if f:
-            out = np.flip(out, axis=a)
-            index_map[p, a] = -1.0
-            index_map[p, 3] = data.shape[p] - 1
-        else:
-            index_map[p, a] = 1.0
-    return np.ascontiguousarray(out), affine @ index_map
 
 
 def test_any_voxel_order_read_back_gets_the_defect_at_the_same_world_place(tmp_path: Path, skulls) -> None:
