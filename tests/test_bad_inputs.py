@@ -3,9 +3,12 @@ traceback, and nothing written (the whole working folder is byte-for-byte as bef
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -391,6 +394,26 @@ CASES = [
 ]
 
 
+# A refusal comes before any real work, so every case ends in well under a second on an idle CPU; this
+# bound only turns a hang (a FIFO read, a multi-GB allocation, minutes of work) into a failure instead of
+# a stuck test run. It is a guard, not a speed measurement.
+HANG_BOUND_S = 120
+
+
+@contextlib.contextmanager
+def _refused_within(seconds: int, line: str) -> Iterator[None]:
+    def fail(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{line!r} ran past {seconds} s: it should be refused before any work")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 @pytest.mark.parametrize("line, message", CASES, ids=[c[0].split(" {w}")[0] + ": " + c[1] for c in CASES])
 def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(world: Path, monkeypatch: pytest.MonkeyPatch, line: str, message: str) -> None:
     monkeypatch.chdir(world)  # default output folders (runs/, data/) would land here and be seen
@@ -398,7 +421,8 @@ def test_bad_input_is_one_line_exit_2_no_traceback_nothing_written(world: Path, 
     args = line.format(w=world).split()
     if args[0] in ("predict", "flatness", "train", "experiment"):
         args += ["--device", "cpu"]
-    res = CliRunner().invoke(app, args)
+    with _refused_within(HANG_BOUND_S, line):
+        res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, (res.exit_code, res.output, res.exception)
     assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
     assert res.stderr.startswith("error: ") and res.stderr.count("\n") == 1, res.stderr
