@@ -332,6 +332,7 @@ def predict_command(
     series: SERIES = None,
     stl_skull: Annotated[bool, typer.Option("--stl-skull", help="With the implant's STL, also the complete skull's (~100-150 MB per case at 512^2 x Z; implies --stl).")] = False,
     smooth: Annotated[bool, typer.Option("--smooth", help="Smooth the STL meshes (Taubin filter), keeping them within 0.5 mm of the voxel surface.")] = False,
+    out_format: Annotated[str, typer.Option("--format", help="Output volumes: auto (the input's format: NRRD stays NRRD, NIfTI and DICOM give NIfTI), nifti or nrrd.")] = "auto",
 ) -> Path:
     """Reconstruct complete skulls and implants for a defective skull or a folder of them, on their own grid.
 
@@ -344,6 +345,7 @@ def predict_command(
     stl = bool(stl or stl_skull)
     if smooth and not stl:
         raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
+    check_choice("--format", out_format, ["auto", "nifti", "nrrd"])
     console = _console(stderr=True)
     if checkpoint is None:
         from .inference.shipped import shipped_checkpoints
@@ -360,7 +362,7 @@ def predict_command(
             # markup off: file names may hold [brackets]; soft_wrap: one message, one line
             progress=progress, warn=lambda msg: console.print(msg, style="yellow", markup=False, highlight=False, soft_wrap=True),
             stage2=stage2, keep_stage1=keep_stage1, mirror=mirror, ct=ct, bone_hu=bone_hu, series=series,
-            stl_skull=stl_skull, smooth=smooth,
+            stl_skull=stl_skull, smooth=smooth, out_format=out_format,
         )
     n_empty = sum(r["implant_empty"] for r in rows)
     console.print(f"{len(rows)} cases -> {out} (complete/, implant/{', stl/' if stl else ''}); empty implants: {n_empty}")

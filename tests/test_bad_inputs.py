@@ -298,6 +298,7 @@ CASES = [
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/busy", "output folder is not empty"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --batch-size 0", "--batch-size"),
     ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --mirror", "--mirror: mirrors stage 2's box"),
+    ("predict --checkpoint {w}/m.safetensors --in {w}/good --out {w}/o --format tiff", "--format: must be one of auto, nifti, nrrd"),
     # export-bundle (MONAI bundle)
     ("export-bundle --out {w}/o --checkpoint {w}/nope.safetensors", "no such checkpoint file"),
     ("export-bundle --out {w}/o --checkpoint {w}/junk.safetensors", "junk.safetensors: "),

@@ -31,7 +31,7 @@ from scipy import ndimage
 from ..data.ct import DEFAULT_BONE_HU, mask_warnings, read_ct_skull
 from ..data.layout import implant_of
 from ..data.resample import DEFAULT_MARGIN_MM, prepare_volume, restore_mask, restore_to_grid
-from ..errors import InputError
+from ..errors import InputError, check_choice
 from ..io import Volume, atomic_write_bytes, atomic_write_text, output_suffix, write_volume
 from ..nets.autoencoder import bone_logit
 from ..utils import Progress, bounding_box, resolve_device
@@ -322,6 +322,9 @@ def input_files(inp: Path) -> dict[str, Path]:
     return list_volumes(inp)
 
 
+OUTPUT_SUFFIXES = {"auto": "", "nifti": ".nii.gz", "nrrd": ".nrrd"}  # predict --format
+
+
 def predict_folder(
     checkpoint: Path,
     inp: Path,
@@ -341,12 +344,13 @@ def predict_folder(
     series: Collection[str] | None = None,
     stl_skull: bool = False,
     smooth: bool = False,
+    out_format: str = "auto",
 ) -> list[dict[str, Any]]:
     """Reconstruct every defective skull in ``inp`` (a folder, or one file): out/complete/CASE.EXT,
     out/implant/CASE.EXT (+ out/stl/CASE_implant.stl).
 
-    EXT is the input's format: ``.nrrd`` for a NRRD input, ``.nii.gz`` for a NIfTI one, each on the
-    input file's own grid. ``stl``: the implant's surface as a binary STL in LPS mm
+    EXT is the input's format with ``out_format`` "auto": ``.nrrd`` for a NRRD input, ``.nii.gz`` for a
+    NIfTI one or a DICOM series; "nifti" or "nrrd" choose one for every case. Always on the input's own grid. ``stl``: the implant's surface as a binary STL in LPS mm
     (:mod:`skullrec.inference.mesh`), ``stl_skull`` the complete skull's too (implies ``stl``),
     ``smooth`` smooths them (within 0.5 mm of the voxel surface).
     ``threshold`` binarises non-binary *inputs* (value > T); the model output is thresholded at 0.5.
@@ -391,6 +395,7 @@ def predict_folder(
     stl = stl or stl_skull
     if smooth and not stl:
         raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
+    check_choice("--format", out_format, list(OUTPUT_SUFFIXES))
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
     model2 = cfg2 = meta2 = None
@@ -439,7 +444,7 @@ def predict_folder(
                     if progress is not None:
                         progress(done, len(ids))
                     continue
-                ext = output_suffix(files[cid])  # NRRD in, NRRD out; NIfTI in, NIfTI out
+                ext = OUTPUT_SUFFIXES.get(out_format) or output_suffix(files[cid])  # auto: NRRD in, NRRD out; else NIfTI
                 if model2 is not None:
                     if keep_stage1:  # stage 1's own implant beside stage 2's, to compare the two on one run
                         write_volume(staging / "stage1_implant" / f"{cid}{ext}", rec.implant)

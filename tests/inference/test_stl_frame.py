@@ -241,3 +241,19 @@ def test_evaluate_and_the_viewer_find_nrrd_predictions_by_case_id(tmp_path: Path
     case = V.load_case(tmp_path / "ds", "eval", "007")
     np.testing.assert_array_equal(case.implant.data, read_volume(out / "implant" / "007.nrrd").data)
     assert case.implant.data.any() and V.find_case(tmp_path / "ds", "7") == ("eval", "007")
+
+
+def test_format_chooses_the_output_volumes_whatever_the_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    complete, defective = _skull_pair()
+    nifti = lambda p: nib.save(nib.Nifti1Image(defective.data, defective.affine), str(p))  # noqa: E731
+    out_auto, _, _ = _run(tmp_path / "a", "one.nii.gz", nifti, complete, defective, monkeypatch)
+    out_nrrd, _, _ = _run(tmp_path / "b", "one.nii.gz", nifti, complete, defective, monkeypatch, out_format="nrrd")
+    assert sorted(p.name for p in (out_auto / "implant").iterdir()) == ["one.nii.gz"]
+    assert sorted(p.name for p in (out_nrrd / "implant").iterdir()) == ["one.nrrd"]
+    a, b = read_volume(out_auto / "implant" / "one.nii.gz"), read_volume(out_nrrd / "implant" / "one.nrrd")
+    np.testing.assert_array_equal(a.data, b.data)  # the same implant on the same grid, in the other format
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+    assert a.data.any()
+    out_nifti, _, _ = _run(tmp_path / "c", "one.nrrd", lambda p: _write_nrrd(p, defective.data, defective.affine),
+                           complete, defective, monkeypatch, out_format="nifti")
+    assert sorted(p.name for p in (out_nifti / "complete").iterdir()) == ["one.nii.gz"]
