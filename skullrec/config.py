@@ -33,6 +33,12 @@ class DataConfig:
     eval_splits: list[str] = field(default_factory=lambda: ["eval_set1", "eval_set2"])
     max_train_cases: int | None = None  # use only the first N training cases (None: all)
     max_eval_cases: int | None = None
+    # Fraction of the training cases held out as the validation split that chooses best.safetensors (those
+    # cases are not trained on). 0: best is the lowest training Dice loss. The evaluation splits are only
+    # monitored (val_dsc in metrics.jsonl), never used to choose a checkpoint.
+    val_fraction: float = 0.0
+    # Seed of that carve-out; apart from the training seed, so runs of several seeds train on the same cases.
+    val_seed: int = 0
 
 
 @dataclass
@@ -296,6 +302,8 @@ def validate(cfg: Config) -> Config:
         *_optimisation_checks(cfg.train),
         ("train.val_every", cfg.train.val_every >= 0, "must be >= 0"),
         ("data.max_train_cases", cfg.data.max_train_cases is None or cfg.data.max_train_cases >= 1, "must be >= 1"),
+        ("data.val_fraction", 0.0 <= cfg.data.val_fraction < 1.0, "must be in [0, 1)"),
+        ("data.val_fraction", cfg.data.val_fraction == 0.0 or cfg.train.val_every > 0, "needs train.val_every > 0 (it chooses best.safetensors on validation epochs)"),
         ("data.max_eval_cases", cfg.data.max_eval_cases is None or cfg.data.max_eval_cases >= 1, "must be >= 1"),
         ("sam.eta", cfg.sam.eta >= 0, "must be >= 0"),
         ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),

@@ -277,6 +277,7 @@ CASES = [
     ("train --config {w}/lr.yaml --run-dir {w}/r", "train.lr: expected a number, got 'abc'"),
     ("train --set model.channels=[20,40,80,160,-8] --config {w}/lr.yaml --set train.lr=1e-3 --run-dir {w}/r", "model.channels: every entry must be >= 1"),
     ("train --resume {w}/nope", "not a run folder"),
+    ("train --config {w}/lr.yaml --set train.lr=1e-3 --set data.val_fraction=1.5 --run-dir {w}/r", "data.val_fraction: must be in [0, 1)"),
     # flatness
     ("flatness --checkpoint {w}/nope.safetensors --data {w}/good", "no such checkpoint file"),
     ("flatness --checkpoint {w}/junk.safetensors --data {w}/good", "junk.safetensors: "),

@@ -53,6 +53,15 @@ class TensorSplit:
         """Float32 (x, y) for the cases at ``index`` (a tensor on the cache's device)."""
         return self.defective[index].float(), self.complete[index].float()
 
+    def subset(self, keep: list[str], name: str) -> "TensorSplit":
+        """The cases ``keep`` (ids of this split) as a split of their own, in this split's order."""
+        index = [i for i, cid in enumerate(self.ids) if cid in set(keep)]
+        d, c = self.defective[index], self.complete[index]
+        h = hashlib.sha256("\n".join(self.ids[i] for i in index).encode())
+        h.update(d.cpu().numpy().tobytes())
+        h.update(c.cpu().numpy().tobytes())
+        return TensorSplit(name=name, ids=[self.ids[i] for i in index], defective=d, complete=c, fingerprint=h.hexdigest())
+
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All cases in order, in batches of ``batch_size`` (evaluation)."""
         for start in range(0, len(self), batch_size):
@@ -85,10 +94,11 @@ def load_tensor_split(root: str, split: str, size: int, device: torch.device | s
 
 @dataclass
 class TrainingData:
-    """The training split and the evaluation splits of one run, cached on one device."""
+    """The training split, the validation split carved from it (or None) and the evaluation splits of one run."""
 
     train: TensorSplit
     evals: dict[str, TensorSplit]
+    val: TensorSplit | None = None
 
     def epoch_order(self, seed: int, epoch: int, batch_size: int) -> list[torch.Tensor]:
         """The batches (index tensors on the cache's device) of ``epoch``; depends only on (seed, epoch).
@@ -102,11 +112,27 @@ class TrainingData:
         return list(torch.split(perm, batch_size))
 
 
+VAL_SPLIT = "validation"  # the name of the validation split carved from the training cases
+
+
 def load_training_data(cfg: DataConfig, size: int, device: torch.device | str) -> TrainingData:
-    """Load the training split and every evaluation split named in ``cfg`` onto ``device``."""
+    """Load the training split and every evaluation split named in ``cfg`` onto ``device``.
+
+    With ``cfg.val_fraction`` > 0 that share of the training cases becomes the validation split (the seeded
+    split rule of ``skullrec prepare``, so it depends only on the ids and ``cfg.val_seed``) and is left out
+    of training.
+    """
+    from .build import split_cases
+
     train = load_tensor_split(cfg.root, cfg.train_split, size, device, cfg.max_train_cases)
     evals = {name: load_tensor_split(cfg.root, name, size, device, cfg.max_eval_cases) for name in cfg.eval_splits}
-    return TrainingData(train=train, evals=evals)
+    val = None
+    if cfg.val_fraction > 0:
+        if len(train) < 2:
+            raise InputError(f"{cfg.root}/{cfg.train_split}: data.val_fraction needs at least 2 training cases, got {len(train)}")
+        keep, val_ids = split_cases(list(train.ids), cfg.val_fraction, cfg.val_seed)
+        train, val = train.subset(keep, cfg.train_split), train.subset(val_ids, VAL_SPLIT)
+    return TrainingData(train=train, evals=evals, val=val)
 
 
 __all__ = [
@@ -118,4 +144,5 @@ __all__ = [
     "TrainingData",
     "load_tensor_split",
     "load_training_data",
+    "VAL_SPLIT",
 ]

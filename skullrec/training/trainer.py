@@ -505,13 +505,17 @@ def _epoch_record(run: _Run, epoch: int, sums: dict[str, torch.Tensor], reg_step
 
 
 def _validate(run: _Run, epoch: int, record: dict[str, Any]) -> None:
-    """On validation epochs: DSC on every evaluation split, and Tr(H) / kappa-hat for methods that do not train with them."""
+    """On validation epochs: DSC on the validation split (chooses best) and on every evaluation split (monitored), and
+    Tr(H) / kappa-hat for methods that do not train with them."""
     cfg = run.cfg
     if not (cfg.train.val_every > 0 and (epoch % cfg.train.val_every == 0 or epoch == cfg.train.epochs)):
         return
+    if run.data.val is not None:
+        # The validation split carved from the training cases: the only DSC that chooses best.safetensors.
+        record["selection_dsc"] = float(evaluate_dsc(run.model, run.data.val, 2 * cfg.train.batch_size))
     if run.data.evals:
-        # In float32 whatever train.amp: the validation DSC (and so best.safetensors) is what `skullrec predict`,
-        # which runs in float32, would give on these 64^3 cases.
+        # Monitoring only (held-out curves), never a checkpoint choice. In float32 whatever train.amp: what
+        # `skullrec predict`, which runs in float32, would give on these 64^3 cases.
         val = {name: evaluate_dsc(run.model, split, 2 * cfg.train.batch_size) for name, split in run.data.evals.items()}
         record["val_dsc"] = dict(zip(val, torch.stack(list(val.values())).tolist()))
         record["val_dsc_mean"] = sum(record["val_dsc"].values()) / len(val)
@@ -526,12 +530,19 @@ def _validate(run: _Run, epoch: int, record: dict[str, Any]) -> None:
 def _save_epoch(run: _Run, epoch: int, record: dict[str, Any]) -> None:
     """Checkpoints (chosen epochs, best, last), then metrics.jsonl, then state.pt: the epoch's commit, in that order."""
     cfg = run.cfg
-    score, by = (record["val_dsc_mean"], "val_dsc_mean") if "val_dsc_mean" in record else (-record["dice_loss"], "train_dice_loss")
+    # best.safetensors: the highest DSC on the validation split carved from the training cases, else the lowest
+    # training Dice loss; the evaluation splits (the held-out skulls) never choose a checkpoint.
+    if "selection_dsc" in record:
+        score, by = record["selection_dsc"], "selection_dsc"
+    elif run.data.val is not None:  # not a validation epoch: keep the best so far
+        score, by = None, "selection_dsc"
+    else:
+        score, by = -record["dice_loss"], "train_dice_loss"
     meta = {"epoch": epoch, "method": cfg.train.method, "dice_loss": record["dice_loss"], "val_dsc": record.get("val_dsc")}
     save = distributed.main_only(save_checkpoint)
     if epoch in cfg.train.checkpoint_epochs:
         save(checkpoint_path(run.run_dir, epoch), run.model, cfg, **meta)
-    if run.best_score is None or score > run.best_score:
+    if score is not None and (run.best_score is None or score > run.best_score):
         run.best_score, run.best_epoch = score, epoch
         save(run.run_dir / BEST, run.model, cfg, best_by=by, **meta)
     save(run.run_dir / LAST, run.model, cfg, **meta)

@@ -206,10 +206,38 @@ def test_run_folder_metrics_and_checkpoints(reference_runs: dict[str, Path], dat
         dsc = [2 * (p & t).sum() / (p.sum() + t.sum()) for p, t in zip(pred, truth)]
         assert last["val_dsc"][split_name] == pytest.approx(float(np.mean(dsc)), abs=1e-6)
 
-    # best = the epoch with the highest mean validation DSC; epoch checkpoints carry their epoch.
-    best_epoch = max(records, key=lambda r: r["val_dsc_mean"])["epoch"]
+    # best = the lowest training Dice loss (no validation split carved here): the evaluation splits are
+    # monitored but never choose a checkpoint; epoch checkpoints carry their epoch.
+    best_epoch = min(records, key=lambda r: r["dice_loss"])["epoch"]
     assert load_checkpoint(run / "best.safetensors")[2]["epoch"] == best_epoch
+    assert "selection_dsc" not in records[-1]
     assert load_checkpoint(run / "ckpt_epoch002.safetensors")[2]["epoch"] == 2
+
+
+def test_best_is_chosen_on_a_validation_split_carved_from_the_training_cases(data_root: Path, tmp_path: Path) -> None:
+    from skullrec.data.build import split_cases
+    from skullrec.data.cache import load_training_data
+
+    run = tmp_path / "val"
+    _train(data_root, run, "baseline", **{"data.val_fraction": 0.25, "train.val_every": 1})
+    records = _metrics(run)
+    assert all(0.0 <= r["selection_dsc"] <= 1.0 for r in records)
+    best = max(records, key=lambda r: r["selection_dsc"])  # the held-out val_dsc plays no part
+    _, _, meta = load_checkpoint(run / "best.safetensors")
+    assert meta["epoch"] == best["epoch"] and meta["best_by"] == "selection_dsc"
+    # the carve: prepare's seeded split rule on the training ids, those cases left out of training
+    cfg = load_config(run / "config.yaml")
+    data = load_training_data(cfg.data, cfg.model.size, "cpu")
+    all_ids = load_split(data_root, "train", max_cases=8).ids
+    keep, held = split_cases(list(all_ids), 0.25, 0)
+    assert data.val is not None and data.val.ids == held and data.train.ids == keep and len(held) == 2
+    assert not set(data.val.ids) & set(data.train.ids)
+    with torch.no_grad():  # the logged selection DSC is the checkpoint's DSC on exactly those cases
+        model = load_checkpoint(run / "last.safetensors")[0]
+        out = model(data.val.defective.float())
+        pred, truth = (out[:, 1] > out[:, 0]).numpy(), data.val.complete[:, 0].numpy().astype(bool)
+    dsc = [2 * (p & t).sum() / (p.sum() + t.sum()) for p, t in zip(pred, truth)]
+    assert records[-1]["selection_dsc"] == pytest.approx(float(np.mean(dsc)), abs=1e-6)
 
 
 def test_baseline_and_sam_log_monitored_flatness(reference_runs: dict[str, Path]) -> None:
