@@ -18,7 +18,7 @@ from pathlib import Path
 from skullrec.config import config_from_dict
 from skullrec.data.build import split_cases
 from skullrec.data.layout import write_manifest
-from skullrec.data.stage2 import build_stage2_data
+from skullrec.inference.samples import build_stage2_data
 from skullrec.nets.autoencoder import build_model
 from skullrec.nets.checkpoint import save_checkpoint
 

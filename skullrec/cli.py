@@ -595,7 +595,7 @@ def prepare_implant_command(
     workers: Annotated[int, typer.Option(help="Worker processes (at most 4); the samples do not depend on it.")] = 1,
 ) -> Path:
     """Stage-2 training samples at the skulls' own resolution (training skulls only)."""
-    from .data.stage2 import build_stage2_data
+    from .inference.samples import build_stage2_data
 
     _at_least("--box-mm", box_mm, 1e-6)
     _at_least("--grid", grid, 8)

@@ -121,3 +121,25 @@ def test_only_the_cli_imports_typer_or_rich() -> None:
     modules = _modules()
     users = sorted(n for n, p in modules.items() if _imports(n, p, modules)[1] & {"typer", "rich"})
     assert users == ["skullrec.cli"]
+
+
+# The pipeline's order: the package's own base modules (config, io, errors, utils, guards, ...) first, then one
+# room per stage; the CLI layer on top. A module may import its own stage or an earlier one, never a later one.
+STAGES = ("data", "nets", "flatness", "training", "inference", "evaluation", "experiment", "federated", "viewer")
+
+
+def _stage(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return 0
+    if parts[1] in ("cli", "__main__"):
+        return len(STAGES) + 1
+    return STAGES.index(parts[1]) + 1 if parts[1] in STAGES else 0
+
+
+def test_no_module_imports_a_later_stage_of_the_pipeline() -> None:
+    graph = _graph()
+    back = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if _stage(b) > _stage(a))
+    assert back == []
+    # the rule can fail: a data module importing inference is what it is there to catch
+    assert _stage("skullrec.inference.stage2") > _stage("skullrec.data.stage2") > _stage("skullrec.io")

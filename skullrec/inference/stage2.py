@@ -34,68 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
+from ..data.box import box_around, crop, from_grid, network_input, overlap, paste, to_grid  # noqa: F401  (re-exported)
 from ..data.resample import Box
 from ..io import Volume
 from ..utils import bounding_box
 
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-neighbourhood, as predict's island removal
-
-
-def box_around(centre: np.ndarray | tuple[float, ...], spacing: tuple[float, ...], box_mm: float) -> Box:
-    """A box of ``round(box_mm / spacing)`` input voxels per axis whose centre is nearest ``centre`` (voxel index)."""
-    n = np.array([max(1, int(round(box_mm / float(s)))) for s in spacing])
-    lo = np.floor(np.asarray(centre, dtype=np.float64) - (n - 1) / 2.0 + 0.5).astype(int)  # lo + (n-1)/2 nearest centre
-    return Box(lo=tuple(int(v) for v in lo), hi=tuple(int(v) for v in lo + n))
-
-
-def _overlap(box: Box, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
-    """(slices into the volume, slices into the crop) of the part of ``box`` inside ``shape``."""
-    vol, sub = [], []
-    for lo, hi, dim in zip(box.lo, box.hi, shape):
-        a, b = max(lo, 0), min(hi, dim)
-        if b <= a:
-            return None
-        vol.append(slice(a, b))
-        sub.append(slice(a - lo, b - lo))
-    return tuple(vol), tuple(sub)
-
-
-def crop(data: np.ndarray, box: Box) -> np.ndarray:
-    """The voxels of ``data`` inside ``box`` (shape ``box.shape``); outside the volume: 0."""
-    out = np.zeros(box.shape, dtype=data.dtype)
-    ov = _overlap(box, data.shape)
-    if ov is not None:
-        out[ov[1]] = data[ov[0]]
-    return out
-
-
-def paste(part: np.ndarray, box: Box, shape: tuple[int, ...]) -> np.ndarray:
-    """A volume of ``shape`` holding ``part`` at ``box`` (the part of the box inside the volume), 0 elsewhere."""
-    if part.shape != box.shape:
-        raise ValueError(f"part has shape {part.shape}, box has {box.shape}")
-    out = np.zeros(shape, dtype=part.dtype)
-    ov = _overlap(box, shape)
-    if ov is not None:
-        out[ov[0]] = part[ov[1]]
-    return out
-
-
-def to_grid(part: np.ndarray, grid: int) -> np.ndarray:
-    """A crop resampled to ``grid^3`` (float32): area averaging when shrinking, trilinear when growing."""
-    t = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float32))[None, None]
-    shrink = all(s >= grid for s in part.shape)
-    mode = "area" if shrink else "trilinear"
-    kw = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(t, size=(grid,) * 3, mode=mode, **kw)[0, 0].numpy()
-
-
-def from_grid(prob: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A ``grid^3`` map resampled back to a crop's ``shape`` (trilinear, voxel centres aligned as in :func:`to_grid`)."""
-    t = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def _pieces(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +117,7 @@ def restrict_in_box(mask_box: np.ndarray, box: Box, defective: np.ndarray, stage
     # In the defective skull's memory order (the files' Fortran order): predict ORs the two next, and
     # a C- with an F-ordered 60 M-voxel array is a strided pass, several times slower.
     out = np.zeros_like(defective, dtype=bool)
-    ov = _overlap(box, defective.shape)
+    ov = overlap(box, defective.shape)
     bb = None if ov is None else bounding_box(mask_box[ov[1]])
     if bb is None:
         return out, 0
@@ -190,19 +136,6 @@ class Stage2Input:
     x: np.ndarray  # (2, grid, grid, grid) float32: defective crop, stage-1 complete crop
     box: Box
     centre: np.ndarray
-
-
-def network_input(defective: np.ndarray, prior_crop: np.ndarray, box: Box, grid: int) -> np.ndarray:
-    """The network's (2, grid, grid, grid) float32 input: the defective skull cut at ``box`` and stage 1's
-    complete skull in that box (``prior_crop``, shape ``box.shape``), each resampled to the grid.
-
-    The one place the input is made, for training samples (:func:`skullrec.data.stage2.make_sample`)
-    and for prediction (:func:`stage2_input`), so the two cannot drift apart.
-    """
-    if prior_crop.shape != box.shape:
-        raise ValueError(f"prior crop has shape {prior_crop.shape}, box has {box.shape}")
-    return np.stack([to_grid(crop(np.asarray(defective, dtype=np.uint8), box), grid),
-                     to_grid(np.asarray(prior_crop, dtype=np.uint8), grid)]).astype(np.float32)
 
 
 def stage2_input(defective: np.ndarray, stage1_complete: np.ndarray, stage1_implant: np.ndarray,
@@ -229,7 +162,7 @@ def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndar
     left-right mirror image (array axis 0 is left-right in skullrec's canonical voxel order); twice the
     network time.
     """
-    from ..training.trainer import amp_context
+    from ..training.speed import amp_context, resolve_amp
 
     defective = vol.data.astype(bool)
     inp = stage2_input(defective, stage1_complete, stage1_implant, vol.spacing, box_mm, grid, centre=centre)
@@ -239,7 +172,7 @@ def stage2_implant(model: torch.nn.Module, vol: Volume, stage1_complete: np.ndar
     model.eval()
     try:
         x = torch.from_numpy(inp.x)[None].to(device)
-        with torch.inference_mode(), amp_context(amp, x.device):
+        with torch.inference_mode(), amp_context(resolve_amp(amp, x.device), x.device):
             logits = model(x).float().cpu().numpy()[0, 0]
             # dims (batch, channel, axis 0, 1, 2): the box's axis 0 mirrored in, the output mirrored back
             mirrored = model(torch.flip(x, dims=(2,))).float().cpu().numpy()[0, 0, ::-1] if mirror else None

@@ -74,7 +74,6 @@ def amp_context(amp: str, device: torch.device) -> contextlib.AbstractContextMan
     return speed.amp_context(speed.resolve_amp(amp, device), device)
 
 
-_amp_context = amp_context  # the name main's callers use
 
 
 def train_step(

@@ -209,7 +209,7 @@ def test_prepare_eval_cuts_named_kinds_seeded_per_case_and_kind(tmp_path: Path) 
 def test_prepare_implant_refuses_the_held_out_kind_unless_allowed(tmp_path: Path) -> None:
     from skullrec.config import config_from_dict
     from skullrec.data.layout import write_manifest
-    from skullrec.data.stage2 import build_stage2_data
+    from skullrec.inference.samples import build_stage2_data
     from skullrec.nets.autoencoder import build_model
     from skullrec.nets.checkpoint import save_checkpoint
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from skullrec.cli import app
 from skullrec.config import config_from_dict
 from skullrec.data.layout import write_manifest
-from skullrec.data.stage2 import build_stage2_data, load_stage2_samples
+from skullrec.data.stage2 import load_stage2_samples
+from skullrec.inference.samples import build_stage2_data
 from skullrec.errors import InputError
 from skullrec.io import read_volume, write_nifti
 from skullrec.nets.autoencoder import build_model
