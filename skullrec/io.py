@@ -25,15 +25,17 @@ User mistakes (missing file, corrupt gzip, 4D data, NaN, non-binary values, ...)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import gzip
 import logging
 import os
 import tempfile
 import zlib
-import dataclasses
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -841,6 +843,27 @@ def _write_temporary(path: Path, payload: bytes) -> Path:
     return tmp
 
 
+def _save_atomically(path: Path, save: Callable[[Path], None]) -> Path:
+    """``save(tmp)`` into a temporary file beside ``path``, then a rename into place; on failure nothing is left behind.
+
+    An OS error names ``path`` (the file the user asked for), not the temporary file.
+    """
+    try:
+        fd, tmp = _atomic_target(path)
+    except OSError as exc:
+        raise _named(exc, path) from None
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _named(exc, path) from None
+        raise
+    return path
+
+
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` via a temporary file in the same folder and a rename.
 
@@ -949,17 +972,7 @@ def write_nifti(
         scode = int(hdr["sform_code"]) if hdr is not None and int(hdr["sform_code"]) > 0 else 1
         img.set_qform(affine, code=qcode)
         img.set_sform(affine, code=scode)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _named(exc, path) from None
-        raise
-    return path
+    return _save_atomically(path, lambda tmp: nib.save(img, str(tmp)))
 
 
 def write_nrrd(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
@@ -982,15 +995,13 @@ def write_nrrd(path: str | Path, data: np.ndarray, affine: np.ndarray) -> Path:
     img.SetSpacing(spacing.tolist())
     img.SetDirection((lps / spacing).ravel().tolist())
     img.SetOrigin((LPS_TO_RAS @ affine[:3, 3]).tolist())
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        sitk.WriteImage(img, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    def save(tmp: Path) -> None:
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=True)
+        except RuntimeError as exc:  # ITK reports a failed write (disk full, ...) as RuntimeError, not OSError
+            raise OSError(errno.EIO, f"cannot write the file ({' '.join(str(exc).split())[-200:]})", str(path)) from None
+
+    return _save_atomically(path, save)
 
 
 def output_suffix(path: str | Path) -> str:

@@ -270,3 +270,29 @@ def test_a_set_whose_last_rename_fails_is_put_back_as_it_was(tmp_path: Path, mon
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"r.csv": "old csv", "r.summary.json": "old json"}
     sio.atomic_write_files({a: b"new csv", b: b"new json"})
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"r.csv": "new csv", "r.summary.json": "new json"}
+
+
+def test_a_failed_nrrd_or_nifti_write_names_the_file_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import SimpleITK as sitk
+
+    from skullrec.io import write_nifti, write_nrrd
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("ITK ERROR: ImageFileWriter: could not write: No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", refuse)
+    data = np.zeros((4, 4, 4), np.uint8)
+    with pytest.raises(OSError) as err:
+        write_nrrd(tmp_path / "out.nrrd", data, np.eye(4))
+    assert err.value.filename == str(tmp_path / "out.nrrd") and "No space left" in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):  # root ignores permissions: nothing to check there
+            return
+        with pytest.raises(OSError) as err:
+            write_nifti(tmp_path / "ro" / "x.nii.gz", data, np.eye(4))
+        assert err.value.filename == str(tmp_path / "ro" / "x.nii.gz")
+    finally:
+        (tmp_path / "ro").chmod(0o700)
