@@ -32,7 +32,7 @@ import logging
 import os
 import tempfile
 import zlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -824,23 +824,39 @@ def _named(exc: OSError, path: Path) -> OSError:
     return OSError(exc.errno, exc.strerror or " ".join(str(exc).split()) or type(exc).__name__, str(path))
 
 
-def _write_temporary(path: Path, payload: bytes) -> Path:
-    """``payload`` in a temporary file beside ``path``, flushed to disk; returns it (removed again on failure)."""
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """Remove ``tmp`` if the block fails; an OS error is re-raised naming ``path`` (the file the user asked for)."""
     try:
-        fd, tmp = _atomic_target(path)
-    except OSError as exc:
-        raise _named(exc, path) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        yield
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise _named(exc, path) from None
         raise
+
+
+def _into_temporary(path: Path, save: Callable[[Path], None]) -> Path:
+    """``save(tmp)`` into a new temporary file beside ``path``; returns it (removed again on failure, the error naming ``path``)."""
+    try:
+        fd, tmp = _atomic_target(path)
+    except OSError as exc:
+        raise _named(exc, path) from None
+    os.close(fd)
+    with _removed_on_failure(tmp, path):
+        save(tmp)
     return tmp
+
+
+def _write_temporary(path: Path, payload: bytes) -> Path:
+    """``payload`` in a temporary file beside ``path``, flushed to disk; returns it (removed again on failure)."""
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return _into_temporary(path, save)
 
 
 def _save_atomically(path: Path, save: Callable[[Path], None]) -> Path:
@@ -848,19 +864,9 @@ def _save_atomically(path: Path, save: Callable[[Path], None]) -> Path:
 
     An OS error names ``path`` (the file the user asked for), not the temporary file.
     """
-    try:
-        fd, tmp = _atomic_target(path)
-    except OSError as exc:
-        raise _named(exc, path) from None
-    os.close(fd)
-    try:
-        save(tmp)
+    tmp = _into_temporary(path, save)
+    with _removed_on_failure(tmp, path):
         os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _named(exc, path) from None
-        raise
     return path
 
 
