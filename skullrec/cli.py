@@ -338,14 +338,11 @@ def predict_command(
 
     Inputs are skull masks, or CT scans in HU with --ct (DICOM series or NIfTI/NRRD; the skull mask made from the CT goes to OUT/ct_mask/). Outputs are on each input's own grid, NRRD for NRRD inputs and NIfTI otherwise. See docs/how-to/ct-dicom.md.
     """
-    from .inference.predict import predict_folder
+    from .inference.predict import check_output_options, predict_folder
 
     _at_least("--batch-size", batch_size, 1)
     bone_hu = _ct_options(ct, bone_hu, threshold)
-    stl = bool(stl or stl_skull)
-    if smooth and not stl:
-        raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
-    check_choice("--format", out_format, ["auto", "nifti", "nrrd"])
+    stl = check_output_options(stl, stl_skull, smooth, out_format)  # before the shipped weights are named on stderr
     console = _console(stderr=True)
     if checkpoint is None:
         from .inference.shipped import shipped_checkpoints

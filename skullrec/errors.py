@@ -65,11 +65,7 @@ def one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
 
 
-# The reading code's name for the same rule (file names with control characters quoted in messages).
-quote_controls = one_line
-
-__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error", "short_repr", "clip", "one_line",
-           "quote_controls"]
+__all__ = ["InputError", "ConfigError", "DefectError", "check_choice", "describe_os_error", "short_repr", "clip", "one_line"]
 
 
 def describe_os_error(exc: OSError) -> str:

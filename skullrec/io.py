@@ -41,7 +41,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, quote_controls
+from .errors import InputError, one_line
 from .nrrd_header import check_attached_size, check_data_files, read_nrrd_header
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -218,7 +218,7 @@ def list_volumes(folder: str | Path) -> dict[str, Path]:
         elif p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith((".raw", ".raw.gz")):
             skipped.append(p.name)
     if skipped and cases:
-        shown = quote_controls(", ".join(skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        shown = one_line(", ".join(skipped[:5])) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         _log.warning(f"warning: {folder}: skipped {len(skipped)} file(s) of unsupported type: {shown} "
                      f"(reading {', '.join(VOLUME_SUFFIXES)})")
     if not cases:

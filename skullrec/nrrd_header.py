@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, quote_controls
+from .errors import InputError, one_line
 
 # The most header text read (a real header is well under 4 KiB; a LIST of slice files a few KiB more).
 MAX_HEADER_BYTES = 64 * 2**10
@@ -82,7 +82,7 @@ class NrrdHeader:
 
 def shown(text: str) -> str:
     """A header value as it appears in a message: in quotes, control characters escaped, at most 120 characters."""
-    text = quote_controls(text)
+    text = one_line(text)
     return "'" + (text if len(text) <= 120 else text[:117] + "...") + "'"
 
 
@@ -158,7 +158,7 @@ def read_nrrd_header(path: Path) -> NrrdHeader:
     except ValueError:
         raise InputError(f"{path}: unreadable NRRD 'dimension' or 'sizes' field") from None
     if not 1 <= dimension <= 16 or len(sizes) != dimension or min(sizes) < 1:
-        raise InputError(f"{path}: NRRD 'sizes' ({quote_controls(fields['sizes'])}) does not give "
+        raise InputError(f"{path}: NRRD 'sizes' ({one_line(fields['sizes'])}) does not give "
                          f"{dimension} positive sizes")
     encoding = _ENCODINGS.get(need("encoding", "encoding").lower())
     if encoding is None:

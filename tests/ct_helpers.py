@@ -15,6 +15,16 @@ import SimpleITK as sitk
 UID_ROOT = "2.25.1234567"
 
 
+def defective_shell(shape: tuple[int, int, int], radii: tuple[float, float, float], inner: float,
+                    cut: tuple[slice, slice, slice]) -> np.ndarray:
+    """An ellipsoidal shell (index space, centred; ``inner`` = inner/outer radius ratio) with the block ``cut`` removed (the defect)."""
+    g = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape), indexing="ij")
+    r = np.sqrt(sum((x / rr) ** 2 for x, rr in zip(g, radii)))
+    skull = (r <= 1) & (r >= inner)
+    skull[cut] = False
+    return skull
+
+
 def ct_from_skull(skull: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A CT-like HU volume (int16) of a binary skull: bone 700-1800 HU, soft tissue 0-80 HU around and
     inside it, air -1000 outside, plus scanner noise (SD 20 HU)."""

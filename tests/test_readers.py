@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from skullrec import io
-from skullrec.errors import InputError, quote_controls
+from skullrec.errors import InputError, one_line
 from skullrec.io import read_volume
 from skullrec.viewer import helpers as V
 
@@ -317,9 +317,9 @@ def test_sheared_grids_are_refused_and_float32_rounding_is_not(tmp_path: Path) -
     np.testing.assert_allclose(read_volume(tmp_path / "oblique.nii").source.affine, oblique, atol=1e-6)
 
 
-def test_quote_controls_keeps_one_line_and_plain_text() -> None:
-    assert quote_controls("a\nb\r\x1b[0m\x85\u2028\udcff ok é/ü") == "a\\nb\\r\\x1b[0m\\x85\\u2028\\udcff ok é/ü"
-    assert quote_controls("plain/path name.nii.gz") == "plain/path name.nii.gz"
+def test_one_line_keeps_one_line_and_plain_text() -> None:
+    assert one_line("a\nb\r\x1b[0m\x85\u2028\udcff ok é/ü") == "a\\nb\\r\\x1b[0m\\x85\\u2028\\udcff ok é/ü"
+    assert one_line("plain/path name.nii.gz") == "plain/path name.nii.gz"
 
 
 def test_skipped_file_names_with_control_characters_stay_on_one_warning_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

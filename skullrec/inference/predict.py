@@ -325,6 +325,16 @@ def input_files(inp: Path) -> dict[str, Path]:
 OUTPUT_SUFFIXES = {"auto": "", "nifti": ".nii.gz", "nrrd": ".nrrd"}  # predict --format
 
 
+def check_output_options(stl: bool, stl_skull: bool, smooth: bool, out_format: str) -> bool:
+    """Whether STL meshes are written (``stl_skull`` implies ``stl``); InputError for ``smooth`` without them or an
+    unknown ``out_format``. Called by ``predict`` before anything is loaded, and by :func:`predict_folder`."""
+    stl = bool(stl or stl_skull)
+    if smooth and not stl:
+        raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
+    check_choice("--format", out_format, list(OUTPUT_SUFFIXES))
+    return stl
+
+
 def predict_folder(
     checkpoint: Path,
     inp: Path,
@@ -392,10 +402,7 @@ def predict_folder(
         say(msg)
     if series:
         check_series_choice(files, series, inp)
-    stl = stl or stl_skull
-    if smooth and not stl:
-        raise InputError("--smooth: smooths the STL meshes, and none is written (add --stl)")
-    check_choice("--format", out_format, list(OUTPUT_SUFFIXES))
+    stl = check_output_options(stl, stl_skull, smooth, out_format)
     dev = resolve_device(device)
     model, cfg, meta = load_checkpoint(checkpoint, dev)
     model2 = cfg2 = meta2 = None

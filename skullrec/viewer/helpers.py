@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..data.layout import implant_of
-from ..errors import InputError, quote_controls
+from ..errors import InputError, one_line
 from ..io import Volume, case_id, is_volume_file, list_volumes, read_volume
 
 DEFAULT_RESULTS_ROOT = Path("results")
@@ -241,7 +241,7 @@ def read_upload(name: str, payload: bytes, *, threshold: float | None = None, ma
             vol = read_volume(path, threshold=threshold, detached_data=False)
         except InputError as exc:
             # Show the user's file name, not the temporary folder; one line even if the name holds a newline.
-            msg = quote_controls(str(exc).replace(str(path), name))
+            msg = one_line(str(exc).replace(str(path), name))
             raise InputError(msg.replace("pass --threshold T to binarise", "tick 'Binarise' and set a threshold")) from None
     vol.path = Path(name)  # later messages (e.g. an all-background upload) name the user's file, not a temporary one
     return vol

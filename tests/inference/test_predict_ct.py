@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from ct_helpers import UID_ROOT, ct_from_skull, rotation, write_dicom_series
+from ct_helpers import UID_ROOT, ct_from_skull, defective_shell, rotation, write_dicom_series
 from typer.testing import CliRunner
 
 from skullrec.cli import app
@@ -18,13 +18,9 @@ from skullrec.io import read_volume, write_nifti
 SIZE = 32
 
 
-def _skull(shape=(46, 40, 34)) -> np.ndarray:
+def _skull() -> np.ndarray:
     """An ellipsoidal shell with a cap removed (the defect), 2-3 voxels thick."""
-    g = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape), indexing="ij")
-    r = np.sqrt((g[0] / 20) ** 2 + (g[1] / 17) ** 2 + (g[2] / 14) ** 2)
-    skull = (r <= 1) & (r >= 0.86)
-    skull[14:32, 12:28, 24:] = False
-    return skull
+    return defective_shell((46, 40, 34), (20, 17, 14), 0.86, np.s_[14:32, 12:28, 24:])
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO
-from ct_helpers import UID_ROOT, ct_from_skull, write_dicom_series
+from ct_helpers import UID_ROOT, ct_from_skull, defective_shell, write_dicom_series
 
 from skullrec.cli import view_command
 from skullrec.data.ct import read_ct_skull
@@ -19,12 +19,8 @@ from skullrec.viewer import launch as L
 APP = REPO / "app" / "viewer.py"
 
 
-def _shell(shape=(30, 28, 24)) -> np.ndarray:
-    g = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape), indexing="ij")
-    r = np.sqrt((g[0] / 13) ** 2 + (g[1] / 12) ** 2 + (g[2] / 10) ** 2)
-    skull = (r <= 1) & (r >= 0.8)
-    skull[10:20, 9:19, 16:] = False
-    return skull
+def _shell() -> np.ndarray:
+    return defective_shell((30, 28, 24), (13, 12, 10), 0.8, np.s_[10:20, 9:19, 16:])
 
 
 @pytest.fixture()
